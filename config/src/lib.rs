@@ -1,0 +1,29 @@
+//! Typed configuration for swarm.
+//!
+//! Two documents configure a node:
+//! - the **node TOML** ([`NodeConfig`]): identity, data directory, gossip and gateway addresses,
+//!   TLS and key files, auth settings, limits and extra roles;
+//! - the **swarm file** ([`SwarmFile`]): the original `swarm-config.json` schema with the agents,
+//!   coordination, security and performance settings. The default ships embedded
+//!   ([`SwarmFile::preset`]) from `config/presets/swarm-config.json`.
+//!
+//! Both are parsed with unknown fields rejected; every error names the path of the offending field.
+//! Secrets never live in the TOML: [`secret`] reads them from files (mode checked) or environment
+//! variables. No tokio here.
+
+mod duration;
+mod error;
+mod node;
+pub mod secret;
+mod swarm_file;
+
+pub use duration::HumanDuration;
+pub use error::ConfigError;
+pub use node::{
+    AuthConfig, GatewayConfig, GossipConfig, KeysConfig, LimitsConfig, NodeConfig, NodeSection,
+    TlsConfig,
+};
+pub use swarm_file::{
+    Agent, AgentMemory, AntiCollision, ConcurrencyLimits, Coordination, Encryption, MemorySync,
+    Performance, ResponseTargets, Retention, Security, SwarmFile, SwarmSection,
+};

@@ -1,0 +1,382 @@
+//! The node TOML.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ConfigError, HumanDuration, SwarmFile};
+
+/// One node's configuration (`node.toml`). Relative paths are resolved against the file's folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node: NodeSection,
+    #[serde(default)]
+    pub gossip: GossipConfig,
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub gateway: GatewayConfig,
+    pub keys: KeysConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Extra roles: name → permissions (`memory.read`, `tasks.*`, `*`).
+    #[serde(default)]
+    pub roles: BTreeMap<String, Vec<String>>,
+    /// Folder the file was loaded from; relative paths are resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// The node's name; must equal the name in its certificate.
+    pub name: String,
+    /// Where the store lives.
+    pub data_dir: PathBuf,
+    /// The swarm file; the embedded preset when absent.
+    #[serde(default)]
+    pub swarm_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GossipConfig {
+    #[serde(default = "default_gossip_bind")]
+    pub bind: SocketAddr,
+    /// Address peers use to reach this node; `bind` when absent.
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
+    #[serde(default)]
+    pub seeds: Vec<SocketAddr>,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        Self {
+            bind: default_gossip_bind(),
+            advertise: None,
+            seeds: Vec::new(),
+        }
+    }
+}
+
+fn default_gossip_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7946))
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    #[serde(default = "default_gateway_bind")]
+    pub bind: SocketAddr,
+    /// Largest accepted request body in bytes.
+    #[serde(default = "default_body_limit")]
+    pub body_limit: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            bind: default_gateway_bind(),
+            body_limit: default_body_limit(),
+        }
+    }
+}
+
+fn default_gateway_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_body_limit() -> usize {
+    1 << 20
+}
+
+/// Key files. Each may instead come from the environment variable named in [`crate::secret`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// 32-byte master key (hex), wraps every data key. Env: `SWARM_MASTER_KEY`.
+    pub master_key_file: PathBuf,
+    /// Ed25519 seed (hex) that signs JWTs. Env: `SWARM_JWT_SIGNING_KEY`.
+    pub jwt_signing_key_file: PathBuf,
+    /// Public keys (hex) of retired signing keys still accepted for verification (rotation).
+    #[serde(default)]
+    pub jwt_previous_public_keys: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    /// Allowed clock skew when checking `exp`/`nbf`.
+    #[serde(default = "default_leeway")]
+    pub leeway: HumanDuration,
+    /// Longest lifetime `swarm token` and `POST /v1/keys` will issue.
+    #[serde(default = "default_max_ttl")]
+    pub max_token_ttl: HumanDuration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            issuer: default_issuer(),
+            audience: default_audience(),
+            leeway: default_leeway(),
+            max_token_ttl: default_max_ttl(),
+        }
+    }
+}
+
+fn default_issuer() -> String {
+    "swarm".into()
+}
+fn default_audience() -> String {
+    "swarm".into()
+}
+fn default_leeway() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(30))
+}
+fn default_max_ttl() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(365 * 86_400))
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest stored value (JSON text) in bytes.
+    #[serde(default = "default_max_value")]
+    pub max_value_bytes: usize,
+    /// Longest namespace or key name.
+    #[serde(default = "default_max_name")]
+    pub max_name_len: usize,
+    /// Most entries one namespace may hold.
+    #[serde(default = "default_max_entries")]
+    pub max_namespace_entries: usize,
+    /// Most items a list request returns.
+    #[serde(default = "default_max_list")]
+    pub max_list: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_value_bytes: default_max_value(),
+            max_name_len: default_max_name(),
+            max_namespace_entries: default_max_entries(),
+            max_list: default_max_list(),
+        }
+    }
+}
+
+fn default_max_value() -> usize {
+    256 * 1024
+}
+fn default_max_name() -> usize {
+    128
+}
+fn default_max_entries() -> usize {
+    1_000_000
+}
+fn default_max_list() -> usize {
+    1000
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::from_toml(&path.display().to_string(), &text, base)
+    }
+
+    pub fn from_toml(file: &str, text: &str, base_dir: PathBuf) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let mut cfg: NodeConfig =
+            serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Parse {
+                file: file.to_string(),
+                field: e.path().to_string(),
+                message: e.inner().message().to_string(),
+            })?;
+        cfg.base_dir = base_dir;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            file: file.to_string(),
+            field: field.to_string(),
+            message,
+        };
+        let name = &self.node.name;
+        if name.is_empty()
+            || name.len() > 63
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "node.name",
+                format!("`{name}`: use 1-63 letters, digits, `-` or `_`"),
+            ));
+        }
+        if self.gateway.body_limit == 0 {
+            return Err(invalid("gateway.body_limit", "must be greater than zero".into()));
+        }
+        if self.limits.max_value_bytes == 0 || self.limits.max_list == 0 {
+            return Err(invalid("limits", "limits must be greater than zero".into()));
+        }
+        for (role, perms) in &self.roles {
+            if ["admin", "user", "viewer"].contains(&role.as_str()) {
+                return Err(invalid(
+                    &format!("roles.{role}"),
+                    "built-in roles cannot be redefined".into(),
+                ));
+            }
+            for p in perms {
+                if !valid_permission(p) {
+                    return Err(invalid(
+                        &format!("roles.{role}"),
+                        format!("`{p}` is not a permission (e.g. `memory.read`, `tasks.*`, `*`)"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolve a configured path against the config file's folder.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.resolve(&self.node.data_dir)
+    }
+
+    /// The swarm file this node uses: the configured one, or the embedded preset.
+    pub fn swarm_file(&self) -> Result<SwarmFile, ConfigError> {
+        match &self.node.swarm_file {
+            Some(p) => SwarmFile::load(&self.resolve(p)),
+            None => SwarmFile::preset(),
+        }
+    }
+
+    pub fn gossip_advertise(&self) -> SocketAddr {
+        self.gossip.advertise.unwrap_or(self.gossip.bind)
+    }
+}
+
+/// `a.b`, `a.*` or `*`, with lowercase letters, digits and `_` in each part.
+fn valid_permission(p: &str) -> bool {
+    if p == "*" {
+        return true;
+    }
+    let parts: Vec<&str> = p.split('.').collect();
+    parts.len() >= 2
+        && parts.iter().enumerate().all(|(i, part)| {
+            (*part == "*" && i == parts.len() - 1)
+                || (!part.is_empty()
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[node]
+name = "node-1"
+data_dir = "data"
+
+[tls]
+ca_cert = "../ca.pem"
+cert = "node.pem"
+key = "node.key"
+
+[keys]
+master_key_file = "master.key"
+jwt_signing_key_file = "../jwt.key"
+"#;
+
+    fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
+        NodeConfig::from_toml("node.toml", text, PathBuf::from("/etc/swarm/node-1"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).expect("parses");
+        assert_eq!(c.gateway.body_limit, 1 << 20);
+        assert_eq!(c.auth.issuer, "swarm");
+        assert_eq!(c.data_dir(), PathBuf::from("/etc/swarm/node-1/data"));
+        assert!(c.swarm_file().is_ok());
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_path() {
+        let text = format!("{MINIMAL}\n[gateway]\nbind = \"127.0.0.1:1\"\nport = 3\n");
+        let e = parse(&text).expect_err("unknown field");
+        assert_eq!(e.field(), Some("gateway.port"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_rejected_with_path() {
+        let text = MINIMAL.replace("name = \"node-1\"", "name = 7");
+        let e = parse(&text).expect_err("wrong type");
+        assert_eq!(e.field(), Some("node.name"), "{e}");
+    }
+
+    #[test]
+    fn bad_node_name_is_rejected() {
+        let text = MINIMAL.replace("node-1", "node/1");
+        assert_eq!(parse(&text).expect_err("bad name").field(), Some("node.name"));
+    }
+
+    #[test]
+    fn custom_roles_are_validated() {
+        let ok = format!("{MINIMAL}\n[roles]\nauditor = [\"audit.read\", \"memory.*\"]\n");
+        assert!(parse(&ok).is_ok());
+        let bad = format!("{MINIMAL}\n[roles]\nauditor = [\"Audit Read\"]\n");
+        assert_eq!(parse(&bad).expect_err("bad perm").field(), Some("roles.auditor"));
+        let builtin = format!("{MINIMAL}\n[roles]\nadmin = [\"memory.read\"]\n");
+        assert!(parse(&builtin).is_err());
+    }
+
+    #[test]
+    fn permission_syntax() {
+        for ok in ["*", "memory.read", "memory.*", "x.y.z"] {
+            assert!(valid_permission(ok), "{ok}");
+        }
+        for bad in ["", "memory", "*.read", "memory.", "Memory.read", "a.*.b"] {
+            assert!(!valid_permission(bad), "{bad}");
+        }
+    }
+}
