@@ -26,7 +26,9 @@ impl FromStr for HumanDuration {
         if num.is_empty() {
             return Err(format!("`{s}` does not start with a number"));
         }
-        let n: u64 = num.parse().map_err(|_| format!("`{s}`: number too large"))?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}`: number too large"))?;
         let secs = |mult: u64| {
             n.checked_mul(mult)
                 .map(Duration::from_secs)
@@ -38,7 +40,11 @@ impl FromStr for HumanDuration {
             "m" => secs(60)?,
             "h" => secs(3600)?,
             "d" => secs(86_400)?,
-            other => return Err(format!("`{s}`: unknown unit `{other}` (use ms, s, m, h or d)")),
+            other => {
+                return Err(format!(
+                    "`{s}`: unknown unit `{other}` (use ms, s, m, h or d)"
+                ));
+            }
         };
         Ok(HumanDuration(d))
     }

@@ -25,7 +25,9 @@ pub enum ConfigError {
         message: String,
     },
     /// A secret file is readable by group or others.
-    #[error("secret file {path} has mode {mode:o}; it must not be readable by group or others (chmod 600)")]
+    #[error(
+        "secret file {path} has mode {mode:o}; it must not be readable by group or others (chmod 600)"
+    )]
     InsecureSecret { path: PathBuf, mode: u32 },
     /// A secret is missing: neither its file nor its environment variable is set.
     #[error("secret `{name}` missing: set {env} or provide the file {path}")]

@@ -242,7 +242,10 @@ impl NodeConfig {
             ));
         }
         if self.gateway.body_limit == 0 {
-            return Err(invalid("gateway.body_limit", "must be greater than zero".into()));
+            return Err(invalid(
+                "gateway.body_limit",
+                "must be greater than zero".into(),
+            ));
         }
         if self.limits.max_value_bytes == 0 || self.limits.max_list == 0 {
             return Err(invalid("limits", "limits must be greater than zero".into()));
@@ -357,7 +360,10 @@ jwt_signing_key_file = "../jwt.key"
     #[test]
     fn bad_node_name_is_rejected() {
         let text = MINIMAL.replace("node-1", "node/1");
-        assert_eq!(parse(&text).expect_err("bad name").field(), Some("node.name"));
+        assert_eq!(
+            parse(&text).expect_err("bad name").field(),
+            Some("node.name")
+        );
     }
 
     #[test]
@@ -365,7 +371,10 @@ jwt_signing_key_file = "../jwt.key"
         let ok = format!("{MINIMAL}\n[roles]\nauditor = [\"audit.read\", \"memory.*\"]\n");
         assert!(parse(&ok).is_ok());
         let bad = format!("{MINIMAL}\n[roles]\nauditor = [\"Audit Read\"]\n");
-        assert_eq!(parse(&bad).expect_err("bad perm").field(), Some("roles.auditor"));
+        assert_eq!(
+            parse(&bad).expect_err("bad perm").field(),
+            Some("roles.auditor")
+        );
         let builtin = format!("{MINIMAL}\n[roles]\nadmin = [\"memory.read\"]\n");
         assert!(parse(&builtin).is_err());
     }

@@ -92,8 +92,12 @@ mod tests {
     #[test]
     fn missing_file_names_env_var() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let e = read_secret("master key", "SWARM_TEST_UNSET_VAR", &dir.path().join("nope"))
-            .expect_err("missing");
+        let e = read_secret(
+            "master key",
+            "SWARM_TEST_UNSET_VAR",
+            &dir.path().join("nope"),
+        )
+        .expect_err("missing");
         assert_eq!(e.kind(), "missing_secret");
         assert!(e.to_string().contains("SWARM_TEST_UNSET_VAR"));
     }

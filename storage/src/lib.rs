@@ -1,1 +1,121 @@
-//! placeholder
+//! The local store of a swarm node. No networking.
+//!
+//! Layout:
+//! - `engine`: the narrow [`Engine`] trait and [`MemEngine`]; `sled_engine`: [`SledEngine`] with
+//!   group commit (concurrent `sync` callers share one flush).
+//! - `crypto`: XChaCha20-Poly1305 sealing, per-namespace and per-subject data keys wrapped by the
+//!   master key ([`Keyring`]), and crypto-shredding.
+//! - `hlc`: the hybrid logical clock; `crdt`: the LWW map with tombstones and TTLs and its laws.
+//! - `memory`: namespaced agent memory ([`MemoryStore`]) on top of all of the above.
+//! - `audit`: the hash-chained [`AuditLog`].
+//!
+//! [`Storage`] wires them together for one node.
+
+mod audit;
+mod crdt;
+mod crypto;
+mod engine;
+mod error;
+mod hlc;
+mod memory;
+mod sled_engine;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use audit::{AuditEntry, AuditEvent, AuditLog, AuditRecord, VerifyReport, decode_audit_record};
+pub use crdt::{LwwMap, Version, Versioned};
+pub use crypto::{KeyId, Keyring, Sealed, SecretKey, open, seal};
+pub use engine::{Engine, MemEngine, Pairs};
+pub use error::{Result, StorageError};
+pub use hlc::{Hlc, HlcClock};
+pub use memory::{
+    MemoryItem, MemoryLimits, MemoryStore, MemoryType, Protection, PutRequest, StoredRecord,
+    StoredValue, decode_record, validate_name,
+};
+pub use sled_engine::SledEngine;
+
+/// Tree names, for callers that keep small records of their own (API keys, revocations).
+pub mod trees {
+    pub const MEMORY: &str = crate::memory::MEMORY_TREE;
+    pub const AUDIT: &str = crate::audit::AUDIT_TREE;
+    pub const KEYS: &str = crate::crypto::KEYS_TREE;
+    pub const API_KEYS: &str = "api_keys";
+    pub const REVOKED: &str = "revoked";
+}
+
+/// Options for [`Storage::open`].
+#[derive(Debug, Clone)]
+pub struct StorageOptions {
+    /// This node's name; the origin of its writes.
+    pub node: String,
+    pub limits: MemoryLimits,
+    /// Largest accepted clock lead of a remote timestamp.
+    pub max_clock_skew_ms: u64,
+    pub protection: Protection,
+}
+
+impl StorageOptions {
+    pub fn new(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            limits: MemoryLimits::default(),
+            max_clock_skew_ms: 60_000,
+            protection: Protection::Encrypted,
+        }
+    }
+}
+
+/// One node's store: engine, keyring, memory and audit log.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    pub engine: Arc<dyn Engine>,
+    pub keyring: Arc<Keyring>,
+    pub memory: Arc<MemoryStore>,
+    pub audit: Arc<AuditLog>,
+    pub clock: Arc<HlcClock>,
+}
+
+impl Storage {
+    /// Open (or create) the sled store in `dir`.
+    pub fn open(dir: &Path, master: SecretKey, opts: StorageOptions) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StorageError::Engine(format!("create {}: {e}", dir.display())))?;
+        let engine: Arc<dyn Engine> = Arc::new(SledEngine::open(&dir.join("sled"))?);
+        Self::with_engine(engine, master, opts)
+    }
+
+    /// Build on any engine (the in-memory one in tests).
+    pub fn with_engine(
+        engine: Arc<dyn Engine>,
+        master: SecretKey,
+        opts: StorageOptions,
+    ) -> Result<Self> {
+        let audit = Arc::new(AuditLog::open(engine.clone(), &master)?);
+        let keyring = Arc::new(Keyring::new(master, engine.clone()));
+        let clock = Arc::new(HlcClock::new(opts.max_clock_skew_ms));
+        let memory = Arc::new(MemoryStore::new(
+            engine.clone(),
+            keyring.clone(),
+            clock.clone(),
+            opts.node,
+            opts.limits,
+            opts.protection,
+        ));
+        Ok(Self {
+            engine,
+            keyring,
+            memory,
+            audit,
+            clock,
+        })
+    }
+
+    /// Make every write so far durable (group commit on sled).
+    pub fn sync(&self) -> Result<()> {
+        self.engine.sync()
+    }
+}
+
+#[cfg(test)]
+mod tests;

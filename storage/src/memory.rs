@@ -1,0 +1,467 @@
+//! Agent memory: namespaced LWW records, each value sealed under its subject's or namespace's key.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::crdt::{Version, Versioned};
+use crate::crypto::{self, KeyId, Keyring, Sealed};
+use crate::engine::Engine;
+use crate::error::{Result, StorageError};
+use crate::hlc::HlcClock;
+
+pub(crate) const MEMORY_TREE: &str = "memory";
+const LOCK_STRIPES: usize = 64;
+
+/// The kinds of agent memory, each with its default lifetime.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryType {
+    /// Conversation state: expires after a day unless a TTL says otherwise.
+    Session,
+    /// Facts and knowledge: kept until deleted.
+    #[default]
+    Semantic,
+    /// An agent's own state: kept until deleted (retention applies).
+    Agent,
+    /// Execution traces: expire after a week unless a TTL says otherwise.
+    Trace,
+}
+
+impl MemoryType {
+    pub fn default_ttl_ms(self) -> Option<u64> {
+        match self {
+            MemoryType::Session => Some(86_400_000),
+            MemoryType::Trace => Some(7 * 86_400_000),
+            MemoryType::Semantic | MemoryType::Agent => None,
+        }
+    }
+}
+
+/// What is stored for a live value: which key sealed it and the sealed JSON.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct StoredValue {
+    pub key_id: KeyId,
+    pub memory_type: MemoryType,
+    pub sealed: Sealed,
+}
+
+/// The record stored under `namespace \0 key`.
+pub type StoredRecord = Versioned<StoredValue>;
+
+/// The plaintext inside [`StoredValue::sealed`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Plain {
+    /// The value as JSON text.
+    value: String,
+    tags: Vec<String>,
+}
+
+/// A write.
+#[derive(Debug, Clone, Default)]
+pub struct PutRequest {
+    /// JSON text of the value.
+    pub value_json: String,
+    pub memory_type: MemoryType,
+    /// Lifetime; the memory type's default when absent.
+    pub ttl_ms: Option<u64>,
+    /// The data subject the value belongs to (for erasure); sealed under the namespace key if none.
+    pub subject: Option<String>,
+    pub tags: Vec<String>,
+}
+
+/// A value read back.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MemoryItem {
+    pub namespace: String,
+    pub key: String,
+    /// JSON text of the value.
+    pub value_json: String,
+    pub version: Version,
+    pub memory_type: MemoryType,
+    pub expires_at: Option<u64>,
+    pub subject: Option<String>,
+    pub tags: Vec<String>,
+}
+
+/// Whether values are sealed. Plaintext exists only to measure what encryption costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    Encrypted,
+    PlaintextForBenchmarks,
+}
+
+/// Limits applied to writes.
+#[derive(Debug, Clone)]
+pub struct MemoryLimits {
+    pub max_value_bytes: usize,
+    pub max_name_len: usize,
+    pub max_namespace_entries: usize,
+}
+
+impl Default for MemoryLimits {
+    fn default() -> Self {
+        Self {
+            max_value_bytes: 256 * 1024,
+            max_name_len: 128,
+            max_namespace_entries: 1_000_000,
+        }
+    }
+}
+
+/// The namespaced memory of one node.
+#[derive(Debug)]
+pub struct MemoryStore {
+    engine: Arc<dyn Engine>,
+    keyring: Arc<Keyring>,
+    clock: Arc<HlcClock>,
+    origin: String,
+    limits: MemoryLimits,
+    protection: Protection,
+    stripes: Vec<Mutex<()>>,
+    counts: Mutex<HashMap<String, usize>>,
+}
+
+impl MemoryStore {
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        keyring: Arc<Keyring>,
+        clock: Arc<HlcClock>,
+        origin: String,
+        limits: MemoryLimits,
+        protection: Protection,
+    ) -> Self {
+        Self {
+            engine,
+            keyring,
+            clock,
+            origin,
+            limits,
+            protection,
+            stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Write a value. It is visible at once; call [`Engine::sync`] before acknowledging.
+    pub fn put(&self, ns: &str, key: &str, req: PutRequest, now_ms: u64) -> Result<MemoryItem> {
+        validate_name("namespace", ns, self.limits.max_name_len)?;
+        validate_name("key", key, self.limits.max_name_len)?;
+        if let Some(s) = &req.subject {
+            validate_name("subject", s, self.limits.max_name_len)?;
+        }
+        if req.value_json.len() > self.limits.max_value_bytes {
+            return Err(StorageError::TooLarge {
+                size: req.value_json.len(),
+                limit: self.limits.max_value_bytes,
+            });
+        }
+        for t in &req.tags {
+            if t.len() > self.limits.max_name_len {
+                return Err(StorageError::InvalidInput {
+                    field: "tags",
+                    message: format!("tag longer than {} bytes", self.limits.max_name_len),
+                });
+            }
+        }
+        let key_id = match &req.subject {
+            Some(s) => KeyId::Subject(s.clone()),
+            None => KeyId::Namespace(ns.to_string()),
+        };
+        let data_key = self.keyring.get_or_create(&key_id)?;
+        let ttl = req.ttl_ms.or(req.memory_type.default_ttl_ms());
+        let expires_at = ttl.map(|t| now_ms.saturating_add(t));
+
+        let _guard = self.stripe(ns, key);
+        let rkey = record_key(ns, key);
+        let existing = self.read_record(&rkey)?;
+        if existing.is_none() {
+            self.reserve_slot(ns)?;
+        }
+        if let Some(cur) = &existing {
+            // A restarted node whose wall clock went back still orders after what it stored.
+            self.clock.observe(cur.version.hlc, u64::MAX)?;
+        }
+        let version = Version {
+            hlc: self.clock.tick(now_ms),
+            origin: self.origin.clone(),
+        };
+        let plain = serde_json::to_vec(&Plain {
+            value: req.value_json.clone(),
+            tags: req.tags.clone(),
+        })
+        .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        let sealed = match self.protection {
+            Protection::Encrypted => {
+                crypto::seal(&data_key, &value_aad(ns, key, &version, &key_id), &plain)?
+            }
+            Protection::PlaintextForBenchmarks => Sealed {
+                nonce: [0; 24],
+                ct: plain,
+            },
+        };
+        let rec = StoredRecord {
+            version: version.clone(),
+            value: Some(StoredValue {
+                key_id,
+                memory_type: req.memory_type,
+                sealed,
+            }),
+            expires_at,
+        };
+        let merged = match &existing {
+            Some(cur) => cur.merge(&rec),
+            None => rec,
+        };
+        self.write_record(&rkey, &merged)?;
+        Ok(MemoryItem {
+            namespace: ns.to_string(),
+            key: key.to_string(),
+            value_json: req.value_json,
+            version,
+            memory_type: req.memory_type,
+            expires_at,
+            subject: req.subject,
+            tags: req.tags,
+        })
+    }
+
+    /// Read a live value.
+    pub fn get(&self, ns: &str, key: &str, now_ms: u64) -> Result<Option<MemoryItem>> {
+        validate_name("namespace", ns, self.limits.max_name_len)?;
+        validate_name("key", key, self.limits.max_name_len)?;
+        match self.read_record(&record_key(ns, key))? {
+            Some(rec) if rec.is_live(now_ms) => self.decode_item(ns, key, rec).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Delete: write a tombstone. Returns whether a live value was there.
+    pub fn delete(&self, ns: &str, key: &str, now_ms: u64) -> Result<bool> {
+        validate_name("namespace", ns, self.limits.max_name_len)?;
+        validate_name("key", key, self.limits.max_name_len)?;
+        let _guard = self.stripe(ns, key);
+        let rkey = record_key(ns, key);
+        let Some(cur) = self.read_record(&rkey)? else {
+            return Ok(false);
+        };
+        let was_live = cur.is_live(now_ms);
+        self.clock.observe(cur.version.hlc, u64::MAX)?;
+        let tomb = StoredRecord {
+            version: Version {
+                hlc: self.clock.tick(now_ms),
+                origin: self.origin.clone(),
+            },
+            value: None,
+            expires_at: None,
+        };
+        self.write_record(&rkey, &cur.merge(&tomb))?;
+        Ok(was_live)
+    }
+
+    /// Live values of a namespace whose key starts with `prefix`, in key order, after `after`.
+    /// Values of erased subjects are skipped.
+    pub fn list(
+        &self,
+        ns: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<Vec<MemoryItem>> {
+        validate_name("namespace", ns, self.limits.max_name_len)?;
+        if !prefix.is_empty() {
+            validate_prefix(prefix, self.limits.max_name_len)?;
+        }
+        let scan_prefix = record_key(ns, prefix);
+        let mut cursor = after.map(|a| record_key(ns, a));
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let batch = self
+                .engine
+                .scan(MEMORY_TREE, &scan_prefix, cursor.as_deref(), 256)?;
+            let Some((last, _)) = batch.last() else {
+                break;
+            };
+            cursor = Some(last.clone());
+            for (k, v) in batch {
+                let key = String::from_utf8_lossy(&k[ns.len() + 1..]).into_owned();
+                let rec = decode_record(&v)?;
+                if !rec.is_live(now_ms) {
+                    continue;
+                }
+                match self.decode_item(ns, &key, rec) {
+                    Ok(item) => out.push(item),
+                    Err(StorageError::Erased(_)) => continue,
+                    Err(e) => return Err(e),
+                }
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Crypto-shred a subject: its key is destroyed and its values can no longer be read.
+    pub fn erase_subject(&self, subject: &str, now_ms: u64) -> Result<bool> {
+        validate_name("subject", subject, self.limits.max_name_len)?;
+        self.keyring
+            .destroy(&KeyId::Subject(subject.to_string()), now_ms)
+    }
+
+    /// The raw stored record (for replication and tests).
+    pub fn record(&self, ns: &str, key: &str) -> Result<Option<StoredRecord>> {
+        self.read_record(&record_key(ns, key))
+    }
+
+    fn decode_item(&self, ns: &str, key: &str, rec: StoredRecord) -> Result<MemoryItem> {
+        let Some(stored) = rec.value else {
+            return Err(StorageError::Corrupt("tombstone has no value".into()));
+        };
+        let plain = match self.protection {
+            Protection::Encrypted => {
+                let data_key = self.keyring.get(&stored.key_id)?;
+                let aad = value_aad(ns, key, &rec.version, &stored.key_id);
+                crypto::open(&data_key, &aad, &stored.sealed, &format!("{ns}/{key}"))?
+            }
+            Protection::PlaintextForBenchmarks => stored.sealed.ct,
+        };
+        let plain: Plain = serde_json::from_slice(&plain)
+            .map_err(|e| StorageError::Corrupt(format!("{ns}/{key}: {e}")))?;
+        Ok(MemoryItem {
+            namespace: ns.to_string(),
+            key: key.to_string(),
+            value_json: plain.value,
+            version: rec.version,
+            memory_type: stored.memory_type,
+            expires_at: rec.expires_at,
+            subject: match stored.key_id {
+                KeyId::Subject(s) => Some(s),
+                KeyId::Namespace(_) => None,
+            },
+            tags: plain.tags,
+        })
+    }
+
+    fn read_record(&self, rkey: &[u8]) -> Result<Option<StoredRecord>> {
+        match self.engine.get(MEMORY_TREE, rkey)? {
+            Some(bytes) => decode_record(&bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn write_record(&self, rkey: &[u8], rec: &StoredRecord) -> Result<()> {
+        let bytes = postcard::to_stdvec(rec).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        self.engine.put(MEMORY_TREE, rkey, &bytes)
+    }
+
+    fn stripe(&self, ns: &str, key: &str) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (ns, key).hash(&mut h);
+        // The modulo keeps the index within the stripe count.
+        let i = (h.finish() % LOCK_STRIPES as u64) as usize;
+        self.stripes[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Count a new key against the namespace limit.
+    fn reserve_slot(&self, ns: &str) -> Result<()> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = match counts.get(ns) {
+            Some(n) => *n,
+            None => {
+                let prefix = record_key(ns, "");
+                let mut n = 0usize;
+                let mut cursor: Option<Vec<u8>> = None;
+                loop {
+                    let batch = self
+                        .engine
+                        .scan(MEMORY_TREE, &prefix, cursor.as_deref(), 4096)?;
+                    let Some((last, _)) = batch.last() else {
+                        break;
+                    };
+                    cursor = Some(last.clone());
+                    n += batch.len();
+                }
+                n
+            }
+        };
+        if n >= self.limits.max_namespace_entries {
+            counts.insert(ns.to_string(), n);
+            return Err(StorageError::NamespaceFull(ns.to_string()));
+        }
+        counts.insert(ns.to_string(), n + 1);
+        Ok(())
+    }
+}
+
+/// Decode a stored record; never panics on arbitrary bytes.
+pub fn decode_record(bytes: &[u8]) -> Result<StoredRecord> {
+    postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt(format!("memory record: {e}")))
+}
+
+fn record_key(ns: &str, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(ns.len() + key.len() + 1);
+    k.extend_from_slice(ns.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+/// Authenticated data: binds the ciphertext to its namespace, key, version and key id.
+fn value_aad(ns: &str, key: &str, v: &Version, key_id: &KeyId) -> Vec<u8> {
+    let mut aad = b"swarm-mem-v1".to_vec();
+    for part in [ns.as_bytes(), key.as_bytes(), v.origin.as_bytes()] {
+        aad.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        aad.extend_from_slice(part);
+    }
+    aad.extend_from_slice(&v.hlc.0.to_be_bytes());
+    let kid = match key_id {
+        KeyId::Namespace(n) => format!("ns:{n}"),
+        KeyId::Subject(s) => format!("subject:{s}"),
+    };
+    aad.extend_from_slice(kid.as_bytes());
+    aad
+}
+
+/// Names (namespaces, keys, subjects): 1..=max bytes of `A-Z a-z 0-9 . _ : -`, not starting with
+/// `.` and never containing `..`, so no name can climb out of anything path-like.
+pub fn validate_name(field: &'static str, name: &str, max: usize) -> Result<()> {
+    let bad = |message: String| StorageError::InvalidInput { field, message };
+    if name.is_empty() {
+        return Err(bad("must not be empty".into()));
+    }
+    if name.len() > max {
+        return Err(bad(format!("longer than {max} bytes")));
+    }
+    if name.starts_with('.') || name.contains("..") {
+        return Err(bad("must not start with `.` or contain `..`".into()));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+    {
+        return Err(bad(format!(
+            "character {c:?} not allowed (use letters, digits, `.`, `_`, `:`, `-`)"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_prefix(prefix: &str, max: usize) -> Result<()> {
+    if prefix.len() > max
+        || !prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))
+    {
+        return Err(StorageError::InvalidInput {
+            field: "prefix",
+            message: "use letters, digits, `.`, `_`, `:`, `-`".into(),
+        });
+    }
+    Ok(())
+}
