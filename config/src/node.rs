@@ -295,15 +295,16 @@ impl NodeConfig {
     }
 }
 
-/// `a.b`, `a.*` or `*`, with lowercase letters, digits and `_` in each part.
+/// `*`, or two or more dot-separated parts, each `*` or lowercase letters, digits and `_`
+/// (`memory.read`, `tasks.*`, `*.read`).
 fn valid_permission(p: &str) -> bool {
     if p == "*" {
         return true;
     }
     let parts: Vec<&str> = p.split('.').collect();
     parts.len() >= 2
-        && parts.iter().enumerate().all(|(i, part)| {
-            (*part == "*" && i == parts.len() - 1)
+        && parts.iter().all(|part| {
+            *part == "*"
                 || (!part.is_empty()
                     && part
                         .chars()
@@ -381,10 +382,10 @@ jwt_signing_key_file = "../jwt.key"
 
     #[test]
     fn permission_syntax() {
-        for ok in ["*", "memory.read", "memory.*", "x.y.z"] {
+        for ok in ["*", "memory.read", "memory.*", "x.y.z", "*.read"] {
             assert!(valid_permission(ok), "{ok}");
         }
-        for bad in ["", "memory", "*.read", "memory.", "Memory.read", "a.*.b"] {
+        for bad in ["", "memory", "memory.", "Memory.read", "a..b"] {
             assert!(!valid_permission(bad), "{bad}");
         }
     }

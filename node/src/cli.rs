@@ -1,0 +1,266 @@
+//! The `swarm` command line.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use swarm_config::{HumanDuration, NodeConfig};
+
+use crate::init::{InitOptions, first_node_config, init_cluster, mint};
+use crate::node::{Node, load_signing_key, open_storage};
+use crate::policy::Policy;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "swarm",
+    version,
+    about = "A secure cluster for LLM agents, in one binary"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Quick start: create DIR if needed, start one node, print its URL and an admin token.
+    Up {
+        #[arg(long, default_value = "swarm-data")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 8080)]
+        http_port: u16,
+        #[arg(long, default_value_t = 7946)]
+        gossip_port: u16,
+    },
+    /// Write a cluster: CA, one folder per node, JWT signing key, admin token.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        nodes: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: IpAddr,
+        #[arg(long, default_value_t = 7946)]
+        gossip_port: u16,
+        #[arg(long, default_value_t = 8080)]
+        http_port: u16,
+    },
+    /// Run one node from its config (SIGTERM or Ctrl-C stops it gracefully).
+    Node {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Mint a JWT with the cluster's signing key.
+    Token {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        subject: String,
+        #[arg(long, default_value = "user")]
+        role: String,
+        #[arg(long, default_value = "24h")]
+        ttl: HumanDuration,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Walk the hash chain of a (stopped) node's audit log; exit 1 if it is broken.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("SWARM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Init {
+            dir,
+            nodes,
+            host,
+            gossip_port,
+            http_port,
+        } => {
+            let configs = init_cluster(&InitOptions {
+                dir: dir.clone(),
+                nodes,
+                host,
+                gossip_port,
+                http_port,
+            })?;
+            println!("cluster written to {}", dir.display());
+            for c in configs {
+                println!("  swarm node --config {}", c.display());
+            }
+            println!("admin token: {}", dir.join("admin.token").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Up {
+            dir,
+            http_port,
+            gossip_port,
+        } => {
+            let config = match first_node_config(&dir) {
+                Some(c) => c,
+                None => {
+                    init_cluster(&InitOptions {
+                        dir: dir.clone(),
+                        nodes: 1,
+                        host: IpAddr::from([127, 0, 0, 1]),
+                        gossip_port,
+                        http_port,
+                    })?;
+                    println!("created {}", dir.display());
+                    dir.join("node-1").join("node.toml")
+                }
+            };
+            let cfg = NodeConfig::load(&config)?;
+            let key = load_signing_key(&cfg)?;
+            let token = mint(
+                &key,
+                "admin",
+                "admin",
+                86_400,
+                &cfg.auth.issuer,
+                &cfg.auth.audience,
+            )?;
+            serve(cfg, Some(token))
+        }
+        Command::Node { config } => serve(NodeConfig::load(&config)?, None),
+        Command::Token {
+            dir,
+            subject,
+            role,
+            ttl,
+        } => {
+            let cfg = load_cluster_config(&dir)?;
+            if !Policy::new(&cfg.roles).has_role(&role) {
+                bail!("unknown role `{role}` (admin, user, viewer, or one from [roles])");
+            }
+            if subject.is_empty() || subject.len() > 128 {
+                bail!("--subject must be 1 to 128 characters");
+            }
+            let ttl_s = ttl.0.as_secs();
+            if ttl_s == 0 || ttl_s > cfg.auth.max_token_ttl.0.as_secs() {
+                bail!("--ttl must be between 1s and {}", cfg.auth.max_token_ttl);
+            }
+            let key = load_signing_key(&cfg)?;
+            println!(
+                "{}",
+                mint(
+                    &key,
+                    &subject,
+                    &role,
+                    ttl_s,
+                    &cfg.auth.issuer,
+                    &cfg.auth.audience
+                )?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { config },
+        } => {
+            let cfg = NodeConfig::load(&config)?;
+            let storage = open_storage(&cfg).context(
+                "cannot open the store (if the node is running, use GET /v1/audit/verify)",
+            )?;
+            let report = storage.audit.verify()?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if report.ok {
+                eprintln!("audit log intact: {} entries", report.entries);
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!(
+                    "audit log BROKEN at entry {}: {}",
+                    report.first_broken.unwrap_or(0),
+                    report.reason.as_deref().unwrap_or("unknown")
+                );
+                Ok(ExitCode::from(1))
+            }
+        }
+    }
+}
+
+/// The config `swarm token` reads: the first node's (issuer, audience, roles, key file).
+fn load_cluster_config(dir: &Path) -> Result<NodeConfig> {
+    let path = first_node_config(dir).with_context(|| {
+        format!(
+            "{} holds no cluster (run `swarm init --dir ...`)",
+            dir.display()
+        )
+    })?;
+    Ok(NodeConfig::load(&path)?)
+}
+
+fn serve(cfg: NodeConfig, admin_token: Option<String>) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    rt.block_on(async move {
+        let handle = Node::start(cfg).await?;
+        let url = format!("http://{}", handle.http_addr);
+        println!("swarm node {} is up", handle.name);
+        println!("  gateway: {url}");
+        if let Some(t) = admin_token {
+            println!("  admin token (24h): {t}");
+            println!("  try: curl -H \"Authorization: Bearer $TOKEN\" {url}/v1/me");
+        }
+        wait_for_stop().await;
+        tracing::info!("stopping");
+        handle.shutdown().await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn wait_for_stop() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

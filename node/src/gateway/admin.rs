@@ -1,0 +1,297 @@
+//! `/v1/me`, `/v1/subjects`, `/v1/audit`, `/v1/keys` and `/v1/tokens` routes.
+
+use axum::Extension;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use swarm_storage::{AuditEntry, VerifyReport};
+
+use super::extract::{ApiPath, ApiQuery, json_body};
+use super::{AppState, AuditCtx, Class, blocking, now_ms, now_s};
+use crate::auth::{ApiKeyRecord, Principal};
+use crate::error::AppError;
+use crate::policy::Owner;
+
+pub(super) async fn me(
+    Extension(who): Extension<Principal>,
+    Extension(ctx): Extension<AuditCtx>,
+) -> Json<Value> {
+    ctx.set_action("me.read", "me");
+    Json(json!({
+        "subject": who.subject,
+        "role": who.role,
+        "auth_type": who.auth_type,
+        "credential_id": who.credential_id,
+        "expires_at": who.expires_at,
+    }))
+}
+
+pub(super) async fn erase_subject(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Extension(ctx): Extension<AuditCtx>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Value>, AppError> {
+    s.authorize(
+        &ctx,
+        &who,
+        "subjects.erase",
+        &format!("subjects/{id}"),
+        None,
+    )?;
+    let _permit = s.permit(Class::Security)?;
+    let st = s.clone();
+    s.timed(Class::Security, async move {
+        let id2 = id.clone();
+        let existed = blocking(move || {
+            let existed = st.storage.memory.erase_subject(&id2, now_ms())?;
+            st.commit_blocking(&ctx, 200)?;
+            Ok(existed)
+        })
+        .await?;
+        Ok(Json(
+            json!({"subject": id, "erased": true, "key_existed": existed}),
+        ))
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AuditQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct AuditPage {
+    entries: Vec<AuditEntry>,
+}
+
+pub(super) async fn audit_list(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Extension(ctx): Extension<AuditCtx>,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> Result<Json<AuditPage>, AppError> {
+    s.authorize(&ctx, &who, "audit.read", "audit", None)?;
+    let _permit = s.permit(Class::Security)?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > s.limits.max_list {
+        return Err(AppError::invalid_field(
+            "limit",
+            format!("must be between 1 and {}", s.limits.max_list),
+        ));
+    }
+    let st = s.clone();
+    s.timed(Class::Security, async move {
+        let entries = blocking(move || Ok(st.storage.audit.list(q.after, limit)?)).await?;
+        Ok(Json(AuditPage { entries }))
+    })
+    .await
+}
+
+pub(super) async fn audit_verify(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Extension(ctx): Extension<AuditCtx>,
+) -> Result<Json<VerifyReport>, AppError> {
+    s.authorize(&ctx, &who, "audit.read", "audit", None)?;
+    let _permit = s.permit(Class::Security)?;
+    let st = s.clone();
+    s.timed(Class::Security, async move {
+        Ok(Json(
+            blocking(move || Ok(st.storage.audit.verify()?)).await?,
+        ))
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateKey {
+    name: String,
+    /// Defaults to the caller's role; only admins may issue another role.
+    #[serde(default)]
+    role: Option<String>,
+    /// Lifetime, e.g. `"30d"`; default 90 days, capped by `auth.max_token_ttl`.
+    #[serde(default)]
+    ttl: Option<swarm_config::HumanDuration>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct KeyView {
+    id: String,
+    name: String,
+    role: String,
+    owner: String,
+    created_at: u64,
+    expires_at: u64,
+    revoked: bool,
+}
+
+impl From<ApiKeyRecord> for KeyView {
+    fn from(r: ApiKeyRecord) -> Self {
+        KeyView {
+            id: r.id,
+            name: r.name,
+            role: r.role,
+            owner: r.owner,
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            revoked: r.revoked,
+        }
+    }
+}
+
+pub(super) async fn create_key(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Extension(ctx): Extension<AuditCtx>,
+    body: Body,
+) -> Result<Json<Value>, AppError> {
+    s.authorize(&ctx, &who, "keys.manage", "keys", None)?;
+    let _permit = s.permit(Class::Security)?;
+    let b: CreateKey = json_body(body, s.body_limit).await?;
+    if b.name.is_empty() || b.name.len() > 64 {
+        return Err(AppError::invalid_field("name", "1 to 64 characters"));
+    }
+    let role = b.role.unwrap_or_else(|| who.role.clone());
+    if !s.policy.has_role(&role) {
+        return Err(AppError::invalid_field(
+            "role",
+            format!("unknown role `{role}`"),
+        ));
+    }
+    if !s.policy.role_within(&role, &who.role) {
+        return Err(AppError::Forbidden(format!("issuing role `{role}`")));
+    }
+    let ttl_s = b.ttl.map(|d| d.0.as_secs()).unwrap_or(90 * 86_400);
+    if ttl_s == 0 || ttl_s > s.max_token_ttl_s {
+        return Err(AppError::invalid_field(
+            "ttl",
+            format!("must be between 1s and {}s", s.max_token_ttl_s),
+        ));
+    }
+    let st = s.clone();
+    let owner = who.subject.clone();
+    let (rec, key) = blocking(move || {
+        let out = st
+            .auth
+            .create_api_key(&b.name, &role, &owner, now_s(), ttl_s)?;
+        ctx.set_action("keys.manage", &format!("keys/{}", out.0.id));
+        st.commit_blocking(&ctx, 200)?;
+        Ok(out)
+    })
+    .await?;
+    Ok(Json(json!({
+        "key": key,
+        "note": "store this key now: it is shown once and kept only as a hash",
+        "id": rec.id,
+        "name": rec.name,
+        "role": rec.role,
+        "owner": rec.owner,
+        "expires_at": rec.expires_at,
+    })))
+}
+
+pub(super) async fn list_keys(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Extension(ctx): Extension<AuditCtx>,
+) -> Result<Json<Value>, AppError> {
+    s.authorize(&ctx, &who, "keys.manage", "keys", None)?;
+    let _permit = s.permit(Class::Security)?;
+    let admin = s.policy.is_admin(&who.role);
+    let keys: Vec<KeyView> = s
+        .auth
+        .list_api_keys(s.limits.max_list)?
+        .into_iter()
+        .filter(|k| admin || k.owner == who.subject)
+        .map(KeyView::from)
+        .collect();
+    Ok(Json(json!({ "keys": keys })))
+}
+
+pub(super) async fn revoke_key(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Extension(ctx): Extension<AuditCtx>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Value>, AppError> {
+    let resource = format!("keys/{id}");
+    let _permit = s.permit(Class::Security)?;
+    let Some(mut rec) = s.auth.get_api_key(&id)? else {
+        s.authorize(&ctx, &who, "keys.manage", &resource, None)?;
+        return Err(AppError::NotFound(resource));
+    };
+    s.authorize(
+        &ctx,
+        &who,
+        "keys.manage",
+        &resource,
+        Some(Owner(&rec.owner)),
+    )?;
+    rec.revoked = true;
+    let st = s.clone();
+    blocking(move || {
+        st.auth.put_api_key(&rec)?;
+        st.commit_blocking(&ctx, 200)
+    })
+    .await?;
+    Ok(Json(json!({"id": id, "revoked": true})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RevokeToken {
+    /// The token itself; its `jti` is revoked.
+    #[serde(default)]
+    token: Option<String>,
+    /// Or the token id directly (as shown by `/v1/me`).
+    #[serde(default)]
+    jti: Option<String>,
+}
+
+pub(super) async fn revoke_token(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Extension(ctx): Extension<AuditCtx>,
+    body: Body,
+) -> Result<Json<Value>, AppError> {
+    let b: RevokeToken = json_body(body, s.body_limit).await?;
+    let (jti, exp, owner) = match (b.token, b.jti) {
+        (Some(t), None) => {
+            let c = s
+                .auth
+                .verify_token(&t, 0)
+                .map_err(|e| AppError::invalid_field("token", e.to_string()))?;
+            (c.jti, c.exp, Some(c.sub))
+        }
+        (None, Some(j)) if !j.is_empty() && j.len() <= 128 => (j, u64::MAX, None),
+        _ => {
+            return Err(AppError::invalid_field(
+                "body",
+                "give exactly one of `token` or `jti`",
+            ));
+        }
+    };
+    // Anyone may revoke their own token; revoking another's (or a bare jti) takes an admin.
+    let resource = format!("tokens/{jti}");
+    match owner {
+        Some(o) if o == who.subject => ctx.set_action("tokens.revoke", &resource),
+        _ => s.authorize(&ctx, &who, "tokens.admin", &resource, None)?,
+    }
+    let st = s.clone();
+    let j = jti.clone();
+    blocking(move || {
+        st.auth.revoke_token(&j, exp)?;
+        st.commit_blocking(&ctx, 200)
+    })
+    .await?;
+    Ok(Json(json!({"jti": jti, "revoked": true})))
+}

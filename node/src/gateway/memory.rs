@@ -1,0 +1,218 @@
+//! `/v1/memory` routes.
+
+use axum::Extension;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use swarm_storage::{MemoryItem, MemoryType, PutRequest};
+
+use super::extract::{ApiPath, ApiQuery, json_body};
+use super::{AppState, AuditCtx, Class, blocking, now_ms};
+use crate::auth::Principal;
+use crate::error::AppError;
+
+/// Body of a PUT.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PutBody {
+    value: Value,
+    #[serde(default)]
+    memory_type: MemoryType,
+    /// Lifetime, e.g. `"30s"`, `"24h"`.
+    #[serde(default)]
+    ttl: Option<swarm_config::HumanDuration>,
+    #[serde(default)]
+    subject: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+/// A value as returned by the API.
+#[derive(Debug, Serialize)]
+pub(super) struct ItemView {
+    namespace: String,
+    key: String,
+    value: Value,
+    /// HLC timestamp and origin node of the version returned.
+    version: String,
+    origin: String,
+    memory_type: MemoryType,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<String>,
+    tags: Vec<String>,
+}
+
+impl ItemView {
+    fn from_item(i: MemoryItem) -> Result<Self, AppError> {
+        let value = serde_json::from_str(&i.value_json)
+            .map_err(|e| AppError::Internal(format!("stored value is not JSON: {e}")))?;
+        Ok(ItemView {
+            namespace: i.namespace,
+            key: i.key,
+            value,
+            version: i.version.hlc.to_string(),
+            origin: i.version.origin,
+            memory_type: i.memory_type,
+            expires_at: i.expires_at,
+            subject: i.subject,
+            tags: i.tags,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListQuery {
+    #[serde(default)]
+    prefix: String,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    after: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct ListView {
+    items: Vec<ItemView>,
+    /// Pass as `after` to get the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+pub(super) async fn put_value(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Extension(ctx): Extension<AuditCtx>,
+    ApiPath((ns, key)): ApiPath<(String, String)>,
+    body: Body,
+) -> Result<Json<ItemView>, AppError> {
+    s.authorize(
+        &ctx,
+        &who,
+        "memory.write",
+        &format!("memory/{ns}/{key}"),
+        None,
+    )?;
+    let _permit = s.permit(Class::Memory)?;
+    let st = s.clone();
+    s.timed(Class::Memory, async move {
+        let b: PutBody = json_body(body, st.body_limit).await?;
+        let value_json =
+            serde_json::to_string(&b.value).map_err(|e| AppError::Internal(e.to_string()))?;
+        let req = PutRequest {
+            value_json,
+            memory_type: b.memory_type,
+            ttl_ms: b
+                .ttl
+                .map(|d| u64::try_from(d.0.as_millis()).unwrap_or(u64::MAX)),
+            subject: b.subject,
+            tags: b.tags,
+        };
+        let item = blocking(move || {
+            let item = st.storage.memory.put(&ns, &key, req, now_ms())?;
+            st.commit_blocking(&ctx, 200)?;
+            Ok(item)
+        })
+        .await?;
+        ItemView::from_item(item).map(Json)
+    })
+    .await
+}
+
+pub(super) async fn get_value(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Extension(ctx): Extension<AuditCtx>,
+    ApiPath((ns, key)): ApiPath<(String, String)>,
+) -> Result<Json<ItemView>, AppError> {
+    s.authorize(
+        &ctx,
+        &who,
+        "memory.read",
+        &format!("memory/{ns}/{key}"),
+        None,
+    )?;
+    let _permit = s.permit(Class::Memory)?;
+    let item = s.storage.memory.get(&ns, &key, now_ms())?;
+    match item {
+        Some(i) => ItemView::from_item(i).map(Json),
+        None => Err(AppError::NotFound(format!("memory/{ns}/{key}"))),
+    }
+}
+
+pub(super) async fn delete_value(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Extension(ctx): Extension<AuditCtx>,
+    ApiPath((ns, key)): ApiPath<(String, String)>,
+) -> Result<Json<Value>, AppError> {
+    s.authorize(
+        &ctx,
+        &who,
+        "memory.write",
+        &format!("memory/{ns}/{key}"),
+        None,
+    )?;
+    let _permit = s.permit(Class::Memory)?;
+    let st = s.clone();
+    s.timed(Class::Memory, async move {
+        let (ns2, key2) = (ns.clone(), key.clone());
+        let existed = blocking(move || {
+            let existed = st.storage.memory.delete(&ns2, &key2, now_ms())?;
+            if existed {
+                st.commit_blocking(&ctx, 200)?;
+            }
+            Ok(existed)
+        })
+        .await?;
+        if existed {
+            Ok(Json(
+                serde_json::json!({"deleted": true, "namespace": ns, "key": key}),
+            ))
+        } else {
+            Err(AppError::NotFound(format!("memory/{ns}/{key}")))
+        }
+    })
+    .await
+}
+
+pub(super) async fn list_values(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Extension(ctx): Extension<AuditCtx>,
+    ApiPath(ns): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<ListView>, AppError> {
+    s.authorize(&ctx, &who, "memory.read", &format!("memory/{ns}"), None)?;
+    let _permit = s.permit(Class::Memory)?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > s.limits.max_list {
+        return Err(AppError::invalid_field(
+            "limit",
+            format!("must be between 1 and {}", s.limits.max_list),
+        ));
+    }
+    let st = s.clone();
+    s.timed(Class::Memory, async move {
+        let items = blocking(move || {
+            Ok(st
+                .storage
+                .memory
+                .list(&ns, &q.prefix, q.after.as_deref(), limit, now_ms())?)
+        })
+        .await?;
+        let next = (items.len() == limit)
+            .then(|| items.last().map(|i| i.key.clone()))
+            .flatten();
+        let items = items
+            .into_iter()
+            .map(ItemView::from_item)
+            .collect::<Result<_, _>>()?;
+        Ok(Json(ListView { items, next }))
+    })
+    .await
+}

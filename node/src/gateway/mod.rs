@@ -1,0 +1,433 @@
+//! The axum gateway: routing, request ids, authentication, RBAC, bulkheads, timeouts and audit.
+//!
+//! Request path: `track` (request id, metrics, audit of the outcome) → `authenticate` (JWT or API
+//! key; public routes skip it) → handler: `authorize` (RBAC, records the action for the audit),
+//! `permit` (bulkhead, 429 when full), `timed` (the class's response target), work, `commit`
+//! (audit entry + one group-commit sync for state changes).
+
+mod admin;
+mod extract;
+mod memory;
+mod openapi;
+mod system;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{HeaderValue, Method};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use ed25519_dalek::SigningKey;
+use rand::RngCore;
+use swarm_config::{LimitsConfig, SwarmFile};
+use swarm_storage::{AuditEvent, Storage};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::auth::{AuthType, Authenticator, Principal};
+use crate::error::{AppError, ErrorCause, ErrorCode};
+use crate::metrics::Metrics;
+use crate::policy::{Owner, Policy};
+
+pub use extract::parse_json;
+
+/// Classes of work, each with its own bulkhead and response target (from the swarm file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Memory,
+    Security,
+    Orchestration,
+}
+
+impl Class {
+    fn name(self) -> &'static str {
+        match self {
+            Class::Memory => "memory_ops",
+            Class::Security => "security_ops",
+            Class::Orchestration => "orchestration",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Bulkhead {
+    sem: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+/// Everything handlers share.
+#[derive(Debug)]
+pub struct Inner {
+    pub node: String,
+    pub storage: Storage,
+    pub auth: Authenticator,
+    pub policy: Policy,
+    pub metrics: Metrics,
+    pub limits: LimitsConfig,
+    pub body_limit: usize,
+    pub max_token_ttl_s: u64,
+    pub signing_key: SigningKey,
+    pub issuer: String,
+    pub audience: String,
+    pub started: Instant,
+    /// False only in the bench-only build without auth and audit.
+    pub secured: bool,
+    memory: Bulkhead,
+    security: Bulkhead,
+    orchestration: Bulkhead,
+}
+
+/// Shared state of the gateway.
+pub type AppState = Arc<Inner>;
+
+/// What the gateway needs to be built.
+#[derive(Debug)]
+pub struct GatewayParts {
+    pub node: String,
+    pub storage: Storage,
+    pub auth: Authenticator,
+    pub policy: Policy,
+    pub swarm: SwarmFile,
+    pub limits: LimitsConfig,
+    pub body_limit: usize,
+    pub max_token_ttl_s: u64,
+    pub signing_key: SigningKey,
+    pub issuer: String,
+    pub audience: String,
+}
+
+impl Inner {
+    pub fn new(p: GatewayParts) -> AppState {
+        let perf = &p.swarm.performance;
+        let bh = |n: u32, t: swarm_config::HumanDuration| Bulkhead {
+            sem: Arc::new(Semaphore::new(n as usize)),
+            timeout: t.0,
+        };
+        Arc::new(Inner {
+            memory: bh(
+                perf.concurrency_limits.memory_ops,
+                perf.response_targets.memory_ops,
+            ),
+            security: bh(
+                perf.concurrency_limits.security_scanning,
+                perf.response_targets.security_ops,
+            ),
+            orchestration: bh(
+                perf.concurrency_limits.orchestration,
+                perf.response_targets.orchestration,
+            ),
+            node: p.node,
+            storage: p.storage,
+            auth: p.auth,
+            policy: p.policy,
+            metrics: Metrics::default(),
+            limits: p.limits,
+            body_limit: p.body_limit,
+            max_token_ttl_s: p.max_token_ttl_s,
+            signing_key: p.signing_key,
+            issuer: p.issuer,
+            audience: p.audience,
+            started: Instant::now(),
+            secured: !cfg!(feature = "bench-noauth"),
+        })
+    }
+
+    fn bulkhead(&self, class: Class) -> &Bulkhead {
+        match class {
+            Class::Memory => &self.memory,
+            Class::Security => &self.security,
+            Class::Orchestration => &self.orchestration,
+        }
+    }
+
+    /// RBAC check; records the action and resource for the audit entry.
+    pub fn authorize(
+        &self,
+        ctx: &AuditCtx,
+        who: &Principal,
+        action: &str,
+        resource: &str,
+        owner: Option<Owner<'_>>,
+    ) -> Result<(), AppError> {
+        ctx.set_action(action, resource);
+        if !self.secured {
+            return Ok(());
+        }
+        self.policy
+            .check(who, action, owner)
+            .map_err(AppError::Forbidden)
+    }
+
+    /// A bulkhead permit, or 429 at once when the class is full. Never queues.
+    pub fn permit(&self, class: Class) -> Result<OwnedSemaphorePermit, AppError> {
+        self.bulkhead(class)
+            .sem
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                self.metrics.rejected(class.name());
+                AppError::Overloaded {
+                    class: class.name(),
+                    retry_after_s: 1,
+                }
+            })
+    }
+
+    /// Run `fut` within the class's response target.
+    pub async fn timed<T>(
+        &self,
+        class: Class,
+        fut: impl std::future::Future<Output = Result<T, AppError>>,
+    ) -> Result<T, AppError> {
+        let limit = self.bulkhead(class).timeout;
+        match tokio::time::timeout(limit, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(AppError::Timeout {
+                class: class.name(),
+                timeout_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+            }),
+        }
+    }
+
+    /// After a state change: append its audit entry and make both durable with one sync.
+    /// Blocking: call from `spawn_blocking`.
+    pub fn commit_blocking(&self, ctx: &AuditCtx, status: u16) -> Result<(), AppError> {
+        if self.secured {
+            let event = ctx.event(&self.node, "ok", status, None);
+            self.storage.audit.append(&event)?;
+            ctx.mark_audited();
+            self.metrics
+                .audit_entries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.storage.sync()?;
+        Ok(())
+    }
+}
+
+/// Run blocking store work off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AppError> + Send + 'static,
+) -> Result<T, AppError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AppError::Internal(format!("blocking task failed: {e}")))?
+}
+
+/// Per-request audit context, filled as the request goes through the layers.
+#[derive(Debug, Clone, Default)]
+pub struct AuditCtx(Arc<Mutex<AuditInfo>>);
+
+#[derive(Debug, Default)]
+struct AuditInfo {
+    request_id: String,
+    actor: Option<String>,
+    action: Option<String>,
+    resource: Option<String>,
+    audited: bool,
+}
+
+impl AuditCtx {
+    fn with<R>(&self, f: impl FnOnce(&mut AuditInfo) -> R) -> R {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    pub fn set_action(&self, action: &str, resource: &str) {
+        self.with(|i| {
+            i.action = Some(action.to_string());
+            i.resource = Some(resource.to_string());
+        });
+    }
+
+    fn mark_audited(&self) {
+        self.with(|i| i.audited = true);
+    }
+
+    fn event(&self, node: &str, outcome: &str, status: u16, code: Option<&str>) -> AuditEvent {
+        self.with(|i| AuditEvent {
+            ts_ms: now_ms(),
+            node: node.to_string(),
+            request_id: i.request_id.clone(),
+            actor: i.actor.clone().unwrap_or_else(|| "anonymous".into()),
+            action: i.action.clone().unwrap_or_else(|| "http.request".into()),
+            resource: i.resource.clone().unwrap_or_default(),
+            outcome: outcome.to_string(),
+            status,
+            code: code.map(String::from),
+        })
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+pub fn now_s() -> u64 {
+    now_ms() / 1000
+}
+
+/// Build the router.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/health", get(system::health))
+        .route("/metrics", get(system::metrics))
+        .route("/openapi.json", get(openapi::openapi))
+        .route("/v1/me", get(admin::me))
+        .route(
+            "/v1/memory/{namespace}/{key}",
+            get(memory::get_value)
+                .put(memory::put_value)
+                .delete(memory::delete_value),
+        )
+        .route("/v1/memory/{namespace}", get(memory::list_values))
+        .route("/v1/subjects/{id}/erase", post(admin::erase_subject))
+        .route("/v1/audit", get(admin::audit_list))
+        .route("/v1/audit/verify", get(admin::audit_verify))
+        .route("/v1/keys", post(admin::create_key).get(admin::list_keys))
+        .route("/v1/keys/{id}", delete(admin::revoke_key))
+        .route("/v1/tokens/revoke", post(admin::revoke_token))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed);
+    api.layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> AppError {
+    AppError::NotFound(format!("route {}", req.uri().path()))
+}
+
+async fn method_not_allowed() -> AppError {
+    AppError::MethodNotAllowed
+}
+
+/// Routes that need no principal.
+fn is_public(path: &str) -> bool {
+    matches!(path, "/health" | "/openapi.json")
+}
+
+/// The caller is on this machine.
+fn is_loopback(req: &Request) -> bool {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .is_some_and(|ci| ci.0.ip().is_loopback())
+}
+
+async fn authenticate(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    if is_public(&path) || (path == "/metrics" && is_loopback(&req)) {
+        return next.run(req).await;
+    }
+    let principal = if s.secured {
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        match s.auth.authenticate(
+            header("authorization").as_deref(),
+            header("x-api-key").as_deref(),
+            now_s(),
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                s.metrics.auth_failure(e.code());
+                return AppError::Unauthorized(e).into_response();
+            }
+        }
+    } else {
+        Principal {
+            subject: "bench".into(),
+            role: "admin".into(),
+            auth_type: AuthType::Disabled,
+            credential_id: String::new(),
+            expires_at: u64::MAX,
+        }
+    };
+    if let Some(ctx) = req.extensions().get::<AuditCtx>() {
+        ctx.with(|i| i.actor = Some(principal.subject.clone()));
+    }
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+async fn track(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let mut id = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut id);
+    let request_id = hex::encode(id);
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let ctx = AuditCtx::default();
+    ctx.with(|i| {
+        i.request_id = request_id.clone();
+        i.resource = Some(path.clone());
+    });
+    req.extensions_mut().insert(ctx.clone());
+    s.metrics
+        .in_flight
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut resp = next.run(req).await;
+    s.metrics
+        .in_flight
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    let status = resp.status();
+    let code = resp.extensions().get::<ErrorCode>().map(|c| c.0);
+    if let Some(cause) = resp.extensions().get::<ErrorCause>() {
+        tracing::error!(request_id = %request_id, %method, %path, cause = %cause.0, "internal error");
+    } else if status.is_client_error() {
+        tracing::debug!(request_id = %request_id, %method, %path, status = status.as_u16(), code, "request refused");
+    }
+    let quiet =
+        matches!(path.as_str(), "/health" | "/metrics" | "/openapi.json") && status.is_success();
+    let already = ctx.with(|i| i.audited);
+    if s.secured && !quiet && !already {
+        let outcome = match status.as_u16() {
+            200..=399 => "ok",
+            401 | 403 => "denied",
+            _ => "error",
+        };
+        let event = ctx.event(&s.node, outcome, status.as_u16(), code);
+        let audit = s.storage.audit.clone();
+        match audit.append(&event) {
+            Ok(_) => s
+                .metrics
+                .audit_entries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            Err(e) => {
+                tracing::error!(error = %e, "audit append failed");
+                s.metrics
+                    .audit_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            }
+        };
+    }
+    if method != Method::OPTIONS {
+        s.metrics.observe_request(
+            method.as_str(),
+            &route,
+            status.as_u16(),
+            start.elapsed().as_secs_f64() * 1000.0,
+        );
+    }
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1 @@
+//! Gateway tests: the real router, in process, over the in-memory engine.

@@ -1,0 +1,182 @@
+//! Prometheus counters and histograms for the gateway, rendered as text.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const BUCKETS_MS: [f64; 10] = [
+    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0, 5000.0,
+];
+
+/// Gateway metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    latency: Mutex<BTreeMap<String, Histogram>>,
+    auth_failures: Mutex<BTreeMap<&'static str, u64>>,
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+    pub audit_entries: AtomicU64,
+    pub audit_failures: AtomicU64,
+    pub in_flight: AtomicU64,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS_MS.len()],
+    count: u64,
+    sum_ms: f64,
+}
+
+impl Metrics {
+    pub fn observe_request(&self, method: &str, route: &str, status: u16, ms: f64) {
+        if let Ok(mut m) = self.requests.lock() {
+            *m.entry((method.to_string(), route.to_string(), status))
+                .or_default() += 1;
+        }
+        if let Ok(mut l) = self.latency.lock() {
+            let h = l.entry(route.to_string()).or_default();
+            h.count += 1;
+            h.sum_ms += ms;
+            for (i, b) in BUCKETS_MS.iter().enumerate() {
+                if ms <= *b {
+                    h.counts[i] += 1;
+                }
+            }
+        }
+    }
+
+    pub fn auth_failure(&self, code: &'static str) {
+        if let Ok(mut m) = self.auth_failures.lock() {
+            *m.entry(code).or_default() += 1;
+        }
+    }
+
+    pub fn rejected(&self, class: &'static str) {
+        if let Ok(mut m) = self.rejected.lock() {
+            *m.entry(class).or_default() += 1;
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, node: &str) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP swarm_http_requests_total HTTP requests by route and status."
+        );
+        let _ = writeln!(out, "# TYPE swarm_http_requests_total counter");
+        if let Ok(m) = self.requests.lock() {
+            for ((method, route, status), n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "swarm_http_requests_total{{node=\"{node}\",method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP swarm_http_request_duration_ms Request latency in milliseconds."
+        );
+        let _ = writeln!(out, "# TYPE swarm_http_request_duration_ms histogram");
+        if let Ok(l) = self.latency.lock() {
+            for (route, h) in l.iter() {
+                for (i, b) in BUCKETS_MS.iter().enumerate() {
+                    let _ = writeln!(
+                        out,
+                        "swarm_http_request_duration_ms_bucket{{node=\"{node}\",route=\"{route}\",le=\"{b}\"}} {}",
+                        h.counts[i]
+                    );
+                }
+                let _ = writeln!(
+                    out,
+                    "swarm_http_request_duration_ms_bucket{{node=\"{node}\",route=\"{route}\",le=\"+Inf\"}} {}",
+                    h.count
+                );
+                let _ = writeln!(
+                    out,
+                    "swarm_http_request_duration_ms_sum{{node=\"{node}\",route=\"{route}\"}} {}",
+                    h.sum_ms
+                );
+                let _ = writeln!(
+                    out,
+                    "swarm_http_request_duration_ms_count{{node=\"{node}\",route=\"{route}\"}} {}",
+                    h.count
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP swarm_auth_failures_total Refused credentials by reason."
+        );
+        let _ = writeln!(out, "# TYPE swarm_auth_failures_total counter");
+        if let Ok(m) = self.auth_failures.lock() {
+            for (code, n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "swarm_auth_failures_total{{node=\"{node}\",code=\"{code}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP swarm_bulkhead_rejections_total Requests shed with 429 by class."
+        );
+        let _ = writeln!(out, "# TYPE swarm_bulkhead_rejections_total counter");
+        if let Ok(m) = self.rejected.lock() {
+            for (class, n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "swarm_bulkhead_rejections_total{{node=\"{node}\",class=\"{class}\"}} {n}"
+                );
+            }
+        }
+        for (name, help, v) in [
+            (
+                "swarm_audit_entries_total",
+                "Audit entries appended.",
+                &self.audit_entries,
+            ),
+            (
+                "swarm_audit_failures_total",
+                "Audit appends that failed.",
+                &self.audit_failures,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(
+                out,
+                "{name}{{node=\"{node}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP swarm_http_in_flight Requests being served.");
+        let _ = writeln!(out, "# TYPE swarm_http_in_flight gauge");
+        let _ = writeln!(
+            out,
+            "swarm_http_in_flight{{node=\"{node}\"}} {}",
+            self.in_flight.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.observe_request("GET", "/v1/me", 200, 3.0);
+        m.auth_failure("token_expired");
+        m.rejected("memory_ops");
+        let t = m.render("n1");
+        assert!(t.contains("swarm_http_requests_total{node=\"n1\",method=\"GET\",route=\"/v1/me\",status=\"200\"} 1"));
+        assert!(t.contains("le=\"5\"} 1"));
+        assert!(t.contains("le=\"2.5\"} 0"));
+        assert!(t.contains("swarm_auth_failures_total{node=\"n1\",code=\"token_expired\"} 1"));
+        assert!(t.contains("swarm_bulkhead_rejections_total{node=\"n1\",class=\"memory_ops\"} 1"));
+    }
+}

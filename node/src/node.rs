@@ -1,0 +1,193 @@
+//! The composition root: `Node::start(cfg)` builds the store, auth, policy and gateway and serves.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use swarm_config::secret::{ENV_JWT_SIGNING_KEY, ENV_MASTER_KEY, read_secret, read_secret_file};
+use swarm_config::{ConfigError, NodeConfig};
+use swarm_storage::{MemoryLimits, SecretKey, Storage, StorageError, StorageOptions};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::auth::Authenticator;
+use crate::gateway::{self, GatewayParts, Inner};
+use crate::jwt::{self, Verifier};
+use crate::policy::Policy;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("{what}: {message}")]
+    Key { what: &'static str, message: String },
+    #[error("cannot bind the gateway to {addr}: {source} (is another node using this port?)")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl NodeError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NodeError::Config(e) => e.kind(),
+            NodeError::Storage(e) => e.kind(),
+            NodeError::Key { .. } => "bad_key",
+            NodeError::Bind { .. } => "bind_failed",
+        }
+    }
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct NodeHandle {
+    pub name: String,
+    /// The gateway's bound address.
+    pub http_addr: SocketAddr,
+    pub state: gateway::AppState,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl NodeHandle {
+    /// Stop accepting requests, finish those in flight, flush the store.
+    pub async fn shutdown(self) -> Result<(), NodeError> {
+        let _ = self.shutdown.send(true);
+        match self.server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "gateway stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "gateway task failed"),
+        }
+        let storage = self.state.storage.clone();
+        tokio::task::spawn_blocking(move || storage.sync())
+            .await
+            .map_err(|e| StorageError::Engine(e.to_string()))??;
+        tracing::info!(node = %self.name, "node stopped");
+        Ok(())
+    }
+}
+
+/// Load the master key: `SWARM_MASTER_KEY` or the configured file (mode 0600).
+pub fn load_master_key(cfg: &NodeConfig) -> Result<SecretKey, NodeError> {
+    let text = read_secret(
+        "master key",
+        ENV_MASTER_KEY,
+        &cfg.resolve(&cfg.keys.master_key_file),
+    )?;
+    SecretKey::from_hex(&text).map_err(|e| NodeError::Key {
+        what: "master key",
+        message: e.to_string(),
+    })
+}
+
+/// Load the JWT signing key: `SWARM_JWT_SIGNING_KEY` or the configured file (mode 0600).
+pub fn load_signing_key(cfg: &NodeConfig) -> Result<ed25519_dalek::SigningKey, NodeError> {
+    let text = read_secret(
+        "JWT signing key",
+        ENV_JWT_SIGNING_KEY,
+        &cfg.resolve(&cfg.keys.jwt_signing_key_file),
+    )?;
+    jwt::signing_key_from_hex(&text).map_err(|message| NodeError::Key {
+        what: "JWT signing key",
+        message,
+    })
+}
+
+/// Open this node's store.
+pub fn open_storage(cfg: &NodeConfig) -> Result<Storage, NodeError> {
+    let master = load_master_key(cfg)?;
+    let mut opts = StorageOptions::new(cfg.node.name.clone());
+    opts.limits = MemoryLimits {
+        max_value_bytes: cfg.limits.max_value_bytes,
+        max_name_len: cfg.limits.max_name_len,
+        max_namespace_entries: cfg.limits.max_namespace_entries,
+    };
+    Ok(Storage::open(&cfg.data_dir(), master, opts)?)
+}
+
+/// The `swarm` node.
+#[derive(Debug)]
+pub struct Node;
+
+impl Node {
+    /// Start a node from its config and serve the gateway until shut down.
+    pub async fn start(cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
+        let swarm = cfg.swarm_file()?;
+        let signing_key = load_signing_key(&cfg)?;
+        let mut verify_keys = vec![signing_key.verifying_key()];
+        for p in &cfg.keys.jwt_previous_public_keys {
+            let text = read_secret_file(&cfg.resolve(p)).or_else(|_| {
+                std::fs::read_to_string(cfg.resolve(p)).map_err(|source| ConfigError::Io {
+                    path: cfg.resolve(p),
+                    source,
+                })
+            })?;
+            verify_keys.push(jwt::verifying_key_from_hex(&text).map_err(|message| {
+                NodeError::Key {
+                    what: "previous JWT public key",
+                    message,
+                }
+            })?);
+        }
+        let storage = {
+            let cfg = cfg.clone();
+            tokio::task::spawn_blocking(move || open_storage(&cfg))
+                .await
+                .map_err(|e| StorageError::Engine(e.to_string()))??
+        };
+        let verifier = Verifier::new(
+            verify_keys,
+            cfg.auth.issuer.clone(),
+            cfg.auth.audience.clone(),
+            cfg.auth.leeway.0.as_secs(),
+        );
+        let auth = Authenticator::new(verifier, storage.engine.clone())?;
+        let state = Inner::new(GatewayParts {
+            node: cfg.node.name.clone(),
+            storage,
+            auth,
+            policy: Policy::new(&cfg.roles),
+            swarm,
+            limits: cfg.limits.clone(),
+            body_limit: cfg.gateway.body_limit,
+            max_token_ttl_s: cfg.auth.max_token_ttl.0.as_secs(),
+            signing_key,
+            issuer: cfg.auth.issuer.clone(),
+            audience: cfg.auth.audience.clone(),
+        });
+        let listener = tokio::net::TcpListener::bind(cfg.gateway.bind)
+            .await
+            .map_err(|source| NodeError::Bind {
+                addr: cfg.gateway.bind,
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| NodeError::Bind {
+            addr: cfg.gateway.bind,
+            source,
+        })?;
+        let (tx, mut rx) = watch::channel(false);
+        let app = gateway::router(Arc::clone(&state));
+        let server = tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await
+        });
+        tracing::info!(node = %cfg.node.name, %http_addr, secured = state.secured, "node started");
+        Ok(NodeHandle {
+            name: cfg.node.name.clone(),
+            http_addr,
+            state,
+            shutdown: tx,
+            server,
+        })
+    }
+}
