@@ -1,1 +1,239 @@
-//! placeholder
+//! Helpers for cross-crate integration tests: run the real `swarm` binary, talk HTTP to it.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// The `swarm` binary built by `cargo test` (the node crate's integration tests make cargo build
+/// it). `SWARM_BIN` overrides.
+pub fn swarm_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SWARM_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test-binary> → target/<profile>/swarm
+    let exe = std::env::current_exe().unwrap_or_default();
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    profile_dir.join("swarm")
+}
+
+/// Run `swarm ARGS` to completion.
+pub fn swarm(args: &[&str]) -> Result<Output> {
+    let bin = swarm_bin();
+    if !bin.exists() {
+        bail!(
+            "{} not found: run `cargo build -p swarm-node` or `cargo test --workspace`",
+            bin.display()
+        );
+    }
+    Command::new(&bin)
+        .args(args)
+        .env("SWARM_LOG", "warn")
+        .output()
+        .with_context(|| format!("run {}", bin.display()))
+}
+
+/// A free TCP port on 127.0.0.1 (best effort: another process may take it before we do).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// `swarm init` into `dir` with free ports; returns the node config paths.
+pub fn init_cluster(dir: &Path, nodes: u16) -> Result<Vec<PathBuf>> {
+    let http = free_port().to_string();
+    let gossip = free_port().to_string();
+    let d = dir.display().to_string();
+    let n = nodes.to_string();
+    let out = swarm(&[
+        "init",
+        "--dir",
+        &d,
+        "--nodes",
+        &n,
+        "--http-port",
+        &http,
+        "--gossip-port",
+        &gossip,
+    ])?;
+    if !out.status.success() {
+        bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((1..=nodes)
+        .map(|k| dir.join(format!("node-{k}")).join("node.toml"))
+        .collect())
+}
+
+/// Mint a token with `swarm token`.
+pub fn token(dir: &Path, subject: &str, role: &str) -> Result<String> {
+    let d = dir.display().to_string();
+    let out = swarm(&[
+        "token",
+        "--dir",
+        &d,
+        "--subject",
+        subject,
+        "--role",
+        role,
+        "--ttl",
+        "1h",
+    ])?;
+    if !out.status.success() {
+        bail!("token failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A running `swarm node` process. Killed (SIGKILL) on drop if still running.
+#[derive(Debug)]
+pub struct NodeProc {
+    pub child: Child,
+    pub config: PathBuf,
+    pub url: String,
+}
+
+impl NodeProc {
+    /// Start `swarm node --config PATH` and wait until `/health` answers.
+    pub fn start(config: &Path) -> Result<Self> {
+        let cfg = swarm_config::NodeConfig::load(config)?;
+        let url = format!("http://{}", cfg.gateway.bind);
+        let log = std::fs::File::create(config.with_extension("log"))?;
+        let child = Command::new(swarm_bin())
+            .args(["node", "--config"])
+            .arg(config)
+            .env("SWARM_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawn swarm node")?;
+        let mut node = NodeProc {
+            child,
+            config: config.to_path_buf(),
+            url,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = Client::new(&node.url, None).get("/health") {
+                return Ok(node);
+            }
+            if let Some(status) = node.child.try_wait()? {
+                let log = std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
+                bail!("node exited early ({status}): {log}");
+            }
+            if Instant::now() > deadline {
+                bail!("node did not become healthy in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM and wait for a graceful exit.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                self.child.kill()?;
+                bail!("node did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn client(&self, token: &str) -> Client {
+        Client::new(&self.url, Some(token))
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A tiny blocking HTTP client returning `(status, json)` for every status.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(base: &str, token: Option<&str>) -> Self {
+        Self {
+            base: base.to_string(),
+            token: token.map(String::from),
+            agent: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(30))
+                .build(),
+        }
+    }
+
+    pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<(u16, Value)> {
+        let mut req = self.agent.request(method, &format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let result = match body {
+            Some(b) => req.set("Content-Type", "application/json").send_bytes(b),
+            None => req.call(),
+        };
+        let resp = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => return Err(e.into()),
+        };
+        let status = resp.status();
+        let text = resp.into_string()?;
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, v))
+    }
+
+    pub fn get(&self, path: &str) -> Result<(u16, Value)> {
+        self.request("GET", path, None)
+    }
+
+    pub fn put_json(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
+        self.request("PUT", path, Some(body.to_string().as_bytes()))
+    }
+}
+
+/// Every file under `dir`.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
