@@ -64,10 +64,11 @@ impl Policy {
         if !self.allows(&who.role, action) {
             return Err(action.to_string());
         }
-        if let Some(Owner(o)) = owner {
-            if o != who.subject && !self.is_admin(&who.role) {
-                return Err(format!("{action} (owner or admin)"));
-            }
+        if let Some(Owner(o)) = owner
+            && o != who.subject
+            && !self.is_admin(&who.role)
+        {
+            return Err(format!("{action} (owner or admin)"));
         }
         Ok(())
     }

@@ -24,10 +24,12 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     fn name(&self) -> &'static str;
 }
 
+type Tree = BTreeMap<Vec<u8>, Vec<u8>>;
+
 /// In-memory engine for unit tests and simulators. `sync` is a no-op: nothing survives a restart.
 #[derive(Debug, Default)]
 pub struct MemEngine {
-    trees: RwLock<HashMap<String, BTreeMap<Vec<u8>, Vec<u8>>>>,
+    trees: RwLock<HashMap<String, Tree>>,
 }
 
 impl MemEngine {

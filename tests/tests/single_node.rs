@@ -94,10 +94,8 @@ fn full_bulkhead_answers_429() -> anyhow::Result<()> {
                         &format!("/v1/memory/load/k{round}-{i}"),
                         &json!({"value": i}),
                     );
-                    if let Ok((s, v)) = r {
-                        if let Ok(mut g) = results.lock() {
-                            g.push((s, v));
-                        }
+                    if let (Ok((s, v)), Ok(mut g)) = (r, results.lock()) {
+                        g.push((s, v));
                     }
                 })
             })
@@ -144,16 +142,12 @@ fn sigkill_loses_no_acknowledged_write_and_disk_has_no_plaintext() -> anyhow::Re
                 while !stop.load(Ordering::Relaxed) {
                     let key = format!("w{w}-{i}");
                     let value = format!("{marker}-{w}-{i}");
-                    match c.put_json(
+                    let r = c.put_json(
                         &format!("/v1/memory/durable/{key}"),
                         &json!({"value": value, "subject": "dora"}),
-                    ) {
-                        Ok((200, _)) => {
-                            if let Ok(mut a) = acked.lock() {
-                                a.push((key, value));
-                            }
-                        }
-                        Ok(_) | Err(_) => {}
+                    );
+                    if let (Ok((200, _)), Ok(mut a)) = (r, acked.lock()) {
+                        a.push((key, value));
                     }
                     i += 1;
                 }

@@ -225,7 +225,14 @@ async fn bad_input_is_a_clear_4xx_and_changes_nothing() {
     )
     .await;
     let before = f.memory_records();
-    let cases: Vec<(&str, &str, Option<Vec<u8>>, StatusCode, &str)> = vec![
+    type Case = (
+        &'static str,
+        &'static str,
+        Option<Vec<u8>>,
+        StatusCode,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "PUT",
             "/v1/memory/ns/k",
