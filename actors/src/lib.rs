@@ -1,1 +1,16 @@
-//! placeholder
+//! Agents as supervised actors (filled by later issues): ractor / ractor_cluster over QUIC
+//! streams, placement, the task queue with anti-collision dispatch, SPARC workflows and memory
+//! replication. It will own the `Inference` trait that agents call and `swarm-gpu` implements.
+
+use serde::{Deserialize, Serialize};
+
+/// Priorities of the task queue (DESIGN §6), highest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    Critical,
+    High,
+    Normal,
+    Low,
+    Background,
+}

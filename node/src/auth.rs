@@ -1,6 +1,6 @@
 //! Authentication: JWT bearer tokens and API keys, and the token revocation list.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use base64::Engine as _;
@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use swarm_storage::{Engine, StorageError, trees};
 
-use crate::jwt::{JwtError, Verifier};
+use crate::jwt::{Claims, JwtError, Verifier};
 
 /// How the caller proved who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -89,6 +89,8 @@ pub struct ApiKeyRecord {
 }
 
 const API_KEY_PREFIX: &str = "swk_";
+/// Most verified tokens remembered; past it the cache starts over.
+const TOKEN_CACHE_MAX: usize = 8192;
 
 /// Checks credentials. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -96,6 +98,10 @@ pub struct Authenticator {
     verifier: Arc<Verifier>,
     engine: Arc<dyn Engine>,
     revoked: Arc<RwLock<HashSet<String>>>,
+    /// Tokens whose signature, issuer and audience were verified, keyed by the exact token text:
+    /// an Ed25519 verification costs more than the rest of a small request. Expiry and revocation
+    /// are still checked on every request.
+    verified: Arc<RwLock<HashMap<String, Claims>>>,
 }
 
 impl Authenticator {
@@ -115,6 +121,7 @@ impl Authenticator {
             verifier: Arc::new(verifier),
             engine,
             revoked: Arc::new(RwLock::new(revoked)),
+            verified: Arc::new(RwLock::new(HashMap::new())),
         })
     }
 
@@ -139,10 +146,7 @@ impl Authenticator {
         if cred.starts_with(API_KEY_PREFIX) {
             return self.check_api_key(cred, now_s);
         }
-        let claims = self
-            .verifier
-            .verify(cred, now_s)
-            .map_err(AuthError::Token)?;
+        let claims = self.verify_cached(cred, now_s)?;
         if self.is_revoked(&claims.jti) {
             return Err(AuthError::Revoked);
         }
@@ -155,8 +159,33 @@ impl Authenticator {
         })
     }
 
+    fn verify_cached(&self, token: &str, now_s: u64) -> Result<Claims, AuthError> {
+        let hit = self
+            .verified
+            .read()
+            .ok()
+            .and_then(|c| c.get(token).cloned());
+        if let Some(claims) = hit {
+            self.verifier
+                .check_times(&claims, now_s)
+                .map_err(AuthError::Token)?;
+            return Ok(claims);
+        }
+        let claims = self
+            .verifier
+            .verify(token, now_s)
+            .map_err(AuthError::Token)?;
+        if let Ok(mut c) = self.verified.write() {
+            if c.len() >= TOKEN_CACHE_MAX {
+                c.clear();
+            }
+            c.insert(token.to_string(), claims.clone());
+        }
+        Ok(claims)
+    }
+
     /// Decode a token's claims after full verification (for revoking by token).
-    pub fn verify_token(&self, token: &str, now_s: u64) -> Result<crate::jwt::Claims, AuthError> {
+    pub fn verify_token(&self, token: &str, now_s: u64) -> Result<Claims, AuthError> {
         self.verifier.verify(token, now_s).map_err(AuthError::Token)
     }
 
@@ -267,7 +296,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jwt::{Claims, sign};
+    use crate::jwt::sign;
     use ed25519_dalek::SigningKey;
     use swarm_storage::MemEngine;
 
@@ -302,6 +331,15 @@ mod tests {
             .authenticate(Some(&format!("Bearer {t}")), None, 1)
             .expect("ok");
         assert_eq!((p.subject.as_str(), p.role.as_str()), ("alice", "user"));
+        // A cached token still expires.
+        assert!(
+            a.authenticate(Some(&format!("Bearer {t}")), None, 999)
+                .is_ok()
+        );
+        assert_eq!(
+            a.authenticate(Some(&format!("Bearer {t}")), None, 1000),
+            Err(AuthError::Token(JwtError::Expired))
+        );
         a.revoke_token("j1", 1000).expect("revoke");
         assert_eq!(
             a.authenticate(Some(&format!("Bearer {t}")), None, 1),

@@ -135,6 +135,12 @@ impl Verifier {
         if claims.aud != self.audience {
             return Err(JwtError::Audience);
         }
+        self.check_times(&claims, now_s)?;
+        Ok(claims)
+    }
+
+    /// The time checks alone (`exp`, `nbf`), for claims verified earlier.
+    pub fn check_times(&self, claims: &Claims, now_s: u64) -> Result<(), JwtError> {
         if claims.exp.saturating_add(self.leeway_s) <= now_s {
             return Err(JwtError::Expired);
         }
@@ -144,7 +150,7 @@ impl Verifier {
         {
             return Err(JwtError::NotYetValid);
         }
-        Ok(claims)
+        Ok(())
     }
 }
 

@@ -17,7 +17,7 @@ pub struct Metrics {
     auth_failures: Mutex<BTreeMap<&'static str, u64>>,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     pub audit_entries: AtomicU64,
-    pub audit_failures: AtomicU64,
+    pub audit_failures: std::sync::Arc<AtomicU64>,
     pub in_flight: AtomicU64,
 }
 

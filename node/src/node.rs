@@ -62,10 +62,13 @@ impl NodeHandle {
             Ok(Err(e)) => tracing::warn!(error = %e, "gateway stopped with an error"),
             Err(e) => tracing::warn!(error = %e, "gateway task failed"),
         }
-        let storage = self.state.storage.clone();
-        tokio::task::spawn_blocking(move || storage.sync())
-            .await
-            .map_err(|e| StorageError::Engine(e.to_string()))??;
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            state.flush_audit();
+            state.storage.sync()
+        })
+        .await
+        .map_err(|e| StorageError::Engine(e.to_string()))??;
         tracing::info!(node = %self.name, "node stopped");
         Ok(())
     }
@@ -158,7 +161,8 @@ impl Node {
             signing_key,
             issuer: cfg.auth.issuer.clone(),
             audience: cfg.auth.audience.clone(),
-        });
+        })
+        .map_err(|e| StorageError::Engine(format!("start the audit writer: {e}")))?;
         let listener = tokio::net::TcpListener::bind(cfg.gateway.bind)
             .await
             .map_err(|source| NodeError::Bind {
@@ -181,7 +185,7 @@ impl Node {
             })
             .await
         });
-        tracing::info!(node = %cfg.node.name, %http_addr, secured = state.secured, "node started");
+        tracing::info!(node = %cfg.node.name, %http_addr, secured = state.secured, audited = state.audited, "node started");
         Ok(NodeHandle {
             name: cfg.node.name.clone(),
             http_addr,

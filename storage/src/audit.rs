@@ -5,6 +5,11 @@
 //! `prev` the previous entry's `mac`. The chain covers ciphertext, so it stays verifiable whatever
 //! happens to data keys, and it is keyed, so whoever edits the file cannot recompute it. The head
 //! (last seq and mac) is kept separately, so cutting entries off the end is detected too.
+//!
+//! Entries appended together are stored as one block (one engine insert, keyed by the first
+//! entry's seq, at most [`MAX_BLOCK`] entries): sled copies a leaf on every insert, so one insert
+//! per entry made auditing every read the gateway's largest cost. Each entry keeps its own seal
+//! and link, so `verify` still names the first broken entry.
 
 use std::sync::{Arc, Mutex};
 
@@ -19,6 +24,8 @@ use crate::error::{Result, StorageError};
 pub(crate) const AUDIT_TREE: &str = "audit";
 const META_TREE: &str = "meta";
 const HEAD_KEY: &[u8] = b"audit_head";
+/// Most entries stored under one key.
+pub const MAX_BLOCK: usize = 512;
 
 /// What happened, by whom, to what, with which outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +59,12 @@ pub struct AuditRecord {
     pub prev: [u8; 32],
     pub sealed: Sealed,
     pub mac: [u8; 32],
+}
+
+/// Entries stored under one key (the first entry's seq).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditBlock {
+    pub records: Vec<AuditRecord>,
 }
 
 /// The result of [`AuditLog::verify`].
@@ -106,50 +119,79 @@ impl AuditLog {
 
     /// Append an event; returns its sequence number. Durable after the engine's next `sync`.
     pub fn append(&self, event: &AuditEvent) -> Result<u64> {
-        let plain = serde_json::to_vec(event).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        self.append_many(std::slice::from_ref(event))
+    }
+
+    /// Append events in order under one lock, one engine insert per [`MAX_BLOCK`] events and one
+    /// head update; returns the last sequence number. Durable after the engine's next `sync`.
+    pub fn append_many(&self, events: &[AuditEvent]) -> Result<u64> {
         let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
-        let seq = head.next_seq;
-        let sealed = crypto::seal(&self.seal_key, &seq.to_be_bytes(), &plain)?;
-        let mac = self.link_mac(seq, &head.last_mac, &sealed);
-        let rec = AuditRecord {
-            seq,
-            prev: head.last_mac,
-            sealed,
-            mac,
-        };
-        let bytes = postcard::to_stdvec(&rec).map_err(|e| StorageError::Corrupt(e.to_string()))?;
-        self.engine.put(AUDIT_TREE, &seq.to_be_bytes(), &bytes)?;
-        let head_bytes =
-            postcard::to_stdvec(&(seq, mac)).map_err(|e| StorageError::Corrupt(e.to_string()))?;
-        self.engine.put(META_TREE, HEAD_KEY, &head_bytes)?;
-        head.next_seq = seq + 1;
-        head.last_mac = mac;
-        Ok(seq)
+        for chunk in events.chunks(MAX_BLOCK) {
+            let first = head.next_seq;
+            let mut seq = first;
+            let mut prev = head.last_mac;
+            let mut records = Vec::with_capacity(chunk.len());
+            for event in chunk {
+                let plain =
+                    postcard::to_stdvec(event).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+                let sealed = crypto::seal(&self.seal_key, &seq.to_be_bytes(), &plain)?;
+                let mac = self.link_mac(seq, &prev, &sealed);
+                records.push(AuditRecord {
+                    seq,
+                    prev,
+                    sealed,
+                    mac,
+                });
+                prev = mac;
+                seq += 1;
+            }
+            let block = postcard::to_stdvec(&AuditBlock { records })
+                .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+            self.engine.put(AUDIT_TREE, &first.to_be_bytes(), &block)?;
+            let last = seq - 1;
+            let head_bytes = postcard::to_stdvec(&(last, prev))
+                .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+            self.engine.put(META_TREE, HEAD_KEY, &head_bytes)?;
+            head.next_seq = seq;
+            head.last_mac = prev;
+        }
+        Ok(head.next_seq - 1)
     }
 
     /// Entries after `after_seq`, oldest first, at most `limit`.
     pub fn list(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>> {
-        let pairs = self
-            .engine
-            .scan(AUDIT_TREE, b"", Some(&after_seq.to_be_bytes()), limit)?;
-        pairs
-            .into_iter()
-            .map(|(_, v)| {
-                let rec = decode_audit_record(&v)?;
-                let plain = crypto::open(
-                    &self.seal_key,
-                    &rec.seq.to_be_bytes(),
-                    &rec.sealed,
-                    "audit entry",
-                )?;
-                let event: AuditEvent = serde_json::from_slice(&plain)
-                    .map_err(|e| StorageError::Corrupt(format!("audit entry {}: {e}", rec.seq)))?;
-                Ok(AuditEntry {
-                    seq: rec.seq,
-                    event,
-                })
-            })
-            .collect()
+        // The block holding `after_seq + 1` starts at most MAX_BLOCK - 1 entries earlier.
+        let from = after_seq.saturating_sub(MAX_BLOCK as u64).to_be_bytes();
+        let mut cursor = (after_seq >= MAX_BLOCK as u64).then_some(from.to_vec());
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let batch = self.engine.scan(AUDIT_TREE, b"", cursor.as_deref(), 16)?;
+            let Some((last, _)) = batch.last() else {
+                break;
+            };
+            cursor = Some(last.clone());
+            for (_, v) in batch {
+                for rec in decode_audit_block(&v)?.records {
+                    if rec.seq <= after_seq || out.len() >= limit {
+                        continue;
+                    }
+                    let plain = crypto::open(
+                        &self.seal_key,
+                        &rec.seq.to_be_bytes(),
+                        &rec.sealed,
+                        "audit entry",
+                    )?;
+                    let event: AuditEvent = postcard::from_bytes(&plain).map_err(|e| {
+                        StorageError::Corrupt(format!("audit entry {}: {e}", rec.seq))
+                    })?;
+                    out.push(AuditEntry {
+                        seq: rec.seq,
+                        event,
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Walk the whole chain and report the first broken link.
@@ -171,33 +213,44 @@ impl AuditLog {
             cursor = Some(last.clone());
             for (k, v) in batch {
                 let n = expected_seq - 1;
-                let rec = match decode_audit_record(&v) {
-                    Ok(r) => r,
+                let block = match decode_audit_block(&v) {
+                    Ok(b) if !b.records.is_empty() => b,
+                    Ok(_) => return Ok(broken(expected_seq, "empty block".into(), n)),
                     Err(e) => return Ok(broken(expected_seq, e.to_string(), n)),
                 };
-                if k != rec.seq.to_be_bytes() || rec.seq != expected_seq {
+                if k != block.records[0].seq.to_be_bytes() {
                     return Ok(broken(
                         expected_seq,
-                        format!("entry {} found where {expected_seq} was expected", rec.seq),
+                        "block stored under the wrong key".into(),
                         n,
                     ));
                 }
-                if rec.prev != prev {
-                    return Ok(broken(
-                        rec.seq,
-                        "link to the previous entry differs".into(),
-                        n,
-                    ));
+                for rec in block.records {
+                    let n = expected_seq - 1;
+                    if rec.seq != expected_seq {
+                        return Ok(broken(
+                            expected_seq,
+                            format!("entry {} found where {expected_seq} was expected", rec.seq),
+                            n,
+                        ));
+                    }
+                    if rec.prev != prev {
+                        return Ok(broken(
+                            rec.seq,
+                            "link to the previous entry differs".into(),
+                            n,
+                        ));
+                    }
+                    if rec.mac != self.link_mac(rec.seq, &prev, &rec.sealed) {
+                        return Ok(broken(
+                            rec.seq,
+                            "entry content does not match its hash".into(),
+                            n,
+                        ));
+                    }
+                    prev = rec.mac;
+                    expected_seq += 1;
                 }
-                if rec.mac != self.link_mac(rec.seq, &prev, &rec.sealed) {
-                    return Ok(broken(
-                        rec.seq,
-                        "entry content does not match its hash".into(),
-                        n,
-                    ));
-                }
-                prev = rec.mac;
-                expected_seq += 1;
             }
         }
         let entries = expected_seq - 1;
@@ -236,9 +289,9 @@ impl AuditLog {
     }
 }
 
-/// Decode a stored audit record; never panics on arbitrary bytes.
-pub fn decode_audit_record(bytes: &[u8]) -> Result<AuditRecord> {
-    postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt(format!("audit record: {e}")))
+/// Decode a stored audit block; never panics on arbitrary bytes.
+pub fn decode_audit_block(bytes: &[u8]) -> Result<AuditBlock> {
+    postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt(format!("audit block: {e}")))
 }
 
 #[cfg(test)]
@@ -283,6 +336,43 @@ mod tests {
         let log2 = AuditLog::open(engine, &master).expect("reopen");
         assert_eq!(log2.append(&event(11)).expect("append"), 11);
         assert!(log2.verify().expect("verify").ok);
+    }
+
+    #[test]
+    fn batches_continue_the_chain() {
+        let (_, _, log) = log_with(3);
+        let batch: Vec<_> = (4..=9).map(event).collect();
+        assert_eq!(log.append_many(&batch).expect("batch"), 9);
+        assert_eq!(log.append_many(&[]).expect("empty"), 9);
+        assert_eq!(log.append(&event(10)).expect("append"), 10);
+        let r = log.verify().expect("verify");
+        assert!(r.ok && r.entries == 10, "{r:?}");
+        assert_eq!(log.list(8, 10).expect("list")[0].event, event(9));
+    }
+
+    #[test]
+    fn a_flipped_byte_inside_a_block_names_its_entry() {
+        let (engine, _, log) = log_with(2);
+        let batch: Vec<_> = (3..=700).map(event).collect();
+        assert_eq!(log.append_many(&batch).expect("batch"), 700);
+        assert!(log.verify().expect("verify").ok);
+        assert_eq!(log.list(600, 3).expect("list")[0].seq, 601);
+        assert_eq!(log.list(0, 1000).expect("list").len(), 700);
+        // Entries 3..=514 share the block stored under seq 3; corrupt entry 10 inside it.
+        let k = 3u64.to_be_bytes();
+        let mut block =
+            decode_audit_block(&engine.get(AUDIT_TREE, &k).expect("get").expect("some"))
+                .expect("decode");
+        block.records[7].sealed.ct[0] ^= 1;
+        engine
+            .put(
+                AUDIT_TREE,
+                &k,
+                &postcard::to_stdvec(&block).expect("encode"),
+            )
+            .expect("put");
+        let r = log.verify().expect("verify");
+        assert_eq!(r.first_broken, Some(10), "{r:?}");
     }
 
     #[test]

@@ -23,7 +23,10 @@ mod sled_engine;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use audit::{AuditEntry, AuditEvent, AuditLog, AuditRecord, VerifyReport, decode_audit_record};
+pub use audit::{
+    AuditBlock, AuditEntry, AuditEvent, AuditLog, AuditRecord, MAX_BLOCK, VerifyReport,
+    decode_audit_block,
+};
 pub use crdt::{LwwMap, Version, Versioned};
 pub use crypto::{KeyId, Keyring, Sealed, SecretKey, open, seal};
 pub use engine::{Engine, MemEngine, Pairs};

@@ -326,7 +326,7 @@ impl MemoryStore {
             Protection::Encrypted => {
                 let data_key = self.keyring.get(&stored.key_id)?;
                 let aad = value_aad(ns, key, &rec.version, &stored.key_id);
-                crypto::open(&data_key, &aad, &stored.sealed, &format!("{ns}/{key}"))?
+                crypto::open(&data_key, &aad, &stored.sealed, "memory value")?
             }
             Protection::PlaintextForBenchmarks => stored.sealed.ct,
         };
@@ -414,17 +414,19 @@ fn record_key(ns: &str, key: &str) -> Vec<u8> {
 
 /// Authenticated data: binds the ciphertext to its namespace, key, version and key id.
 fn value_aad(ns: &str, key: &str, v: &Version, key_id: &KeyId) -> Vec<u8> {
-    let mut aad = b"swarm-mem-v1".to_vec();
+    let (kind, id): (&[u8], &str) = match key_id {
+        KeyId::Namespace(n) => (b"ns:", n),
+        KeyId::Subject(s) => (b"subject:", s),
+    };
+    let mut aad = Vec::with_capacity(64 + ns.len() + key.len() + v.origin.len() + id.len());
+    aad.extend_from_slice(b"swarm-mem-v1");
     for part in [ns.as_bytes(), key.as_bytes(), v.origin.as_bytes()] {
         aad.extend_from_slice(&(part.len() as u64).to_be_bytes());
         aad.extend_from_slice(part);
     }
     aad.extend_from_slice(&v.hlc.0.to_be_bytes());
-    let kid = match key_id {
-        KeyId::Namespace(n) => format!("ns:{n}"),
-        KeyId::Subject(s) => format!("subject:{s}"),
-    };
-    aad.extend_from_slice(kid.as_bytes());
+    aad.extend_from_slice(kind);
+    aad.extend_from_slice(id.as_bytes());
     aad
 }
 

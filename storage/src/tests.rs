@@ -376,7 +376,7 @@ proptest! {
     #[test]
     fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let _ = decode_record(&bytes);
-        let _ = decode_audit_record(&bytes);
+        let _ = decode_audit_block(&bytes);
     }
 
     /// Values round-trip through sealing for any JSON text and names.

@@ -6,6 +6,7 @@
 //! (audit entry + one group-commit sync for state changes).
 
 mod admin;
+mod audit_writer;
 mod extract;
 mod memory;
 mod openapi;
@@ -31,6 +32,7 @@ use crate::auth::{AuthType, Authenticator, Principal};
 use crate::error::{AppError, ErrorCause, ErrorCode};
 use crate::metrics::Metrics;
 use crate::policy::{Owner, Policy};
+use audit_writer::AuditWriter;
 
 pub use extract::parse_json;
 
@@ -73,11 +75,14 @@ pub struct Inner {
     pub issuer: String,
     pub audience: String,
     pub started: Instant,
-    /// False only in the bench-only build without auth and audit.
+    /// False only in the bench-only builds (`bench-noauth`): every caller is an admin.
     pub secured: bool,
+    /// False only in the bench-only builds (`bench-noauth`, `bench-noaudit`).
+    pub audited: bool,
     memory: Bulkhead,
     security: Bulkhead,
     orchestration: Bulkhead,
+    audit_writer: AuditWriter,
 }
 
 /// Shared state of the gateway.
@@ -100,13 +105,17 @@ pub struct GatewayParts {
 }
 
 impl Inner {
-    pub fn new(p: GatewayParts) -> AppState {
+    pub fn new(p: GatewayParts) -> std::io::Result<AppState> {
+        let metrics = Metrics::default();
+        let audit_writer =
+            AuditWriter::spawn(p.storage.audit.clone(), metrics.audit_failures.clone())?;
         let perf = &p.swarm.performance;
         let bh = |n: u32, t: swarm_config::HumanDuration| Bulkhead {
             sem: Arc::new(Semaphore::new(n as usize)),
             timeout: t.0,
         };
-        Arc::new(Inner {
+        Ok(Arc::new(Inner {
+            audit_writer,
             memory: bh(
                 perf.concurrency_limits.memory_ops,
                 perf.response_targets.memory_ops,
@@ -123,7 +132,7 @@ impl Inner {
             storage: p.storage,
             auth: p.auth,
             policy: p.policy,
-            metrics: Metrics::default(),
+            metrics,
             limits: p.limits,
             body_limit: p.body_limit,
             max_token_ttl_s: p.max_token_ttl_s,
@@ -132,7 +141,13 @@ impl Inner {
             audience: p.audience,
             started: Instant::now(),
             secured: !cfg!(feature = "bench-noauth"),
-        })
+            audited: !cfg!(any(feature = "bench-noauth", feature = "bench-noaudit")),
+        }))
+    }
+
+    /// Wait until every queued audit entry is appended (before the final sync at shutdown).
+    pub fn flush_audit(&self) {
+        self.audit_writer.flush();
     }
 
     fn bulkhead(&self, class: Class) -> &Bulkhead {
@@ -195,7 +210,7 @@ impl Inner {
     /// After a state change: append its audit entry and make both durable with one sync.
     /// Blocking: call from `spawn_blocking`.
     pub fn commit_blocking(&self, ctx: &AuditCtx, status: u16) -> Result<(), AppError> {
-        if self.secured {
+        if self.audited {
             let event = ctx.event(&self.node, "ok", status, None);
             self.storage.audit.append(&event)?;
             ctx.mark_audited();
@@ -394,15 +409,14 @@ async fn track(State(s): State<AppState>, mut req: Request, next: Next) -> Respo
     let quiet =
         matches!(path.as_str(), "/health" | "/metrics" | "/openapi.json") && status.is_success();
     let already = ctx.with(|i| i.audited);
-    if s.secured && !quiet && !already {
+    if s.audited && !quiet && !already {
         let outcome = match status.as_u16() {
             200..=399 => "ok",
             401 | 403 => "denied",
             _ => "error",
         };
         let event = ctx.event(&s.node, outcome, status.as_u16(), code);
-        let audit = s.storage.audit.clone();
-        match audit.append(&event) {
+        match s.audit_writer.submit(event) {
             Ok(_) => s
                 .metrics
                 .audit_entries

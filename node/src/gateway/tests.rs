@@ -46,7 +46,8 @@ fn fixture_with(body_limit: usize, swarm: SwarmFile) -> Fixture {
         signing_key: key.clone(),
         issuer: "swarm".into(),
         audience: "swarm".into(),
-    });
+    })
+    .expect("gateway state");
     Fixture { state, key }
 }
 
@@ -97,6 +98,7 @@ impl Fixture {
     }
 
     fn audit_tail(&self) -> swarm_storage::AuditEntry {
+        self.state.flush_audit();
         let all = self.state.storage.audit.list(0, 10_000).expect("audit");
         all.last().cloned().expect("an audit entry")
     }
@@ -542,4 +544,31 @@ async fn public_routes_and_metrics_permission() {
         v.as_str()
             .is_some_and(|t| t.contains("swarm_http_requests_total"))
     );
+}
+
+mod decoders {
+    use proptest::prelude::*;
+
+    use crate::gateway::parse_json;
+    use crate::jwt::Verifier;
+
+    proptest! {
+        /// Bodies and tokens from the network: arbitrary bytes never panic, never authenticate.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = parse_json::<serde_json::Value>(&bytes);
+            let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+            let v = Verifier::new(vec![key.verifying_key()], "swarm".into(), "swarm".into(), 0);
+            let text = String::from_utf8_lossy(&bytes);
+            prop_assert!(v.verify(&text, 1).is_err());
+        }
+
+        #[test]
+        fn token_shaped_garbage_never_authenticates(a in "[A-Za-z0-9_-]{0,60}", b in "[A-Za-z0-9_-]{0,120}", c in "[A-Za-z0-9_-]{0,90}") {
+            let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+            let v = Verifier::new(vec![key.verifying_key()], "swarm".into(), "swarm".into(), 0);
+            let token = [a, b, c].join(".");
+            prop_assert!(v.verify(&token, 1).is_err());
+        }
+    }
 }

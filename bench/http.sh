@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Gateway benchmark: memory PUT/GET through the gateway with wrk (a second process) for three
+# builds side by side in one run: `secure` (JWT auth + audit, the product), `noaudit` (auth only)
+# and `noauth` (neither; bench-only build flags). All three nodes run at once and the runs
+# interleave (secure, noaudit, noauth, secure, ...) for ROUNDS rounds; the medians are reported,
+# since load on this shared machine drifts.
+# Usage: bench/http.sh [seconds-per-run] [rounds]   (needs wrk: apt-get install -y wrk)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-5}
+rounds=${2:-3}
+command -v wrk >/dev/null || { echo "wrk missing: apt-get install -y wrk" >&2; exit 1; }
+
+mkdir -p target/bench
+for v in noauth noaudit; do
+  cargo build --release -q -p swarm-node --features "bench-$v"
+  cp target/release/swarm "target/bench/swarm-$v"
+done
+cargo build --release -q -p swarm-node
+cp target/release/swarm target/bench/swarm-secure
+
+work=$(mktemp -d)
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
+declare -A port token
+p=18180
+for v in secure noaudit noauth; do
+  bin=target/bench/swarm-$v
+  dir="$work/$v"
+  "$bin" init --dir "$dir" --http-port "$p" --gossip-port $((p + 1000)) >/dev/null
+  # 64 connections: lift the memory bulkhead above them so the bench measures work, not shedding.
+  python3 - "$dir/swarm-config.json" <<'PY'
+import json, sys
+p = sys.argv[1]; c = json.load(open(p))
+c["performance"]["concurrency_limits"]["memory_ops"] = 256
+json.dump(c, open(p, "w"))
+PY
+  SWARM_LOG=warn "$bin" node --config "$dir/node-1/node.toml" >/dev/null 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$p/health" >/dev/null && break; sleep 0.1; done
+  token[$v]=$("$bin" token --dir "$dir" --subject bench --role user)
+  for i in $(seq 0 999); do
+    curl -sf -X PUT -H "Authorization: Bearer ${token[$v]}" "http://127.0.0.1:$p/v1/memory/seed/k$i" \
+      -d '{"value":{"seeded":true}}' >/dev/null
+  done
+  port[$v]=$p
+  p=$((p + 100))
+done
+
+results="$work/results"
+for r in $(seq "$rounds"); do
+  for v in secure noaudit noauth; do
+    for t in "PUT 64 put" "GET 64 get" "PUT 20 put"; do
+      set -- $t
+      line=$(TOKEN=${token[$v]} wrk -t2 -c"$2" -d"${secs}s" -s "bench/$3.lua" "http://127.0.0.1:${port[$v]}" | grep RESULT)
+      echo "$v $1 c$2 $line" | tee -a "$results" >&2
+    done
+  done
+done
+
+echo
+echo "medians of $rounds rounds, wrk -t2, ${secs}s per run, $(nproc) cores"
+echo "| build | route | conns | req/s | p50 ms | p99 ms |"
+echo "|---|---|---|---|---|---|"
+python3 - "$results" <<'PY'
+import re, statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    v, route, conns, _, *kv = line.split()
+    d = dict(x.split("=") for x in kv)
+    rows.setdefault((v, route, conns), []).append(d)
+med = {}
+for key, ds in rows.items():
+    m = {k: statistics.median(float(d[k]) for d in ds) for k in ("rps", "p50_ms", "p99_ms")}
+    med[key] = m
+    print(f"| {key[0]} | {key[1]} | {key[2]} | {m['rps']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} |")
+print()
+for route, conns in (("PUT", "c64"), ("GET", "c64"), ("PUT", "c20")):
+    s, a, n = (med[(v, route, conns)]["rps"] for v in ("secure", "noaudit", "noauth"))
+    print(f"{route} {conns}: auth+audit cost {100 * (1 - s / n):.1f}%, auth alone {100 * (1 - a / n):.1f}%")
+PY
