@@ -80,13 +80,7 @@ pub(super) async fn audit_list(
 ) -> Result<Json<AuditPage>, AppError> {
     s.authorize(&ctx, &who, "audit.read", "audit", None)?;
     let _permit = s.permit(Class::Security)?;
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > s.limits.max_list {
-        return Err(AppError::invalid_field(
-            "limit",
-            format!("must be between 1 and {}", s.limits.max_list),
-        ));
-    }
+    let limit = s.list_limit(q.limit)?;
     let st = s.clone();
     s.timed(Class::Security, async move {
         let entries = blocking(move || Ok(st.storage.audit.list(q.after, limit)?)).await?;

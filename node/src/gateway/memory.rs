@@ -189,13 +189,7 @@ pub(super) async fn list_values(
 ) -> Result<Json<ListView>, AppError> {
     s.authorize(&ctx, &who, "memory.read", &format!("memory/{ns}"), None)?;
     let _permit = s.permit(Class::Memory)?;
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > s.limits.max_list {
-        return Err(AppError::invalid_field(
-            "limit",
-            format!("must be between 1 and {}", s.limits.max_list),
-        ));
-    }
+    let limit = s.list_limit(q.limit)?;
     let st = s.clone();
     s.timed(Class::Memory, async move {
         let items = blocking(move || {

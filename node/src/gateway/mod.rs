@@ -191,6 +191,18 @@ impl Inner {
             })
     }
 
+    /// The `limit` of a list request: 100 by default, at most `limits.max_list`.
+    pub fn list_limit(&self, asked: Option<usize>) -> Result<usize, AppError> {
+        let limit = asked.unwrap_or(100);
+        if limit == 0 || limit > self.limits.max_list {
+            return Err(AppError::invalid_field(
+                "limit",
+                format!("must be between 1 and {}", self.limits.max_list),
+            ));
+        }
+        Ok(limit)
+    }
+
     /// Run `fut` within the class's response target.
     pub async fn timed<T>(
         &self,
