@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use swarm_config::{HumanDuration, NodeConfig};
 
 use crate::init::{InitOptions, first_node_config, init_cluster, mint};
-use crate::node::{Node, load_signing_key, open_storage};
+use crate::node::{Node, load_signing_key, verify_audit};
 use crate::policy::Policy;
 
 #[derive(Debug, Parser)]
@@ -192,10 +192,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             command: AuditCommand::Verify { config },
         } => {
             let cfg = NodeConfig::load(&config)?;
-            let storage = open_storage(&cfg).context(
+            let report = verify_audit(&cfg).context(
                 "cannot open the store (if the node is running, use GET /v1/audit/verify)",
             )?;
-            let report = storage.audit.verify()?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             if report.ok {
                 eprintln!("audit log intact: {} entries", report.entries);

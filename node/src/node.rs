@@ -112,6 +112,14 @@ pub fn open_storage(cfg: &NodeConfig) -> Result<Storage, NodeError> {
     Ok(Storage::open(&cfg.data_dir(), master, opts)?)
 }
 
+/// Verify a stopped node's audit log without opening (or repairing) anything else.
+pub fn verify_audit(cfg: &NodeConfig) -> Result<swarm_storage::VerifyReport, NodeError> {
+    let master = load_master_key(cfg)?;
+    let engine = swarm_storage::SledEngine::open(&cfg.data_dir().join("sled"))?;
+    let log = swarm_storage::AuditLog::for_verify(Arc::new(engine), &master);
+    Ok(log.verify()?)
+}
+
 /// The `swarm` node.
 #[derive(Debug)]
 pub struct Node;

@@ -94,27 +94,89 @@ pub struct AuditLog {
 
 impl AuditLog {
     /// Open the log, continuing the chain from its stored head.
+    /// Fails closed when the stored head does not match its tag (tampering): use
+    /// [`AuditLog::for_verify`] to inspect such a log.
     pub fn open(engine: Arc<dyn Engine>, master: &SecretKey) -> Result<Self> {
-        let head = match engine.get(META_TREE, HEAD_KEY)? {
-            Some(b) => {
-                let (seq, mac): (u64, [u8; 32]) = postcard::from_bytes(&b)
-                    .map_err(|e| StorageError::Corrupt(format!("audit head: {e}")))?;
-                Head {
-                    next_seq: seq + 1,
-                    last_mac: mac,
-                }
-            }
+        let log = Self::for_verify(engine, master);
+        let mut head = match log.read_head()? {
+            Some((seq, mac)) => Head {
+                next_seq: seq + 1,
+                last_mac: mac,
+            },
             None => Head {
                 next_seq: 1,
                 last_mac: [0; 32],
             },
         };
-        Ok(Self {
+        // A crash between a block's write and its head's write leaves blocks past the head.
+        // Extend the head over them when their links check out; anything else is left for
+        // `verify` to report.
+        let recorded = head.next_seq;
+        let after = (head.next_seq - 1).to_be_bytes();
+        'blocks: for (_, v) in log.engine.scan(AUDIT_TREE, b"", Some(&after), usize::MAX)? {
+            let Ok(block) = decode_audit_block(&v) else {
+                break;
+            };
+            for rec in block.records {
+                if rec.seq != head.next_seq
+                    || rec.prev != head.last_mac
+                    || rec.mac != log.link_mac(rec.seq, &rec.prev, &rec.sealed)
+                {
+                    break 'blocks;
+                }
+                head.next_seq += 1;
+                head.last_mac = rec.mac;
+            }
+        }
+        if head.next_seq != recorded {
+            log.write_head(head.next_seq - 1, &head.last_mac)?;
+        }
+        if let Ok(mut h) = log.head.lock() {
+            *h = head;
+        }
+        Ok(log)
+    }
+
+    /// A log for [`AuditLog::verify`] and [`AuditLog::list`] only: it neither reads nor repairs the
+    /// head, so it opens whatever state the log is in. Do not append through it.
+    pub fn for_verify(engine: Arc<dyn Engine>, master: &SecretKey) -> Self {
+        Self {
             engine,
             seal_key: master.derive("audit-seal"),
             mac_key: master.derive("audit-mac"),
-            head: Mutex::new(head),
-        })
+            head: Mutex::new(Head {
+                next_seq: 1,
+                last_mac: [0; 32],
+            }),
+        }
+    }
+
+    /// The stored head `(last seq, its mac)`, checked against its tag.
+    fn read_head(&self) -> Result<Option<(u64, [u8; 32])>> {
+        let Some(b) = self.engine.get(META_TREE, HEAD_KEY)? else {
+            return Ok(None);
+        };
+        let (seq, mac, tag): (u64, [u8; 32], [u8; 32]) = postcard::from_bytes(&b)
+            .map_err(|e| StorageError::Corrupt(format!("audit head: {e}")))?;
+        if tag != self.head_tag(seq, &mac) {
+            return Err(StorageError::Corrupt("audit head fails its tag".into()));
+        }
+        Ok(Some((seq, mac)))
+    }
+
+    fn write_head(&self, seq: u64, mac: &[u8; 32]) -> Result<()> {
+        let bytes = postcard::to_stdvec(&(seq, *mac, self.head_tag(seq, mac)))
+            .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        self.engine.put(META_TREE, HEAD_KEY, &bytes)
+    }
+
+    fn head_tag(&self, seq: u64, last: &[u8; 32]) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.mac_key.bytes())
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        mac.update(b"swarm-audit-head-v1");
+        mac.update(&seq.to_be_bytes());
+        mac.update(last);
+        mac.finalize().into_bytes().into()
     }
 
     /// Append an event; returns its sequence number. Durable after the engine's next `sync`.
@@ -148,10 +210,7 @@ impl AuditLog {
             let block = postcard::to_stdvec(&AuditBlock { records })
                 .map_err(|e| StorageError::Corrupt(e.to_string()))?;
             self.engine.put(AUDIT_TREE, &first.to_be_bytes(), &block)?;
-            let last = seq - 1;
-            let head_bytes = postcard::to_stdvec(&(last, prev))
-                .map_err(|e| StorageError::Corrupt(e.to_string()))?;
-            self.engine.put(META_TREE, HEAD_KEY, &head_bytes)?;
+            self.write_head(seq - 1, &prev)?;
             head.next_seq = seq;
             head.last_mac = prev;
         }
@@ -196,6 +255,9 @@ impl AuditLog {
 
     /// Walk the whole chain and report the first broken link.
     pub fn verify(&self) -> Result<VerifyReport> {
+        let head = self.read_head();
+        let head_seq = head.as_ref().ok().and_then(|h| h.map(|(seq, _)| seq));
+        let mut mac_at_head = None;
         let mut prev = [0u8; 32];
         let mut expected_seq = 1u64;
         let mut cursor: Option<Vec<u8>> = None;
@@ -248,25 +310,37 @@ impl AuditLog {
                             n,
                         ));
                     }
+                    if Some(rec.seq) == head_seq {
+                        mac_at_head = Some(rec.mac);
+                    }
                     prev = rec.mac;
                     expected_seq += 1;
                 }
             }
         }
         let entries = expected_seq - 1;
-        let head = self.engine.get(META_TREE, HEAD_KEY)?;
-        if let Some(h) = head {
-            let (seq, mac): (u64, [u8; 32]) = postcard::from_bytes(&h)
-                .map_err(|e| StorageError::Corrupt(format!("audit head: {e}")))?;
-            if seq != entries || mac != prev {
-                return Ok(broken(
-                    entries + 1,
-                    format!("head says {seq} entries, chain has {entries}: entries missing"),
-                    entries,
-                ));
+        match head {
+            Err(e) => return Ok(broken(entries, e.to_string(), entries)),
+            Ok(Some((seq, mac))) => {
+                if seq > entries {
+                    return Ok(broken(
+                        entries + 1,
+                        format!("head says {seq} entries, chain has {entries}: entries missing"),
+                        entries,
+                    ));
+                }
+                if seq > 0 && mac_at_head != Some(mac) {
+                    return Ok(broken(
+                        seq,
+                        "entry differs from the recorded head".into(),
+                        entries,
+                    ));
+                }
             }
-        } else if entries > 0 {
-            return Ok(broken(1, "audit head missing".into(), entries));
+            Ok(None) if entries > 0 => {
+                return Ok(broken(1, "audit head missing".into(), entries));
+            }
+            Ok(None) => {}
         }
         Ok(VerifyReport {
             ok: true,
@@ -373,6 +447,43 @@ mod tests {
             .expect("put");
         let r = log.verify().expect("verify");
         assert_eq!(r.first_broken, Some(10), "{r:?}");
+    }
+
+    #[test]
+    fn crash_between_block_and_head_is_repaired_not_reported() {
+        let (engine, master, log) = log_with(3);
+        let head_after_3 = engine.get(META_TREE, HEAD_KEY).expect("get").expect("head");
+        log.append(&event(4)).expect("append");
+        log.append(&event(5)).expect("append");
+        // The blocks of 4 and 5 reached the disk, their head writes did not.
+        engine.put(META_TREE, HEAD_KEY, &head_after_3).expect("put");
+        assert!(
+            log.verify().expect("verify").ok,
+            "a lagging head is not tampering"
+        );
+        let reopened = AuditLog::open(engine.clone(), &master).expect("reopen");
+        assert_eq!(reopened.append(&event(6)).expect("append"), 6);
+        let r = reopened.verify().expect("verify");
+        assert!(r.ok && r.entries == 6, "{r:?}");
+    }
+
+    #[test]
+    fn forged_head_is_reported() {
+        let (engine, _, log) = log_with(4);
+        // Point the head at entry 2 with entry 2's mac but no valid tag: truncation cover-up.
+        let block = decode_audit_block(
+            &engine
+                .get(AUDIT_TREE, &2u64.to_be_bytes())
+                .expect("get")
+                .expect("2"),
+        )
+        .expect("decode");
+        let forged = postcard::to_stdvec(&(2u64, block.records[0].mac, [0u8; 32])).expect("encode");
+        engine.put(META_TREE, HEAD_KEY, &forged).expect("put");
+        assert!(!log.verify().expect("verify").ok);
+        // The node refuses to open it; the verifier still reports it.
+        let master = SecretKey::generate();
+        assert!(AuditLog::open(engine.clone(), &master).is_err());
     }
 
     #[test]
