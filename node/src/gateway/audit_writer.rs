@@ -1,24 +1,33 @@
-//! Off-request audit appends: a thread that appends audit events in batches.
+//! The audit writer: a thread that appends audit events in batches, and commits state changes.
 //!
-//! Requests hand their event over a bounded channel and go on; the thread drains up to
-//! [`BATCH`] events at a time, appends them under one lock, then pauses [`PAUSE`] so the next batch
-//! gathers (one wake-up per pause, not one per request). When the
-//! channel is full the request appends synchronously instead: back-pressure, never a dropped
-//! entry, never an unbounded queue. State changes do not come here: their entry is appended
-//! before the group-commit sync that acknowledges them (`Inner::commit_blocking`).
+//! Two kinds of event arrive over one bounded channel:
+//! - *queued* events (reads, refusals): the request hands them over and goes on. When the channel
+//!   is full the request appends in place instead: back-pressure, never a dropped entry, never an
+//!   unbounded queue.
+//! - *durable* events (state changes): the request has already written its data; it waits until
+//!   the writer has appended its entry and synced the store, then acknowledges. Every durable
+//!   event of a batch shares that one append and one fsync (group commit).
+//!
+//! Each batch takes up to [`BATCH`] events. After a batch with no durable event the thread parks
+//! for up to [`PAUSE`] so that the next batch gathers (one wake-up per pause instead of one per
+//! request); a durable submission unparks it at once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::thread::Thread;
 
-use swarm_storage::{AuditEvent, AuditLog, StorageError};
+use swarm_storage::{AuditEvent, AuditLog, Engine, StorageError};
 
 const CAPACITY: usize = 8192;
 const BATCH: usize = 512;
 const PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
 
+type Ack = SyncSender<Result<(), String>>;
+
 enum Msg {
-    Event(AuditEvent),
+    Queued(AuditEvent),
+    Durable(AuditEvent, Ack),
     /// Reply once everything sent before has been appended.
     Flush(SyncSender<()>),
 }
@@ -26,7 +35,9 @@ enum Msg {
 /// Handle to the audit writer thread.
 pub(super) struct AuditWriter {
     log: Arc<AuditLog>,
+    engine: Arc<dyn Engine>,
     tx: SyncSender<Msg>,
+    thread: Thread,
 }
 
 impl std::fmt::Debug for AuditWriter {
@@ -37,23 +48,50 @@ impl std::fmt::Debug for AuditWriter {
 
 impl AuditWriter {
     /// Start the writer thread; `failures` counts events that could not be appended.
-    pub(super) fn spawn(log: Arc<AuditLog>, failures: Arc<AtomicU64>) -> std::io::Result<Self> {
+    pub(super) fn spawn(
+        log: Arc<AuditLog>,
+        engine: Arc<dyn Engine>,
+        failures: Arc<AtomicU64>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(CAPACITY);
-        let l = log.clone();
-        std::thread::Builder::new()
+        let (l, e) = (log.clone(), engine.clone());
+        let handle = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run(rx, &l, &failures))?;
-        Ok(Self { log, tx })
+            .spawn(move || run(rx, &l, e.as_ref(), &failures))?;
+        Ok(Self {
+            log,
+            engine,
+            tx,
+            thread: handle.thread().clone(),
+        })
     }
 
     /// Queue an event; append it here and now when the queue is full.
     pub(super) fn submit(&self, event: AuditEvent) -> Result<(), StorageError> {
-        match self.tx.try_send(Msg::Event(event)) {
+        match self.tx.try_send(Msg::Queued(event)) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(Msg::Event(e)) | TrySendError::Disconnected(Msg::Event(e))) => {
-                self.log.append(&e).map(|_| ())
-            }
+            Err(
+                TrySendError::Full(Msg::Queued(e)) | TrySendError::Disconnected(Msg::Queued(e)),
+            ) => self.log.append(&e).map(|_| ()),
             Err(_) => Ok(()),
+        }
+    }
+
+    /// Append `event` and make it, and every write made before this call, durable. Blocking
+    /// (waits for room in the queue, then for the batch's fsync): call off the async workers.
+    pub(super) fn commit(&self, event: AuditEvent) -> Result<(), StorageError> {
+        let (ack, done) = sync_channel(1);
+        if let Err(e) = self.tx.send(Msg::Durable(event, ack)) {
+            // The writer is gone: do it here.
+            if let Msg::Durable(event, _) = e.0 {
+                self.log.append(&event)?;
+            }
+            return self.engine.sync();
+        }
+        self.thread.unpark();
+        match done.recv() {
+            Ok(r) => r.map_err(StorageError::Engine),
+            Err(_) => Err(StorageError::Engine("audit writer stopped".into())),
         }
     }
 
@@ -61,37 +99,56 @@ impl AuditWriter {
     pub(super) fn flush(&self) {
         let (tx, rx) = sync_channel(1);
         if self.tx.send(Msg::Flush(tx)).is_ok() {
+            self.thread.unpark();
             let _ = rx.recv();
         }
     }
 }
 
-fn run(rx: Receiver<Msg>, log: &AuditLog, failures: &AtomicU64) {
+fn run(rx: Receiver<Msg>, log: &AuditLog, engine: &dyn Engine, failures: &AtomicU64) {
     let mut batch = Vec::with_capacity(BATCH);
-    let mut waiters = Vec::new();
+    let mut acks: Vec<Ack> = Vec::new();
+    let mut flushes = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Event(e) => batch.push(e),
-                Msg::Flush(w) => waiters.push(w),
+                Msg::Queued(e) => batch.push(e),
+                Msg::Durable(e, ack) => {
+                    batch.push(e);
+                    acks.push(ack);
+                }
+                Msg::Flush(w) => flushes.push(w),
             }
             if batch.len() < BATCH {
                 next = rx.try_recv().ok();
             }
         }
-        if !batch.is_empty() {
-            if let Err(e) = log.append_many(&batch) {
-                tracing::error!(error = %e, lost = batch.len(), "audit append failed");
-                failures.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            }
-            batch.clear();
+        let appended = if batch.is_empty() {
+            Ok(())
+        } else {
+            log.append_many(&batch).map(|_| ())
+        };
+        if let Err(e) = &appended {
+            tracing::error!(error = %e, lost = batch.len(), "audit append failed");
+            failures.fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
-        for w in waiters.drain(..) {
+        batch.clear();
+        let durable = !acks.is_empty();
+        if durable {
+            let result = appended
+                .and_then(|()| engine.sync())
+                .map_err(|e| e.to_string());
+            for ack in acks.drain(..) {
+                let _ = ack.send(result.clone());
+            }
+        }
+        for w in flushes.drain(..) {
             let _ = w.send(());
         }
-        // Let the next batch gather: one wake-up per PAUSE instead of one per request.
-        std::thread::sleep(PAUSE);
+        if !durable {
+            std::thread::park_timeout(PAUSE);
+        }
     }
 }
 
@@ -100,26 +157,33 @@ mod tests {
     use super::*;
     use swarm_storage::{MemEngine, SecretKey};
 
-    #[test]
-    fn everything_submitted_is_appended_in_order() {
-        let log = Arc::new(
-            AuditLog::open(Arc::new(MemEngine::new()), &SecretKey::generate()).expect("log"),
-        );
+    fn event(i: u64) -> AuditEvent {
+        AuditEvent {
+            ts_ms: i,
+            node: "n".into(),
+            request_id: i.to_string(),
+            actor: "a".into(),
+            action: "x.read".into(),
+            resource: "r".into(),
+            outcome: "ok".into(),
+            status: 200,
+            code: None,
+        }
+    }
+
+    fn writer() -> (Arc<AuditLog>, Arc<AtomicU64>, AuditWriter) {
+        let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
+        let log = Arc::new(AuditLog::open(engine.clone(), &SecretKey::generate()).expect("log"));
         let failures = Arc::new(AtomicU64::new(0));
-        let w = AuditWriter::spawn(log.clone(), failures.clone()).expect("spawn");
+        let w = AuditWriter::spawn(log.clone(), engine, failures.clone()).expect("spawn");
+        (log, failures, w)
+    }
+
+    #[test]
+    fn everything_submitted_is_appended() {
+        let (log, failures, w) = writer();
         for i in 0..20_000u64 {
-            w.submit(AuditEvent {
-                ts_ms: i,
-                node: "n".into(),
-                request_id: i.to_string(),
-                actor: "a".into(),
-                action: "x.read".into(),
-                resource: "r".into(),
-                outcome: "ok".into(),
-                status: 200,
-                code: None,
-            })
-            .expect("submit");
+            w.submit(event(i)).expect("submit");
         }
         w.flush();
         let r = log.verify().expect("verify");
@@ -134,5 +198,26 @@ mod tests {
         seen.sort_unstable();
         assert_eq!(seen, (0..20_000).collect::<Vec<_>>());
         assert_eq!(failures.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn commit_returns_after_its_entry_is_appended() {
+        let (log, _, w) = writer();
+        let w = Arc::new(w);
+        let threads: Vec<_> = (0..8u64)
+            .map(|t| {
+                let w = w.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        w.commit(event(t * 1000 + i)).expect("commit");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("join");
+        }
+        // Every commit has returned, so every entry is in the log without a flush.
+        assert_eq!(log.verify().expect("verify").entries, 400);
     }
 }

@@ -107,8 +107,11 @@ pub struct GatewayParts {
 impl Inner {
     pub fn new(p: GatewayParts) -> std::io::Result<AppState> {
         let metrics = Metrics::default();
-        let audit_writer =
-            AuditWriter::spawn(p.storage.audit.clone(), metrics.audit_failures.clone())?;
+        let audit_writer = AuditWriter::spawn(
+            p.storage.audit.clone(),
+            p.storage.engine.clone(),
+            metrics.audit_failures.clone(),
+        )?;
         let perf = &p.swarm.performance;
         let bh = |n: u32, t: swarm_config::HumanDuration| Bulkhead {
             sem: Arc::new(Semaphore::new(n as usize)),
@@ -219,18 +222,19 @@ impl Inner {
         }
     }
 
-    /// After a state change: append its audit entry and make both durable with one sync.
-    /// Blocking: call from `spawn_blocking`.
+    /// After a state change: append its audit entry and make both durable with one sync (shared
+    /// with every other commit of the audit writer's batch). Blocking: call from `spawn_blocking`.
     pub fn commit_blocking(&self, ctx: &AuditCtx, status: u16) -> Result<(), AppError> {
-        if self.audited {
-            let event = ctx.event(&self.node, "ok", status, None);
-            self.storage.audit.append(&event)?;
-            ctx.mark_audited();
-            self.metrics
-                .audit_entries
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !self.audited {
+            self.storage.sync()?;
+            return Ok(());
         }
-        self.storage.sync()?;
+        let event = ctx.event(&self.node, "ok", status, None);
+        self.audit_writer.commit(event)?;
+        ctx.mark_audited();
+        self.metrics
+            .audit_entries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }
