@@ -1,10 +1,19 @@
-//! Cluster membership for swarm (filled by the cluster issue): the QUIC endpoint with mutual TLS
-//! from the cluster CA, foca SWIM driven sans-IO over QUIC datagrams, and node metadata.
+//! Cluster membership for swarm.
 //!
-//! Today it holds the node metadata that gossip will carry, so the gateway and later crates share
-//! one definition.
+//! - `transport`: the QUIC endpoint (quinn + rustls, ring provider passed explicitly) with mutual
+//!   TLS 1.3 against the cluster CA written by `swarm init`. A peer's identity is the node name in
+//!   its certificate; connections from another CA, or to a peer whose certificate names another
+//!   node, are refused.
+//! - Node metadata and member states ([`NodeMeta`], [`MemberState`]), which gossip will carry.
+//!
+//! SWIM membership over foca, the member view and the simulator come with the rest of the
+//! cluster issue.
+
+mod transport;
 
 use serde::{Deserialize, Serialize};
+
+pub use transport::{ALPN, Endpoint, PeerConnection, TlsIdentity, TransportError, cert_name};
 
 /// What a node tells its peers about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -31,16 +31,34 @@ struct CommitState {
     flushing: bool,
 }
 
+fn is_lock_error(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock")
+}
+
 fn poisoned() -> StorageError {
     StorageError::Engine("sled engine lock poisoned".into())
 }
 
 impl SledEngine {
+    /// Open (or create) the database at `path`. While another handle still holds the file lock
+    /// (a process that is exiting, or a handle whose background flusher has not stopped yet), it
+    /// retries for up to three seconds before giving up.
     pub fn open(path: &Path) -> Result<Self> {
-        let db = sled::Config::new()
-            .path(path)
-            .flush_every_ms(Some(500))
-            .open()?;
+        let mut tries = 0;
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                .flush_every_ms(Some(500))
+                .open()
+            {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e)) if is_lock_error(&e) && tries < 30 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         Ok(Self {
             db,
             trees: RwLock::new(HashMap::new()),
