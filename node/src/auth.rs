@@ -352,6 +352,18 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// API key records read back from disk: garbage is an error, never a panic or a principal.
+        #[test]
+        fn garbage_api_key_records_are_errors(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let (_, a) = setup();
+            a.engine.put(trees::API_KEYS, b"0123456789abcdef", &bytes).expect("put");
+            let looked_up = a.get_api_key("0123456789abcdef");
+            proptest::prop_assert!(looked_up.is_err() || looked_up.is_ok_and(|r| r.is_some()));
+            proptest::prop_assert!(a.authenticate(None, Some("swk_0123456789abcdef_secret"), 1).is_err());
+        }
+    }
+
     #[test]
     fn api_keys_hashed_expiring_revocable() {
         let (_, a) = setup();

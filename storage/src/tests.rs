@@ -389,3 +389,19 @@ proptest! {
         prop_assert_eq!(s.memory.get("ns", &key, 1).expect("get").expect("some").value_json, json);
     }
 }
+
+proptest! {
+    /// Wrapped data keys and the audit head read back from disk: garbage is an error, not a panic.
+    #[test]
+    fn garbage_keys_and_heads_are_errors(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
+        engine.put(trees::KEYS, b"subject:alice", &bytes).expect("put");
+        let ring = Keyring::new(SecretKey::generate(), engine.clone());
+        prop_assert!(ring.get(&KeyId::Subject("alice".into())).is_err());
+        engine.put("meta", b"audit_head", &bytes).expect("put");
+        let master = SecretKey::generate();
+        prop_assert!(AuditLog::open(engine.clone(), &master).is_err());
+        let report = AuditLog::for_verify(engine, &master).verify();
+        prop_assert!(report.is_ok_and(|r| !r.ok));
+    }
+}
