@@ -171,6 +171,9 @@ pub struct LimitsConfig {
     /// Most items a list request returns.
     #[serde(default = "default_max_list")]
     pub max_list: usize,
+    /// Decrypted values kept in memory for hot reads (0: off). Erasing a subject drops its own.
+    #[serde(default = "default_read_cache")]
+    pub read_cache_entries: usize,
 }
 
 impl Default for LimitsConfig {
@@ -180,6 +183,7 @@ impl Default for LimitsConfig {
             max_name_len: default_max_name(),
             max_namespace_entries: default_max_entries(),
             max_list: default_max_list(),
+            read_cache_entries: default_read_cache(),
         }
     }
 }
@@ -195,6 +199,9 @@ fn default_max_entries() -> usize {
 }
 fn default_max_list() -> usize {
     1000
+}
+fn default_read_cache() -> usize {
+    10_000
 }
 
 impl NodeConfig {

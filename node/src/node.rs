@@ -108,6 +108,7 @@ pub fn open_storage(cfg: &NodeConfig) -> Result<Storage, NodeError> {
         max_value_bytes: cfg.limits.max_value_bytes,
         max_name_len: cfg.limits.max_name_len,
         max_namespace_entries: cfg.limits.max_namespace_entries,
+        read_cache_entries: cfg.limits.read_cache_entries,
     };
     Ok(Storage::open(&cfg.data_dir(), master, opts)?)
 }

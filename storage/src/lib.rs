@@ -18,6 +18,7 @@ mod engine;
 mod error;
 mod hlc;
 mod memory;
+mod plain_cache;
 mod sled_engine;
 
 use std::path::Path;

@@ -10,9 +10,12 @@ use crate::crypto::{self, KeyId, Keyring, Sealed};
 use crate::engine::Engine;
 use crate::error::{Result, StorageError};
 use crate::hlc::HlcClock;
+use crate::plain_cache::PlainCache;
 
 pub(crate) const MEMORY_TREE: &str = "memory";
 const LOCK_STRIPES: usize = 64;
+/// Most bytes of decrypted values the read cache holds.
+const READ_CACHE_BYTES: usize = 64 << 20;
 
 /// The kinds of agent memory, each with its default lifetime.
 #[derive(
@@ -54,7 +57,7 @@ pub type StoredRecord = Versioned<StoredValue>;
 
 /// The plaintext inside [`StoredValue::sealed`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Plain {
+pub(crate) struct Plain {
     /// The value as JSON text.
     value: String,
     tags: Vec<String>,
@@ -100,6 +103,8 @@ pub struct MemoryLimits {
     pub max_value_bytes: usize,
     pub max_name_len: usize,
     pub max_namespace_entries: usize,
+    /// Decrypted values kept in memory for hot reads; 0 turns the cache off.
+    pub read_cache_entries: usize,
 }
 
 impl Default for MemoryLimits {
@@ -108,6 +113,7 @@ impl Default for MemoryLimits {
             max_value_bytes: 256 * 1024,
             max_name_len: 128,
             max_namespace_entries: 1_000_000,
+            read_cache_entries: 10_000,
         }
     }
 }
@@ -123,6 +129,7 @@ pub struct MemoryStore {
     protection: Protection,
     stripes: Vec<Mutex<()>>,
     counts: Mutex<HashMap<String, usize>>,
+    cache: PlainCache<Plain>,
 }
 
 impl MemoryStore {
@@ -139,10 +146,17 @@ impl MemoryStore {
             keyring,
             clock,
             origin,
-            limits,
             protection,
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             counts: Mutex::new(HashMap::new()),
+            cache: PlainCache::new(
+                match protection {
+                    Protection::Encrypted => limits.read_cache_entries,
+                    Protection::PlaintextForBenchmarks => 0,
+                },
+                READ_CACHE_BYTES,
+            ),
+            limits,
         }
     }
 
@@ -259,6 +273,7 @@ impl MemoryStore {
             expires_at: None,
         };
         self.write_record(&rkey, &cur.merge(&tomb))?;
+        self.cache.remove(&rkey);
         Ok(was_live)
     }
 
@@ -309,8 +324,10 @@ impl MemoryStore {
     /// Crypto-shred a subject: its key is destroyed and its values can no longer be read.
     pub fn erase_subject(&self, subject: &str, now_ms: u64) -> Result<bool> {
         validate_name("subject", subject, self.limits.max_name_len)?;
-        self.keyring
-            .destroy(&KeyId::Subject(subject.to_string()), now_ms)
+        let id = KeyId::Subject(subject.to_string());
+        let existed = self.keyring.destroy(&id, now_ms)?;
+        self.cache.purge(&id);
+        Ok(existed)
     }
 
     /// The raw stored record (for replication and tests).
@@ -322,20 +339,39 @@ impl MemoryStore {
         let Some(stored) = rec.value else {
             return Err(StorageError::Corrupt("tombstone has no value".into()));
         };
-        let plain = match self.protection {
-            Protection::Encrypted => {
-                let data_key = self.keyring.get(&stored.key_id)?;
-                let aad = value_aad(ns, key, &rec.version, &stored.key_id);
-                crypto::open(&data_key, &aad, &stored.sealed, "memory value")?
+        let rkey = record_key(ns, key);
+        let plain = match self.cache.get(&rkey, &rec.version) {
+            Some(p) => p,
+            None => {
+                let epoch = self.cache.epoch();
+                let bytes = match self.protection {
+                    Protection::Encrypted => {
+                        let data_key = self.keyring.get(&stored.key_id)?;
+                        let aad = value_aad(ns, key, &rec.version, &stored.key_id);
+                        crypto::open(&data_key, &aad, &stored.sealed, "memory value")?
+                    }
+                    Protection::PlaintextForBenchmarks => stored.sealed.ct,
+                };
+                let size = bytes.len();
+                let plain: Arc<Plain> = Arc::new(
+                    serde_json::from_slice(&bytes)
+                        .map_err(|e| StorageError::Corrupt(format!("{ns}/{key}: {e}")))?,
+                );
+                self.cache.insert(
+                    epoch,
+                    rkey,
+                    rec.version.clone(),
+                    stored.key_id.clone(),
+                    plain.clone(),
+                    size,
+                );
+                plain
             }
-            Protection::PlaintextForBenchmarks => stored.sealed.ct,
         };
-        let plain: Plain = serde_json::from_slice(&plain)
-            .map_err(|e| StorageError::Corrupt(format!("{ns}/{key}: {e}")))?;
         Ok(MemoryItem {
             namespace: ns.to_string(),
             key: key.to_string(),
-            value_json: plain.value,
+            value_json: plain.value.clone(),
             version: rec.version,
             memory_type: stored.memory_type,
             expires_at: rec.expires_at,
@@ -343,7 +379,7 @@ impl MemoryStore {
                 KeyId::Subject(s) => Some(s),
                 KeyId::Namespace(_) => None,
             },
-            tags: plain.tags,
+            tags: plain.tags.clone(),
         })
     }
 

@@ -170,6 +170,14 @@ fn erased_subject_cannot_be_read_or_written() {
     .expect("open");
     put(&s, "ns", "alice-1", "\"secret\"", Some("alice"));
     put(&s, "ns", "bob-1", "\"fine\"", Some("bob"));
+    // Read first, so the decrypted value sits in the read cache: the erase must drop it.
+    assert!(s.memory.get("ns", "alice-1", 1_500).expect("get").is_some());
+    assert!(
+        s.memory
+            .get("ns", "alice-1", 1_500)
+            .expect("cached get")
+            .is_some()
+    );
     assert!(s.memory.erase_subject("alice", 2_000).expect("erase"));
     let e = s.memory.get("ns", "alice-1", 2_000).expect_err("erased");
     assert_eq!(e.kind(), "subject_erased");
@@ -247,6 +255,7 @@ fn limits_are_enforced() {
         max_value_bytes: 10,
         max_name_len: 8,
         max_namespace_entries: 2,
+        ..Default::default()
     };
     let s = Storage::with_engine(Arc::new(MemEngine::new()), SecretKey::generate(), opts)
         .expect("open");
