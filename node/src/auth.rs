@@ -108,15 +108,10 @@ impl Authenticator {
     /// Load the revocation list from the store.
     pub fn new(verifier: Verifier, engine: Arc<dyn Engine>) -> Result<Self, StorageError> {
         let mut revoked = HashSet::new();
-        let mut cursor: Option<Vec<u8>> = None;
-        loop {
-            let batch = engine.scan(trees::REVOKED, b"", cursor.as_deref(), 1024)?;
-            let Some((last, _)) = batch.last() else { break };
-            cursor = Some(last.clone());
-            for (k, _) in batch {
-                revoked.insert(String::from_utf8_lossy(&k).into_owned());
-            }
-        }
+        engine.for_each(trees::REVOKED, b"", None, 1024, &mut |k, _| {
+            revoked.insert(String::from_utf8_lossy(&k).into_owned());
+            Ok(true)
+        })?;
         Ok(Self {
             verifier: Arc::new(verifier),
             engine,

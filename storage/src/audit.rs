@@ -221,15 +221,13 @@ impl AuditLog {
     pub fn list(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>> {
         // The block holding `after_seq + 1` starts at most MAX_BLOCK - 1 entries earlier.
         let from = after_seq.saturating_sub(MAX_BLOCK as u64).to_be_bytes();
-        let mut cursor = (after_seq >= MAX_BLOCK as u64).then_some(from.to_vec());
+        let start = (after_seq >= MAX_BLOCK as u64).then_some(&from[..]);
         let mut out = Vec::new();
-        while out.len() < limit {
-            let batch = self.engine.scan(AUDIT_TREE, b"", cursor.as_deref(), 16)?;
-            let Some((last, _)) = batch.last() else {
-                break;
-            };
-            cursor = Some(last.clone());
-            for (_, v) in batch {
+        if limit == 0 {
+            return Ok(out);
+        }
+        self.engine
+            .for_each(AUDIT_TREE, b"", start, 16, &mut |_, v| {
                 for rec in decode_audit_block(&v)?.records {
                     if rec.seq <= after_seq || out.len() >= limit {
                         continue;
@@ -248,8 +246,8 @@ impl AuditLog {
                         event,
                     });
                 }
-            }
-        }
+                Ok(out.len() < limit)
+            })?;
         Ok(out)
     }
 
@@ -260,55 +258,52 @@ impl AuditLog {
         let mut mac_at_head = None;
         let mut prev = [0u8; 32];
         let mut expected_seq = 1u64;
-        let mut cursor: Option<Vec<u8>> = None;
         let broken = |seq: u64, reason: String, entries: u64| VerifyReport {
             ok: false,
             entries,
             first_broken: Some(seq),
             reason: Some(reason),
         };
-        loop {
-            let batch = self.engine.scan(AUDIT_TREE, b"", cursor.as_deref(), 1024)?;
-            let Some((last, _)) = batch.last() else {
-                break;
-            };
-            cursor = Some(last.clone());
-            for (k, v) in batch {
+        let mut found = None;
+        self.engine
+            .for_each(AUDIT_TREE, b"", None, 1024, &mut |k, v| {
                 let n = expected_seq - 1;
                 let block = match decode_audit_block(&v) {
                     Ok(b) if !b.records.is_empty() => b,
-                    Ok(_) => return Ok(broken(expected_seq, "empty block".into(), n)),
-                    Err(e) => return Ok(broken(expected_seq, e.to_string(), n)),
+                    Ok(_) => {
+                        found = Some(broken(expected_seq, "empty block".into(), n));
+                        return Ok(false);
+                    }
+                    Err(e) => {
+                        found = Some(broken(expected_seq, e.to_string(), n));
+                        return Ok(false);
+                    }
                 };
                 if k != block.records[0].seq.to_be_bytes() {
-                    return Ok(broken(
+                    found = Some(broken(
                         expected_seq,
                         "block stored under the wrong key".into(),
                         n,
                     ));
+                    return Ok(false);
                 }
                 for rec in block.records {
                     let n = expected_seq - 1;
-                    if rec.seq != expected_seq {
-                        return Ok(broken(
+                    let problem = if rec.seq != expected_seq {
+                        Some((
                             expected_seq,
                             format!("entry {} found where {expected_seq} was expected", rec.seq),
-                            n,
-                        ));
-                    }
-                    if rec.prev != prev {
-                        return Ok(broken(
-                            rec.seq,
-                            "link to the previous entry differs".into(),
-                            n,
-                        ));
-                    }
-                    if rec.mac != self.link_mac(rec.seq, &prev, &rec.sealed) {
-                        return Ok(broken(
-                            rec.seq,
-                            "entry content does not match its hash".into(),
-                            n,
-                        ));
+                        ))
+                    } else if rec.prev != prev {
+                        Some((rec.seq, "link to the previous entry differs".into()))
+                    } else if rec.mac != self.link_mac(rec.seq, &prev, &rec.sealed) {
+                        Some((rec.seq, "entry content does not match its hash".into()))
+                    } else {
+                        None
+                    };
+                    if let Some((seq, reason)) = problem {
+                        found = Some(broken(seq, reason, n));
+                        return Ok(false);
                     }
                     if Some(rec.seq) == head_seq {
                         mac_at_head = Some(rec.mac);
@@ -316,7 +311,10 @@ impl AuditLog {
                     prev = rec.mac;
                     expected_seq += 1;
                 }
-            }
+                Ok(true)
+            })?;
+        if let Some(report) = found {
+            return Ok(report);
         }
         let entries = expected_seq - 1;
         match head {

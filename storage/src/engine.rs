@@ -16,6 +16,30 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     fn remove(&self, tree: &str, key: &[u8]) -> Result<()>;
     /// Up to `limit` pairs whose key starts with `prefix` and is strictly greater than `after`.
     fn scan(&self, tree: &str, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Pairs>;
+    /// Visit, in key order, the pairs whose key starts with `prefix` and is greater than `after`,
+    /// fetching `page` pairs at a time, until `f` returns `Ok(false)` or an error.
+    fn for_each(
+        &self,
+        tree: &str,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        page: usize,
+        f: &mut dyn FnMut(Vec<u8>, Vec<u8>) -> Result<bool>,
+    ) -> Result<()> {
+        let mut cursor = after.map(<[u8]>::to_vec);
+        loop {
+            let batch = self.scan(tree, prefix, cursor.as_deref(), page)?;
+            let Some((last, _)) = batch.last() else {
+                return Ok(());
+            };
+            cursor = Some(last.clone());
+            for (k, v) in batch {
+                if !f(k, v)? {
+                    return Ok(());
+                }
+            }
+        }
+    }
     /// The pair with the greatest key.
     fn last(&self, tree: &str) -> Result<Option<(Vec<u8>, Vec<u8>)>>;
     /// Make every write that returned before this call durable.
@@ -148,6 +172,20 @@ pub(crate) mod suite {
         let (k, _) = e.last("s").expect("last").expect("some");
         assert_eq!(k, b"q/a");
         assert_eq!(e.last("nothing").expect("last"), None);
+        let mut seen = Vec::new();
+        e.for_each("s", b"p/", Some(b"p/a"), 1, &mut |k, _| {
+            seen.push(k);
+            Ok(true)
+        })
+        .expect("for_each");
+        assert_eq!(seen, [b"p/b".to_vec(), b"p/c".to_vec()]);
+        let mut n = 0;
+        e.for_each("s", b"", None, 2, &mut |_, _| {
+            n += 1;
+            Ok(n < 3)
+        })
+        .expect("for_each stops");
+        assert_eq!(n, 3);
     }
 
     fn trees_are_separate(e: &dyn Engine) {

@@ -247,8 +247,9 @@ impl MemoryStore {
     pub fn get(&self, ns: &str, key: &str, now_ms: u64) -> Result<Option<MemoryItem>> {
         validate_name("namespace", ns, self.limits.max_name_len)?;
         validate_name("key", key, self.limits.max_name_len)?;
-        match self.read_record(&record_key(ns, key))? {
-            Some(rec) if rec.is_live(now_ms) => self.decode_item(ns, key, rec).map(Some),
+        let rkey = record_key(ns, key);
+        match self.read_record(&rkey)? {
+            Some(rec) if rec.is_live(now_ms) => self.decode_item(ns, key, rkey, rec).map(Some),
             _ => Ok(None),
         }
     }
@@ -292,32 +293,29 @@ impl MemoryStore {
             validate_prefix(prefix, self.limits.max_name_len)?;
         }
         let scan_prefix = record_key(ns, prefix);
-        let mut cursor = after.map(|a| record_key(ns, a));
+        let after = after.map(|a| record_key(ns, a));
         let mut out = Vec::new();
-        while out.len() < limit {
-            let batch = self
-                .engine
-                .scan(MEMORY_TREE, &scan_prefix, cursor.as_deref(), 256)?;
-            let Some((last, _)) = batch.last() else {
-                break;
-            };
-            cursor = Some(last.clone());
-            for (k, v) in batch {
+        if limit == 0 {
+            return Ok(out);
+        }
+        self.engine.for_each(
+            MEMORY_TREE,
+            &scan_prefix,
+            after.as_deref(),
+            256,
+            &mut |k, v| {
                 let key = String::from_utf8_lossy(&k[ns.len() + 1..]).into_owned();
                 let rec = decode_record(&v)?;
-                if !rec.is_live(now_ms) {
-                    continue;
+                if rec.is_live(now_ms) {
+                    match self.decode_item(ns, &key, k, rec) {
+                        Ok(item) => out.push(item),
+                        Err(StorageError::Erased(_)) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
-                match self.decode_item(ns, &key, rec) {
-                    Ok(item) => out.push(item),
-                    Err(StorageError::Erased(_)) => continue,
-                    Err(e) => return Err(e),
-                }
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
+                Ok(out.len() < limit)
+            },
+        )?;
         Ok(out)
     }
 
@@ -335,11 +333,17 @@ impl MemoryStore {
         self.read_record(&record_key(ns, key))
     }
 
-    fn decode_item(&self, ns: &str, key: &str, rec: StoredRecord) -> Result<MemoryItem> {
+    /// `rkey` is the record key of `ns`/`key` (the caller has it already).
+    fn decode_item(
+        &self,
+        ns: &str,
+        key: &str,
+        rkey: Vec<u8>,
+        rec: StoredRecord,
+    ) -> Result<MemoryItem> {
         let Some(stored) = rec.value else {
             return Err(StorageError::Corrupt("tombstone has no value".into()));
         };
-        let rkey = record_key(ns, key);
         let plain = match self.cache.get(&rkey, &rec.version) {
             Some(p) => p,
             None => {
@@ -410,19 +414,17 @@ impl MemoryStore {
         let n = match counts.get(ns) {
             Some(n) => *n,
             None => {
-                let prefix = record_key(ns, "");
                 let mut n = 0usize;
-                let mut cursor: Option<Vec<u8>> = None;
-                loop {
-                    let batch = self
-                        .engine
-                        .scan(MEMORY_TREE, &prefix, cursor.as_deref(), 4096)?;
-                    let Some((last, _)) = batch.last() else {
-                        break;
-                    };
-                    cursor = Some(last.clone());
-                    n += batch.len();
-                }
+                self.engine.for_each(
+                    MEMORY_TREE,
+                    &record_key(ns, ""),
+                    None,
+                    4096,
+                    &mut |_, _| {
+                        n += 1;
+                        Ok(true)
+                    },
+                )?;
                 n
             }
         };
