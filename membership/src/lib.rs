@@ -1,28 +1,58 @@
 //! Cluster membership for swarm.
 //!
-//! - `transport`: the QUIC endpoint (quinn + rustls, ring provider passed explicitly) with mutual
-//!   TLS 1.3 against the cluster CA written by `swarm init`. A peer's identity is the node name in
-//!   its certificate; connections from another CA, or to a peer whose certificate names another
-//!   node, are refused.
-//! - Node metadata and member states ([`NodeMeta`], [`MemberState`]), which gossip will carry.
-//!
-//! SWIM membership over foca, the member view and the simulator come with the rest of the
-//! cluster issue.
+//! - [`transport`](Endpoint): the QUIC endpoint (quinn + rustls, ring provider passed explicitly)
+//!   with mutual TLS 1.3 against the cluster CA written by `swarm init`. A peer's identity is the
+//!   node name in its certificate; connections from another CA, or to a peer whose certificate
+//!   names another node, are refused.
+//! - [`Gossip`]: SWIM (foca) driven sans-IO, with node metadata as versioned records and graceful
+//!   leave; no sockets, no clock.
+//! - [`Membership`]: the running service: one endpoint, foca packets on QUIC datagrams, one
+//!   connection per peer, the member view as a watch channel, member events, incoming streams.
+//! - `sim` (feature `sim`): many [`Gossip`] members in one process with virtual time, loss, delay
+//!   and partitions.
 
+mod gossip;
+mod service;
+#[cfg(feature = "sim")]
+pub mod sim;
 mod transport;
 
 use serde::{Deserialize, Serialize};
 
-pub use transport::{ALPN, Endpoint, PeerConnection, TlsIdentity, TransportError, cert_name};
+pub use gossip::{
+    FRAME_FOCA, FRAME_META, FRAME_META_REQUEST, Gossip, GossipError, GossipSettings,
+    MAX_META_BYTES, MAX_PACKET, MemberEvent, MemberInfo, NodeId,
+};
+pub use service::{
+    IncomingStream, Membership, MembershipConfig, MembershipError, Refusal, Stats, View,
+};
+pub use transport::{
+    ALPN, Accepted, Endpoint, PeerConnection, PendingPeer, TlsIdentity, TransportError, cert_name,
+};
 
-/// What a node tells its peers about itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a node tells its peers about itself (kept small: the encoded record must fit
+/// [`MAX_META_BYTES`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeMeta {
-    pub name: String,
     /// The gateway's address, as clients reach it.
     pub gateway: String,
     pub roles: Vec<String>,
+    /// Accelerators and their memory.
+    pub devices: Vec<DeviceMeta>,
+    /// Requests in flight at the gateway.
+    pub load: u32,
+    /// The swarm version the node runs.
     pub version: String,
+}
+
+/// One compute device a node offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceMeta {
+    /// `cpu` or `cuda`.
+    pub kind: String,
+    pub name: String,
+    pub memory_total: u64,
+    pub memory_free: u64,
 }
 
 /// The state of a member as the membership layer sees it.

@@ -119,6 +119,119 @@ pub fn cert_name(cert: &CertificateDer<'_>) -> Result<String, TransportError> {
 pub struct Endpoint {
     inner: quinn::Endpoint,
     name: String,
+    max_connections: usize,
+}
+
+/// An incoming connection attempt.
+#[derive(Debug)]
+pub enum Accepted {
+    /// Mutually authenticated; `peer` is the name in its certificate.
+    Peer(PeerConnection),
+    /// Another CA, no certificate, a failed or stalled handshake, or over the connection limit.
+    Refused { remote: SocketAddr, reason: String },
+}
+
+/// An incoming connection whose handshake has not finished yet.
+#[derive(Debug)]
+pub struct PendingPeer {
+    incoming: quinn::Incoming,
+    /// Set when the connection limit was reached.
+    limit: Option<usize>,
+}
+
+impl PendingPeer {
+    pub fn remote(&self) -> SocketAddr {
+        self.incoming.remote_address()
+    }
+
+    /// Run the handshake (at most 10 s) and check the peer's certificate.
+    pub async fn finish(self) -> Accepted {
+        let remote = self.incoming.remote_address();
+        if let Some(n) = self.limit {
+            self.incoming.refuse();
+            return Accepted::Refused {
+                remote,
+                reason: format!("connection limit {n} reached"),
+            };
+        }
+        match tokio::time::timeout(Duration::from_secs(10), self.incoming).await {
+            Ok(Ok(conn)) => match peer_name(&conn) {
+                Ok(peer) => Accepted::Peer(PeerConnection { conn, peer }),
+                Err(e) => {
+                    conn.close(1u32.into(), b"no identity");
+                    Accepted::Refused {
+                        remote,
+                        reason: e.to_string(),
+                    }
+                }
+            },
+            Ok(Err(e)) => Accepted::Refused {
+                remote,
+                reason: e.to_string(),
+            },
+            Err(_) => Accepted::Refused {
+                remote,
+                reason: "handshake timed out".into(),
+            },
+        }
+    }
+}
+
+/// Server name used to dial a peer whose node name is not known yet (a seed).
+const ANY_PEER: &str = "any-peer.swarm.invalid";
+
+/// Checks a server certificate against the cluster CA and the expected node name; when dialing
+/// a seed ([`ANY_PEER`]) the name is the one the certificate carries.
+#[derive(Debug)]
+struct PeerVerifier(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let any = matches!(server_name, rustls::pki_types::ServerName::DnsName(d) if d.as_ref() == ANY_PEER);
+        if !any {
+            return self.0.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            );
+        }
+        let name = cert_name(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
+        let own = rustls::pki_types::ServerName::try_from(name)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        self.0
+            .verify_server_cert(end_entity, intermediates, &own, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// An authenticated connection to a named peer.
@@ -158,10 +271,17 @@ impl Endpoint {
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
         server.transport_config(transport_config());
 
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
         let mut client = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls)?
-            .with_root_certificates(roots)
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PeerVerifier(webpki)))
             .with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key())
             .map_err(tls)?;
         client.alpn_protocols = vec![ALPN.to_vec()];
@@ -176,6 +296,7 @@ impl Endpoint {
         Ok(Self {
             inner,
             name: id.name.clone(),
+            max_connections: 1024,
         })
     }
 
@@ -210,23 +331,38 @@ impl Endpoint {
         Ok(PeerConnection { conn, peer: name })
     }
 
-    /// The next authenticated incoming connection; `None` once the endpoint is closed. Failed
-    /// handshakes (another CA, no certificate, garbage) are logged and skipped.
-    pub async fn accept(&self) -> Option<PeerConnection> {
+    /// Dial a seed whose node name is not known yet: any certificate from the cluster CA is
+    /// accepted, and the name it carries becomes the peer's identity.
+    pub async fn connect_any(&self, addr: SocketAddr) -> Result<PeerConnection, TransportError> {
+        self.connect(addr, ANY_PEER).await
+    }
+
+    /// The next incoming connection attempt; `None` once the endpoint is closed. Finish its
+    /// handshake with [`PendingPeer::finish`] (in its own task: a peer may stall).
+    pub async fn incoming(&self) -> Option<PendingPeer> {
+        let incoming = self.inner.accept().await?;
+        let over = self.inner.open_connections() > self.max_connections;
+        Some(PendingPeer {
+            incoming,
+            limit: over.then_some(self.max_connections),
+        })
+    }
+
+    /// The next authenticated incoming connection, skipping (and logging) refused ones.
+    pub async fn accept_peer(&self) -> Option<PeerConnection> {
         loop {
-            let incoming = self.inner.accept().await?;
-            let remote = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => match peer_name(&conn) {
-                    Ok(peer) => return Some(PeerConnection { conn, peer }),
-                    Err(e) => {
-                        tracing::warn!(%remote, error = %e, "peer refused");
-                        conn.close(1u32.into(), b"no identity");
-                    }
-                },
-                Err(e) => tracing::warn!(%remote, error = %e, "handshake refused"),
+            match self.incoming().await?.finish().await {
+                Accepted::Peer(pc) => return Some(pc),
+                Accepted::Refused { remote, reason } => {
+                    tracing::warn!(%remote, %reason, "connection refused")
+                }
             }
         }
+    }
+
+    /// Refuse incoming connections beyond `n` open ones.
+    pub fn set_max_connections(&mut self, n: usize) {
+        self.max_connections = n;
     }
 
     /// Close every connection and stop accepting.
@@ -318,7 +454,7 @@ mod tests {
         let b = Endpoint::bind(&pki.node("node-2"), local()).expect("bind b");
         let b_addr = b.local_addr().expect("addr");
         let server = tokio::spawn(async move {
-            let pc = b.accept().await.expect("incoming");
+            let pc = b.accept_peer().await.expect("incoming");
             let (mut send, mut recv) = pc.conn.accept_bi().await.expect("bi");
             let msg = recv.read_to_end(1024).await.expect("read");
             send.write_all(&msg).await.expect("echo");
@@ -352,12 +488,12 @@ mod tests {
         let (tx, mut accepted) = tokio::sync::mpsc::channel(4);
         let g = good.clone();
         tokio::spawn(async move {
-            while let Some(pc) = g.accept().await {
+            while let Some(pc) = g.accept_peer().await {
                 let _ = tx.send(pc.peer).await;
             }
         });
         let b = bad.clone();
-        tokio::spawn(async move { while b.accept().await.is_some() {} });
+        tokio::spawn(async move { while b.accept_peer().await.is_some() {} });
         // The good node refuses the rogue's certificate when dialing it...
         let e = good
             .connect(bad_addr, "node-2")
@@ -380,7 +516,7 @@ mod tests {
         let a = Endpoint::bind(&pki.node("node-1"), local()).expect("bind");
         let b = Endpoint::bind(&pki.node("node-2"), local()).expect("bind");
         let b_addr = b.local_addr().expect("addr");
-        tokio::spawn(async move { while b.accept().await.is_some() {} });
+        tokio::spawn(async move { while b.accept_peer().await.is_some() {} });
         let e = a
             .connect(b_addr, "node-3")
             .await

@@ -47,10 +47,26 @@ enum Command {
         #[arg(long, default_value_t = 8080)]
         http_port: u16,
     },
-    /// Run one node from its config (SIGTERM or Ctrl-C stops it gracefully).
+    /// Run one node from its config (SIGTERM or Ctrl-C: leave the cluster gracefully and stop;
+    /// SIGHUP: reread the config and announce to new seeds).
     Node {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Show every cluster member with its state and metadata, as one node's gateway sees them.
+    Status {
+        /// The gateway to ask.
+        #[arg(long, env = "SWARM_GATEWAY", default_value = "http://127.0.0.1:8080")]
+        gateway: String,
+        /// A token with `cluster.read` (default: DIR/admin.token when it exists).
+        #[arg(long, env = "SWARM_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The cluster folder whose admin token to use when no token is given.
+        #[arg(long, default_value = "swarm-data")]
+        dir: PathBuf,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Mint a JWT with the cluster's signing key.
     Token {
@@ -154,9 +170,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &cfg.auth.issuer,
                 &cfg.auth.audience,
             )?;
-            serve(cfg, Some(token))
+            serve(&config, cfg, Some(token))
         }
-        Command::Node { config } => serve(NodeConfig::load(&config)?, None),
+        Command::Node { config } => serve(&config, NodeConfig::load(&config)?, None),
+        Command::Status {
+            gateway,
+            token,
+            dir,
+            json,
+        } => status(&gateway, token, &dir, json),
         Command::Token {
             dir,
             subject,
@@ -222,7 +244,7 @@ fn load_cluster_config(dir: &Path) -> Result<NodeConfig> {
     Ok(NodeConfig::load(&path)?)
 }
 
-fn serve(cfg: NodeConfig, admin_token: Option<String>) -> Result<ExitCode> {
+fn serve(path: &Path, cfg: NodeConfig, admin_token: Option<String>) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -232,34 +254,176 @@ fn serve(cfg: NodeConfig, admin_token: Option<String>) -> Result<ExitCode> {
         let url = format!("http://{}", handle.http_addr);
         println!("swarm node {} is up", handle.name);
         println!("  gateway: {url}");
+        println!("  cluster (QUIC): {}", handle.gossip_addr);
         if let Some(t) = admin_token {
             println!("  admin token (24h): {t}");
             println!("  try: curl -H \"Authorization: Bearer $TOKEN\" {url}/v1/me");
         }
-        wait_for_stop().await;
-        tracing::info!("stopping");
-        handle.shutdown().await?;
+        let mut signals = Signals::new();
+        loop {
+            tokio::select! {
+                sig = signals.next() => match sig {
+                    Sig::Reload => match NodeConfig::load(path) {
+                        Ok(cfg) => {
+                            if let Err(e) = handle.reload(&cfg).await {
+                                tracing::warn!(error = %e, "reload failed");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "config not reloaded"),
+                    },
+                    Sig::Stop => {
+                        tracing::info!("leaving the cluster and stopping");
+                        handle.leave_and_shutdown().await?;
+                        break;
+                    }
+                },
+                _ = handle.stop_requested() => {
+                    tracing::info!("left the cluster; stopping");
+                    handle.shutdown().await?;
+                    break;
+                }
+            }
+        }
         Ok(ExitCode::SUCCESS)
     })
 }
 
-async fn wait_for_stop() {
+enum Sig {
+    Stop,
+    Reload,
+}
+
+/// SIGTERM / Ctrl-C (stop) and SIGHUP (reload).
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let open = |k: SignalKind, name: &str| match signal(k) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for {name}");
+                    None
                 }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                let _ = tokio::signal::ctrl_c().await;
+            };
+            Self {
+                term: open(SignalKind::terminate(), "SIGTERM"),
+                hup: open(SignalKind::hangup(), "SIGHUP"),
             }
         }
+        #[cfg(not(unix))]
+        Self {}
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+
+    async fn next(&mut self) -> Sig {
+        #[cfg(unix)]
+        {
+            async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                _ = recv(&mut self.term) => Sig::Stop,
+                _ = recv(&mut self.hup) => Sig::Reload,
+                _ = tokio::signal::ctrl_c() => Sig::Stop,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            Sig::Stop
+        }
+    }
+}
+
+/// `swarm status`: the member table from a gateway.
+fn status(gateway: &str, token: Option<String>, dir: &Path, json: bool) -> Result<ExitCode> {
+    let token = match token {
+        Some(t) => t,
+        None => std::fs::read_to_string(dir.join("admin.token"))
+            .map(|t| t.trim().to_string())
+            .with_context(|| {
+                format!(
+                    "no --token (or SWARM_TOKEN) and no {}",
+                    dir.join("admin.token").display()
+                )
+            })?,
+    };
+    let url = format!("{}/v1/cluster/members", gateway.trim_end_matches('/'));
+    let resp = ureq::get(&url)
+        .set("Authorization", &format!("Bearer {token}"))
+        .timeout(std::time::Duration::from_secs(10))
+        .call();
+    let body: serde_json::Value = match resp {
+        Ok(r) => r.into_json().context("read the member list")?,
+        Err(ureq::Error::Status(code, r)) => {
+            let text = r.into_string().unwrap_or_default();
+            bail!("{url}: HTTP {code}: {text}");
+        }
+        Err(e) => bail!("{url}: {e}"),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} sees {} alive member(s){}",
+        body["node"].as_str().unwrap_or("?"),
+        body["alive"],
+        if body["joined"].as_bool() == Some(true) {
+            ""
+        } else {
+            " (not joined to any peer)"
+        }
+    );
+    println!(
+        "{:<20} {:<8} {:<22} {:<22} {:<6} {:<8} DEVICES",
+        "NAME", "STATE", "CLUSTER ADDR", "GATEWAY", "LOAD", "VERSION"
+    );
+    for m in body["members"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let meta = &m["meta"];
+        let devices: Vec<String> = meta["devices"]
+            .as_array()
+            .map(|d| {
+                d.iter()
+                    .map(|d| {
+                        format!(
+                            "{} {}",
+                            d["kind"].as_str().unwrap_or("?"),
+                            d["name"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<20} {:<8} {:<22} {:<22} {:<6} {:<8} {}",
+            m["name"].as_str().unwrap_or("?"),
+            m["state"].as_str().unwrap_or("?"),
+            m["addr"].as_str().unwrap_or("?"),
+            meta["gateway"].as_str().unwrap_or("-"),
+            meta["load"]
+                .as_u64()
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "-".into()),
+            meta["version"].as_str().unwrap_or("-"),
+            devices.join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod error;
 pub mod gateway;
 pub mod init;

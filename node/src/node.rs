@@ -5,11 +5,13 @@ use std::sync::Arc;
 
 use swarm_config::secret::{ENV_JWT_SIGNING_KEY, ENV_MASTER_KEY, read_secret, read_secret_file};
 use swarm_config::{ConfigError, NodeConfig};
+use swarm_membership::Membership;
 use swarm_storage::{MemoryLimits, SecretKey, Storage, StorageError, StorageOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::auth::Authenticator;
+use crate::cluster;
 use crate::gateway::{self, GatewayParts, Inner};
 use crate::jwt::{self, Verifier};
 use crate::policy::Policy;
@@ -23,6 +25,8 @@ pub enum NodeError {
     Storage(#[from] StorageError),
     #[error("{what}: {message}")]
     Key { what: &'static str, message: String },
+    #[error("cluster: {0}")]
+    Membership(#[from] swarm_membership::MembershipError),
     #[error("cannot bind the gateway to {addr}: {source} (is another node using this port?)")]
     Bind {
         addr: SocketAddr,
@@ -38,6 +42,7 @@ impl NodeError {
             NodeError::Storage(e) => e.kind(),
             NodeError::Key { .. } => "bad_key",
             NodeError::Bind { .. } => "bind_failed",
+            NodeError::Membership(e) => e.code(),
         }
     }
 }
@@ -48,12 +53,38 @@ pub struct NodeHandle {
     pub name: String,
     /// The gateway's bound address.
     pub http_addr: SocketAddr,
+    /// The cluster (QUIC) address.
+    pub gossip_addr: SocketAddr,
+    pub membership: Membership,
     pub state: gateway::AppState,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
 }
 
 impl NodeHandle {
+    /// Resolves when the node asked to be stopped (`POST /v1/cluster/leave`).
+    pub async fn stop_requested(&self) {
+        self.state.stop.notified().await;
+    }
+
+    /// Leave the cluster gracefully (peers see `left`), then shut down.
+    pub async fn leave_and_shutdown(self) -> Result<(), NodeError> {
+        if let Err(e) = self.membership.leave().await {
+            tracing::warn!(error = %e, "graceful leave failed");
+        }
+        self.shutdown().await
+    }
+
+    /// Reread the node config: announce to new seeds. Other changes need a restart.
+    pub async fn reload(&self, cfg: &NodeConfig) -> Result<(), NodeError> {
+        self.membership.add_seeds(cfg.gossip.seeds.clone()).await?;
+        tracing::info!(
+            seeds = cfg.gossip.seeds.len(),
+            "config reloaded: announced to the seeds"
+        );
+        Ok(())
+    }
+
     /// Stop accepting requests, finish those in flight, flush the store.
     pub async fn shutdown(self) -> Result<(), NodeError> {
         let _ = self.shutdown.send(true);
@@ -69,6 +100,7 @@ impl NodeHandle {
         })
         .await
         .map_err(|e| StorageError::Engine(e.to_string()))??;
+        self.membership.shutdown().await;
         tracing::info!(node = %self.name, "node stopped");
         Ok(())
     }
@@ -158,6 +190,18 @@ impl Node {
             cfg.auth.leeway.0.as_secs(),
         );
         let auth = Authenticator::new(verifier, storage.engine.clone())?;
+        let listener = tokio::net::TcpListener::bind(cfg.gateway.bind)
+            .await
+            .map_err(|source| NodeError::Bind {
+                addr: cfg.gateway.bind,
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| NodeError::Bind {
+            addr: cfg.gateway.bind,
+            source,
+        })?;
+        let (streams_tx, streams_rx) = tokio::sync::mpsc::channel(64);
+        let membership = cluster::start_membership(&cfg, http_addr, streams_tx).await?;
         let state = Inner::new(GatewayParts {
             node: cfg.node.name.clone(),
             storage,
@@ -170,18 +214,11 @@ impl Node {
             signing_key,
             issuer: cfg.auth.issuer.clone(),
             audience: cfg.auth.audience.clone(),
+            membership: Some(membership.clone()),
         })
         .map_err(|e| StorageError::Engine(format!("start the audit writer: {e}")))?;
-        let listener = tokio::net::TcpListener::bind(cfg.gateway.bind)
-            .await
-            .map_err(|source| NodeError::Bind {
-                addr: cfg.gateway.bind,
-                source,
-            })?;
-        let http_addr = listener.local_addr().map_err(|source| NodeError::Bind {
-            addr: cfg.gateway.bind,
-            source,
-        })?;
+        cluster::spawn_duties(state.clone(), membership.clone(), http_addr);
+        cluster::spawn_streams(streams_rx);
         let (tx, mut rx) = watch::channel(false);
         let app = gateway::router(Arc::clone(&state));
         let server = tokio::spawn(async move {
@@ -194,10 +231,15 @@ impl Node {
             })
             .await
         });
-        tracing::info!(node = %cfg.node.name, %http_addr, secured = state.secured, audited = state.audited, "node started");
+        let gossip_addr = membership
+            .local_addr()
+            .map_err(swarm_membership::MembershipError::from)?;
+        tracing::info!(node = %cfg.node.name, %http_addr, %gossip_addr, secured = state.secured, audited = state.audited, "node started");
         Ok(NodeHandle {
             name: cfg.node.name.clone(),
             http_addr,
+            gossip_addr,
+            membership,
             state,
             shutdown: tx,
             server,

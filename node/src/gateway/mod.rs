@@ -7,6 +7,7 @@
 
 mod admin;
 mod audit_writer;
+mod cluster;
 mod extract;
 mod memory;
 mod openapi;
@@ -25,8 +26,9 @@ use axum::routing::{delete, get, post};
 use ed25519_dalek::SigningKey;
 use rand::RngCore;
 use swarm_config::{LimitsConfig, SwarmFile};
+use swarm_membership::Membership;
 use swarm_storage::{AuditEvent, Storage};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{AuthType, Authenticator, Principal};
 use crate::error::{AppError, ErrorCause, ErrorCode};
@@ -83,6 +85,10 @@ pub struct Inner {
     security: Bulkhead,
     orchestration: Bulkhead,
     audit_writer: AuditWriter,
+    /// Cluster membership; `None` in unit tests of the gateway alone.
+    pub membership: Option<Membership>,
+    /// Notified when the node should stop (after `POST /v1/cluster/leave`).
+    pub stop: Arc<Notify>,
 }
 
 /// Shared state of the gateway.
@@ -102,6 +108,7 @@ pub struct GatewayParts {
     pub signing_key: SigningKey,
     pub issuer: String,
     pub audience: String,
+    pub membership: Option<Membership>,
 }
 
 impl Inner {
@@ -143,9 +150,32 @@ impl Inner {
             issuer: p.issuer,
             audience: p.audience,
             started: Instant::now(),
+            membership: p.membership,
+            stop: Arc::new(Notify::new()),
             secured: !cfg!(feature = "bench-noauth"),
             audited: !cfg!(any(feature = "bench-noauth", feature = "bench-noaudit")),
         }))
+    }
+
+    /// Audit something the node did or refused on its own (not an HTTP request).
+    pub fn audit_system(&self, action: &str, resource: &str, outcome: &str, detail: &str) {
+        let event = AuditEvent {
+            ts_ms: now_ms(),
+            node: self.node.clone(),
+            request_id: String::new(),
+            actor: "system".into(),
+            action: action.into(),
+            resource: resource.into(),
+            outcome: outcome.into(),
+            status: 0,
+            code: (!detail.is_empty()).then(|| detail.chars().take(200).collect()),
+        };
+        if let Err(e) = self.audit_writer.submit(event) {
+            tracing::error!(error = %e, "audit entry lost");
+            self.metrics
+                .audit_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Wait until every queued audit entry is appended (before the final sync at shutdown).
@@ -324,6 +354,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/keys", post(admin::create_key).get(admin::list_keys))
         .route("/v1/keys/{id}", delete(admin::revoke_key))
         .route("/v1/tokens/revoke", post(admin::revoke_token))
+        .route("/v1/cluster/members", get(cluster::members))
+        .route("/v1/cluster/leave", post(cluster::leave))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     api.layer(middleware::from_fn_with_state(state.clone(), authenticate))

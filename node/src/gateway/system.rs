@@ -17,15 +17,35 @@ pub(super) async fn health(State(s): State<AppState>) -> Json<Value> {
         Ok(_) => "ok",
         Err(_) => "error",
     };
+    let (members_alive, membership) = match &s.membership {
+        Some(m) => {
+            let v = m.view();
+            let me_left = v
+                .members
+                .first()
+                .is_some_and(|me| me.state == swarm_membership::MemberState::Left);
+            let state = if me_left {
+                "left"
+            } else if v.active {
+                "joined"
+            } else if v.members.len() > 1 {
+                "isolated"
+            } else {
+                "alone"
+            };
+            (v.alive(), state)
+        }
+        None => (1, "standalone"),
+    };
     Json(json!({
         "status": if storage == "ok" { "ok" } else { "degraded" },
         "node": s.node,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": s.started.elapsed().as_secs(),
-        "members_alive": 1,
+        "members_alive": members_alive,
         "services": {
             "storage": storage,
-            "membership": "standalone",
+            "membership": membership,
             "inference": "disabled",
         },
     }))
@@ -45,8 +65,72 @@ pub(super) async fn metrics(
             _ => return Err(AppError::Forbidden("metrics.read".into())),
         }
     }
-    Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(&s.node),
-    ))
+    let mut text = s.metrics.render(&s.node);
+    if let Some(m) = &s.membership {
+        gossip_metrics(&mut text, &s.node, m);
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+}
+
+fn gossip_metrics(out: &mut String, node: &str, m: &swarm_membership::Membership) {
+    use std::fmt::Write;
+    let st = m.stats();
+    let view = m.view();
+    let mut by_state = std::collections::BTreeMap::<&str, u64>::new();
+    for mb in &view.members {
+        let k = match mb.state {
+            swarm_membership::MemberState::Alive => "alive",
+            swarm_membership::MemberState::Suspect => "suspect",
+            swarm_membership::MemberState::Down => "down",
+            swarm_membership::MemberState::Left => "left",
+        };
+        *by_state.entry(k).or_default() += 1;
+    }
+    let _ = writeln!(
+        out,
+        "# HELP swarm_cluster_members Members by state, as this node sees them."
+    );
+    let _ = writeln!(out, "# TYPE swarm_cluster_members gauge");
+    for (state, n) in by_state {
+        let _ = writeln!(
+            out,
+            "swarm_cluster_members{{node=\"{node}\",state=\"{state}\"}} {n}"
+        );
+    }
+    for (name, help, v) in [
+        (
+            "swarm_gossip_frames_in_total",
+            "Gossip frames received.",
+            st.frames_in,
+        ),
+        (
+            "swarm_gossip_frames_out_total",
+            "Gossip frames sent.",
+            st.frames_out,
+        ),
+        (
+            "swarm_gossip_frames_dropped_total",
+            "Gossip frames dropped (queue full).",
+            st.frames_dropped,
+        ),
+        (
+            "swarm_gossip_frames_refused_total",
+            "Gossip frames refused (bad, or a false identity).",
+            st.frames_refused,
+        ),
+        (
+            "swarm_cluster_connections_refused_total",
+            "Peer connections refused (other CA, no certificate, limit).",
+            st.connections_refused,
+        ),
+        (
+            "swarm_cluster_dials_failed_total",
+            "Failed dials to peers.",
+            st.dials_failed,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name}{{node=\"{node}\"}} {v}");
+    }
 }

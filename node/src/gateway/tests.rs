@@ -46,6 +46,7 @@ fn fixture_with(body_limit: usize, swarm: SwarmFile) -> Fixture {
         signing_key: key.clone(),
         issuer: "swarm".into(),
         audience: "swarm".into(),
+        membership: None,
     })
     .expect("gateway state");
     Fixture { state, key }

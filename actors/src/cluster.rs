@@ -1,0 +1,698 @@
+//! Actors across nodes: ractor_cluster sessions carried on QUIC.
+//!
+//! Each node runs one ractor_cluster `NodeServer` (its own TCP listener bound to 127.0.0.1 port 0,
+//! where no session is ever admitted) and one [`RouterMsg`] router in the process group
+//! [`ROUTER_GROUP`]. The caller (the node crate) owns the QUIC connections and drives sessions from
+//! membership events: for each peer it opens one bidirectional stream, writes [`STREAM_RACTOR`] and
+//! hands it to [`ActorCluster::connect`]; the peer reads that byte and hands its end to
+//! [`ActorCluster::accept`]; a member going down or leaving is [`ActorCluster::disconnect`].
+//!
+//! Identity: the QUIC peer's certificate names a node, and the ractor node name it claims must be
+//! that name (`<name>@swarm`). Two checks enforce it. The incoming bytes of every QUIC session pass
+//! through a sans-IO frame scanner (`wire`) that fails the stream as soon as an authentication
+//! message names anyone else, before ractor decodes it; and when ractor reports a session
+//! authenticated or ready, its peer name is compared with the certificate name again, and a
+//! mismatch (or a session not opened through this module, e.g. on the loopback TCP listener) is
+//! killed. Only matching sessions become usable: calls to a peer go to the router whose ractor node
+//! id is that of the peer's session.
+
+mod router;
+mod wire;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorId, ActorRef};
+use ractor_cluster::node::{NodeConnectionMode, NodeServerSessionInformation};
+use ractor_cluster::{
+    BoxRead, BoxWrite, ClusterBidiStream, NodeEventSubscription, NodeServer, NodeServerMessage,
+    NodeSessionMessage,
+};
+use tokio::io::{AsyncRead, BufReader, ReadBuf};
+use tokio::sync::watch;
+
+use router::Router;
+pub use router::{ROUTER_GROUP, RouterMsg};
+use wire::{NameCheck, WireError};
+
+/// Kind byte the opener writes first on a bidi stream that carries a ractor session.
+pub const STREAM_RACTOR: u8 = 1;
+
+/// Host part of every swarm ractor node name (`<certificate name>@swarm`).
+const RACTOR_HOST: &str = "swarm";
+/// How long [`ActorCluster::connect`] waits for the session to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Read buffer in front of a QUIC receive stream (ractor reads a frame in several small reads).
+const READ_BUFFER: usize = 64 * 1024;
+const SUBSCRIPTION: &str = "swarm.actors.sessions";
+
+/// Why the cluster layer could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot start the actor cluster: {0}")]
+    Start(String),
+    #[error("the actor cluster is stopped")]
+    Stopped,
+    #[error("session with {peer} refused: it claims ractor node {claimed:?}")]
+    NameMismatch { peer: String, claimed: String },
+    #[error("session with {0} closed before it was ready")]
+    Closed(String),
+    #[error("session with {0} not ready in time")]
+    Timeout(String),
+    #[error("connect to {0}: {1}")]
+    Connect(String, String),
+    #[error("ractor's TCP transport is for loopback only, not {0}")]
+    NotLoopback(SocketAddr),
+}
+
+impl ClusterError {
+    /// Stable short code for logs and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ClusterError::Start(_) => "start",
+            ClusterError::Stopped => "stopped",
+            ClusterError::NameMismatch { .. } => "name_mismatch",
+            ClusterError::Closed(_) => "closed",
+            ClusterError::Timeout(_) => "timeout",
+            ClusterError::Connect(..) => "connect",
+            ClusterError::NotLoopback(_) => "not_loopback",
+        }
+    }
+}
+
+/// Why a call to a peer's router failed. Every variant names the peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RpcError {
+    #[error("no session with {0}")]
+    NoSession(String),
+    #[error("{0} has no router")]
+    NoRouter(String),
+    #[error("{0} did not answer in time")]
+    Timeout(String),
+    #[error("{0} went away during the call")]
+    PeerGone(String),
+    #[error("{0} answered with the wrong reply")]
+    BadReply(String),
+}
+
+impl RpcError {
+    /// Stable short code for logs and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RpcError::NoSession(_) => "no_session",
+            RpcError::NoRouter(_) => "no_router",
+            RpcError::Timeout(_) => "timeout",
+            RpcError::PeerGone(_) => "peer_gone",
+            RpcError::BadReply(_) => "bad_reply",
+        }
+    }
+}
+
+/// Where a session we opened or accepted stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    Opening,
+    Ready,
+    Refused(String),
+    Closed,
+}
+
+#[derive(Debug)]
+struct Pending {
+    /// The certificate name the session must claim.
+    peer: String,
+    phase: Phase,
+    /// Someone waits on this entry (and removes it); otherwise it goes when the session closes.
+    waited: bool,
+    actor: Option<ActorRef<NodeSessionMessage>>,
+}
+
+#[derive(Debug)]
+struct Ready {
+    node_id: u64,
+    label: String,
+    actor: ActorRef<NodeSessionMessage>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// By label: the QUIC label we gave the stream, or the TCP peer address.
+    pending: HashMap<String, Pending>,
+    /// Usable sessions by certificate name.
+    ready: HashMap<String, Ready>,
+}
+
+/// State shared by the handle, the session event subscription and the stream guards.
+#[derive(Debug)]
+struct Shared {
+    node: String,
+    inner: Mutex<Inner>,
+    /// Bumped on every session change; `connect` waits on it.
+    changed: watch::Sender<u64>,
+    next_label: AtomicU64,
+    next_nonce: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn register(&self, label: &str, peer: &str, waited: bool) {
+        self.lock().pending.insert(
+            label.to_string(),
+            Pending {
+                peer: peer.to_string(),
+                phase: Phase::Opening,
+                waited,
+                actor: None,
+            },
+        );
+    }
+
+    fn phase(&self, label: &str) -> Option<Phase> {
+        self.lock().pending.get(label).map(|p| p.phase.clone())
+    }
+
+    fn forget(&self, label: &str) {
+        self.lock().pending.remove(label);
+    }
+
+    /// The stream guard saw another name; ractor is about to drop the session.
+    fn refuse(&self, label: &str, claimed: &str) {
+        let mut inner = self.lock();
+        if let Some(p) = inner.pending.get_mut(label) {
+            tracing::warn!(node = %self.node, peer = %p.peer, claimed, "ractor name does not match certificate; session refused");
+            p.phase = Phase::Refused(claimed.to_string());
+        }
+        drop(inner);
+        self.notify();
+    }
+
+    /// Does this session claim the name its label expects? Refuses (and says so) if not.
+    fn admit(&self, ses: &NodeServerSessionInformation, ready: bool) -> bool {
+        let claimed = ses
+            .peer_name
+            .as_ref()
+            .map(|n| n.name.clone())
+            .unwrap_or_default();
+        let mut inner = self.lock();
+        let Some(p) = inner.pending.get_mut(&ses.peer_addr) else {
+            tracing::warn!(node = %self.node, label = %ses.peer_addr, claimed, "session not opened through swarm; refused");
+            return false;
+        };
+        if matches!(p.phase, Phase::Refused(_)) {
+            return false;
+        }
+        if claimed != ractor_name(&p.peer) {
+            tracing::warn!(node = %self.node, peer = %p.peer, claimed, "ractor name does not match certificate; session refused");
+            p.phase = Phase::Refused(claimed);
+            drop(inner);
+            self.notify();
+            return false;
+        }
+        if ready {
+            p.phase = Phase::Ready;
+            let peer = p.peer.clone();
+            tracing::info!(node = %self.node, %peer, node_id = ses.node_id, "actor session ready");
+            inner.ready.insert(
+                peer,
+                Ready {
+                    node_id: ses.node_id,
+                    label: ses.peer_addr.clone(),
+                    actor: ses.actor.clone(),
+                },
+            );
+            drop(inner);
+            self.notify();
+        }
+        true
+    }
+
+    fn opened(&self, ses: &NodeServerSessionInformation) {
+        if let Some(p) = self.lock().pending.get_mut(&ses.peer_addr) {
+            p.actor = Some(ses.actor.clone());
+        }
+    }
+
+    fn closed(&self, ses: &NodeServerSessionInformation) {
+        let mut inner = self.lock();
+        let gone = inner
+            .ready
+            .iter()
+            .find(|(_, r)| r.node_id == ses.node_id && r.label == ses.peer_addr)
+            .map(|(peer, _)| peer.clone());
+        if let Some(peer) = gone {
+            tracing::info!(node = %self.node, %peer, "actor session closed");
+            inner.ready.remove(&peer);
+        }
+        let forget = match inner.pending.get_mut(&ses.peer_addr) {
+            Some(p) if p.waited => {
+                if !matches!(p.phase, Phase::Refused(_)) {
+                    p.phase = Phase::Closed;
+                }
+                false
+            }
+            Some(_) => true,
+            None => false,
+        };
+        if forget {
+            inner.pending.remove(&ses.peer_addr);
+        }
+        drop(inner);
+        self.notify();
+    }
+}
+
+/// The full ractor node name a peer with this certificate name must claim.
+fn ractor_name(cert_name: &str) -> String {
+    format!("{cert_name}@{RACTOR_HOST}")
+}
+
+/// Session events from the NodeServer (called inside its actor: quick, no awaits).
+struct Events(Arc<Shared>);
+
+impl NodeEventSubscription for Events {
+    fn node_session_opened(&self, ses: NodeServerSessionInformation) {
+        self.0.opened(&ses);
+    }
+
+    fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        self.0.closed(&ses);
+    }
+
+    fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
+        if !self.0.admit(&ses, false) {
+            ses.actor.kill();
+        }
+    }
+
+    fn node_session_ready(&self, ses: NodeServerSessionInformation) {
+        if !self.0.admit(&ses, true) {
+            ses.actor.kill();
+        }
+    }
+}
+
+/// A QUIC bidirectional stream as a ractor_cluster transport.
+struct QuicStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    label: String,
+    expected: String,
+    shared: Arc<Shared>,
+}
+
+impl ClusterBidiStream for QuicStream {
+    fn split(self: Box<Self>) -> (BoxRead, BoxWrite) {
+        let this = *self;
+        let reader = Guarded {
+            inner: BufReader::with_capacity(READ_BUFFER, this.recv),
+            check: NameCheck::new(this.expected),
+            failed: None,
+            label: this.label,
+            shared: this.shared,
+        };
+        (Box::new(reader), Box::new(this.send))
+    }
+
+    fn peer_label(&self) -> Option<String> {
+        Some(self.label.clone())
+    }
+}
+
+/// The receive half, checked by [`NameCheck`] before ractor sees a byte of it.
+struct Guarded<R> {
+    inner: R,
+    check: NameCheck,
+    failed: Option<WireError>,
+    label: String,
+    shared: Arc<Shared>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Guarded<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let refused = |e: &WireError| {
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
+        };
+        if let Some(e) = &this.failed {
+            return Poll::Ready(Err(refused(e)));
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if let Err(e) = this.check.feed(&buf.filled()[before..]) {
+            buf.set_filled(before);
+            match &e {
+                WireError::Mismatch { claimed } => this.shared.refuse(&this.label, claimed),
+                WireError::Malformed(what) => {
+                    tracing::warn!(node = %this.shared.node, label = %this.label, what, "malformed cluster stream")
+                }
+            }
+            let err = refused(&e);
+            this.failed = Some(e);
+            return Poll::Ready(Err(err));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// This node's side of the actor cluster: the ractor NodeServer, the router and the sessions.
+#[derive(Clone, Debug)]
+pub struct ActorCluster {
+    server: ActorRef<NodeServerMessage>,
+    router: ActorRef<RouterMsg>,
+    shared: Arc<Shared>,
+}
+
+impl ActorCluster {
+    /// Spawn the ractor_cluster NodeServer (`node_name` is this node's certificate name; isolated
+    /// mode; its TCP listener on 127.0.0.1 port 0 admits no session) and this node's router,
+    /// joined to [`ROUTER_GROUP`]. One per process: ractor's registry and groups are global.
+    pub async fn start(node_name: &str, cookie: &str) -> Result<Self, ClusterError> {
+        let (changed, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            node: node_name.to_string(),
+            inner: Mutex::new(Inner::default()),
+            changed,
+            next_label: AtomicU64::new(0),
+            next_nonce: AtomicU64::new(1),
+        });
+        let server = NodeServer::new(
+            0,
+            cookie.to_string(),
+            node_name.to_string(),
+            RACTOR_HOST.to_string(),
+            None,
+            Some(NodeConnectionMode::Isolated),
+        )
+        .with_listen_addr(Ipv4Addr::LOCALHOST.into());
+        let (server, _) = Actor::spawn(None, server, ())
+            .await
+            .map_err(|e| ClusterError::Start(e.to_string()))?;
+        server
+            .cast(NodeServerMessage::SubscribeToEvents {
+                id: SUBSCRIPTION.to_string(),
+                subscription: Box::new(Events(shared.clone())),
+            })
+            .map_err(|e| ClusterError::Start(e.to_string()))?;
+        let router = match Actor::spawn(None, Router, node_name.to_string()).await {
+            Ok((router, _)) => router,
+            Err(e) => {
+                server.stop(None);
+                return Err(ClusterError::Start(e.to_string()));
+            }
+        };
+        ractor::pg::join(ROUTER_GROUP.to_string(), vec![router.get_cell()]);
+        tracing::info!(node = node_name, "actor cluster started");
+        Ok(Self {
+            server,
+            router,
+            shared,
+        })
+    }
+
+    /// This node's name.
+    pub fn node_name(&self) -> &str {
+        &self.shared.node
+    }
+
+    /// The dialing side (`is_server = false`): `send`/`recv` is a bidi stream the caller opened on
+    /// the QUIC connection to `peer` and already wrote [`STREAM_RACTOR`] on; `peer` is the name in
+    /// the peer's certificate. Returns once the session is ready (or refused, closed, timed out).
+    pub async fn connect(
+        &self,
+        peer: String,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> Result<(), ClusterError> {
+        let label = self.quic_label(&peer);
+        self.shared.register(&label, &peer, true);
+        let stream = self.stream(&label, &peer, send, recv);
+        if let Err(e) = ractor_cluster::client_connect_external(&self.server, stream).await {
+            self.shared.forget(&label);
+            return Err(ClusterError::Connect(peer, e.to_string()));
+        }
+        self.wait_ready(&label, peer).await
+    }
+
+    /// The accepting side (`is_server = true`): the caller accepted the bidi stream from `peer`
+    /// (its certificate name) and read [`STREAM_RACTOR`].
+    pub fn accept(
+        &self,
+        peer: String,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> Result<(), ClusterError> {
+        let label = self.quic_label(&peer);
+        self.shared.register(&label, &peer, false);
+        let stream = self.stream(&label, &peer, send, recv);
+        self.server
+            .cast(NodeServerMessage::ConnectionOpenedExternal {
+                stream,
+                is_server: true,
+            })
+            .map_err(|_| {
+                self.shared.forget(&label);
+                ClusterError::Stopped
+            })
+    }
+
+    /// Close every session with `peer` (member down or left). Calls in flight fail with
+    /// [`RpcError::PeerGone`]; new ones with [`RpcError::NoSession`].
+    pub fn disconnect(&self, peer: &str) {
+        let mut inner = self.shared.lock();
+        let mut actors: Vec<_> = inner
+            .pending
+            .values()
+            .filter(|p| p.peer == peer)
+            .filter_map(|p| p.actor.clone())
+            .collect();
+        if let Some(r) = inner.ready.remove(peer) {
+            actors.push(r.actor);
+        }
+        drop(inner);
+        for a in actors {
+            a.stop(Some("member down".to_string()));
+        }
+        self.shared.notify();
+    }
+
+    /// Names of peers with a ready session, sorted.
+    pub fn sessions(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.shared.lock().ready.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Ping `peer`'s router; returns the round-trip time. Never waits past `timeout`.
+    pub async fn ping(&self, peer: &str, timeout: Duration) -> Result<Duration, RpcError> {
+        let started = Instant::now();
+        let router = self.remote_router(peer)?;
+        let nonce = self.shared.next_nonce.fetch_add(1, Ordering::Relaxed);
+        let call = router.call(|reply| RouterMsg::Ping(nonce, reply), Some(timeout));
+        match tokio::time::timeout(timeout, call).await {
+            Err(_) | Ok(Ok(CallResult::Timeout)) => Err(RpcError::Timeout(peer.to_string())),
+            Ok(Err(_)) | Ok(Ok(CallResult::SenderError)) => {
+                Err(RpcError::PeerGone(peer.to_string()))
+            }
+            Ok(Ok(CallResult::Success(n))) if n == nonce => Ok(started.elapsed()),
+            Ok(Ok(CallResult::Success(_))) => Err(RpcError::BadReply(peer.to_string())),
+        }
+    }
+
+    /// The router of exactly `peer`: the group member whose ractor node id is its session's.
+    fn remote_router(&self, peer: &str) -> Result<ActorRef<RouterMsg>, RpcError> {
+        let node_id = self
+            .shared
+            .lock()
+            .ready
+            .get(peer)
+            .map(|r| r.node_id)
+            .ok_or_else(|| RpcError::NoSession(peer.to_string()))?;
+        ractor::pg::get_members(&ROUTER_GROUP.to_string())
+            .into_iter()
+            .find(|c| matches!(c.get_id(), ActorId::Remote { node_id: n, .. } if n == node_id))
+            .map(ActorRef::from)
+            .ok_or_else(|| RpcError::NoRouter(peer.to_string()))
+    }
+
+    /// Stop the router, the NodeServer and every session.
+    pub async fn shutdown(&self) {
+        self.server
+            .cast(NodeServerMessage::UnsubscribeToEvents(
+                SUBSCRIPTION.to_string(),
+            ))
+            .ok();
+        self.router.stop(Some("shutdown".to_string()));
+        if let Err(e) = self
+            .server
+            .stop_and_wait(Some("shutdown".to_string()), Some(READY_TIMEOUT))
+            .await
+        {
+            tracing::warn!(node = %self.shared.node, error = %e, "node server did not stop in time");
+        }
+        let mut inner = self.shared.lock();
+        inner.ready.clear();
+        inner.pending.clear();
+        drop(inner);
+        self.shared.notify();
+    }
+
+    /// Benchmarks and tests only: dial `peer` over ractor_cluster's own (unencrypted) TCP
+    /// transport at a loopback `addr`. The session's name is checked against `peer` like any other.
+    #[doc(hidden)]
+    pub async fn connect_loopback_tcp(
+        &self,
+        peer: String,
+        addr: SocketAddr,
+    ) -> Result<(), ClusterError> {
+        if !addr.ip().is_loopback() {
+            return Err(ClusterError::NotLoopback(addr));
+        }
+        let label = addr.to_string();
+        self.shared.register(&label, &peer, true);
+        if let Err(e) = ractor_cluster::client_connect(&self.server, addr).await {
+            self.shared.forget(&label);
+            return Err(ClusterError::Connect(peer, e.to_string()));
+        }
+        self.wait_ready(&label, peer).await
+    }
+
+    fn quic_label(&self, peer: &str) -> String {
+        let n = self.shared.next_label.fetch_add(1, Ordering::Relaxed);
+        format!("quic:{peer}#{n}")
+    }
+
+    fn stream(
+        &self,
+        label: &str,
+        peer: &str,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> Box<QuicStream> {
+        Box::new(QuicStream {
+            send,
+            recv,
+            label: label.to_string(),
+            expected: ractor_name(peer),
+            shared: self.shared.clone(),
+        })
+    }
+
+    async fn wait_ready(&self, label: &str, peer: String) -> Result<(), ClusterError> {
+        let mut changes = self.shared.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        let result = loop {
+            match self.shared.phase(label) {
+                Some(Phase::Ready) => break Ok(()),
+                Some(Phase::Refused(claimed)) => {
+                    break Err(ClusterError::NameMismatch { peer, claimed });
+                }
+                Some(Phase::Closed) => break Err(ClusterError::Closed(peer)),
+                None => break Err(ClusterError::Stopped),
+                Some(Phase::Opening) => {}
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break Err(ClusterError::Stopped),
+                Err(_) => {
+                    let actor = self
+                        .shared
+                        .lock()
+                        .pending
+                        .get(label)
+                        .and_then(|p| p.actor.clone());
+                    if let Some(a) = actor {
+                        a.stop(Some("not ready in time".to_string()));
+                    }
+                    break Err(ClusterError::Timeout(peer));
+                }
+            }
+        };
+        // A ready session stays registered until it closes; anything else is forgotten now.
+        let mut inner = self.shared.lock();
+        match inner.pending.get_mut(label) {
+            Some(p) if result.is_ok() => p.waited = false,
+            Some(_) => {
+                inner.pending.remove(label);
+            }
+            None => {}
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_are_stable() {
+        let p = || "node-2".to_string();
+        let codes: Vec<_> = [
+            RpcError::NoSession(p()),
+            RpcError::NoRouter(p()),
+            RpcError::Timeout(p()),
+            RpcError::PeerGone(p()),
+            RpcError::BadReply(p()),
+        ]
+        .iter()
+        .map(RpcError::code)
+        .collect();
+        assert_eq!(
+            codes,
+            [
+                "no_session",
+                "no_router",
+                "timeout",
+                "peer_gone",
+                "bad_reply"
+            ]
+        );
+        let e = ClusterError::NameMismatch {
+            peer: p(),
+            claimed: "mallory@swarm".into(),
+        };
+        assert_eq!(e.code(), "name_mismatch");
+        assert!(e.to_string().contains("mallory@swarm"));
+    }
+
+    #[test]
+    fn ractor_names_carry_the_certificate_name() {
+        assert_eq!(ractor_name("node-1"), "node-1@swarm");
+    }
+
+    #[tokio::test]
+    async fn ping_without_a_session_is_a_typed_error_at_once() {
+        let cluster = ActorCluster::start("solo", "cookie").await.expect("start");
+        let started = Instant::now();
+        let e = cluster
+            .ping("nobody", Duration::from_secs(5))
+            .await
+            .expect_err("no session");
+        assert_eq!(e, RpcError::NoSession("nobody".into()));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(cluster.sessions().is_empty());
+        let e = cluster
+            .connect_loopback_tcp("x".into(), "10.0.0.1:1".parse().expect("addr"))
+            .await
+            .expect_err("not loopback");
+        assert_eq!(e.code(), "not_loopback");
+        cluster.shutdown().await;
+    }
+}

@@ -1,0 +1,757 @@
+//! SWIM membership driven sans-IO: foca plus swarm's own records (node metadata, graceful leave).
+//!
+//! [`Gossip`] never touches a socket or a clock. It takes frames from named peers, timer events and
+//! commands, and leaves behind frames to send, timers to schedule and member events, which the
+//! caller drains. The QUIC driver ([`crate::service`]) and the simulator (feature `sim`) run this
+//! same code.
+//!
+//! Frames (one per QUIC datagram) start with a kind byte:
+//! - [`FRAME_FOCA`]: a foca packet; its sender identity must carry the name the transport
+//!   authenticated, or the frame is refused.
+//! - [`FRAME_META_REQUEST`]: "send me your metadata", carrying the asker's identity.
+//! - [`FRAME_META`]: a metadata record, as a direct answer.
+//!
+//! Metadata and leave notices also travel as foca custom broadcasts, versioned so that stale ones
+//! stop spreading; a node asks each member it meets for its metadata directly, so late joiners do
+//! not depend on a broadcast that has already died out.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use foca::{
+    AccumulatingRuntime, BroadcastHandler, Codec, Config, Foca, Invalidates, OwnedNotification,
+    PeriodicParams, PostcardCodec, State, Timer,
+};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+use crate::{MemberState, NodeMeta};
+
+/// A foca packet.
+pub const FRAME_FOCA: u8 = 1;
+/// A request for the receiver's metadata.
+pub const FRAME_META_REQUEST: u8 = 2;
+/// A metadata record sent directly.
+pub const FRAME_META: u8 = 3;
+
+/// Largest foca packet (identical on every node; fits a QUIC datagram with room to spare).
+pub const MAX_PACKET: usize = 1100;
+/// Largest encoded metadata record.
+pub const MAX_META_BYTES: usize = 512;
+
+/// A member's identity in gossip: the certificate name, the gossip address and the start time
+/// (nanoseconds), so a restarted node is a new incarnation that replaces the old one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NodeId {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub incarnation: u64,
+}
+
+impl foca::Identity for NodeId {
+    type Addr = SocketAddr;
+
+    fn renew(&self) -> Option<Self> {
+        Some(Self {
+            incarnation: self.incarnation.saturating_add(1),
+            ..self.clone()
+        })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.incarnation > adversary.incarnation
+    }
+}
+
+/// Why a frame or command was refused. `code()` is stable (logs, metrics).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GossipError {
+    #[error("empty frame")]
+    Empty,
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("frame of {size} bytes is over the {limit}-byte limit")]
+    TooBig { size: usize, limit: usize },
+    #[error("cannot decode frame: {0}")]
+    Decode(String),
+    #[error("peer `{peer}` claims to be `{claimed}`")]
+    IdentityMismatch { peer: String, claimed: String },
+    #[error("metadata is {size} bytes encoded; the limit is {limit}")]
+    MetaTooLarge { size: usize, limit: usize },
+    #[error("gossip: {0}")]
+    Foca(String),
+}
+
+impl GossipError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            GossipError::Empty => "empty",
+            GossipError::UnknownKind(_) => "unknown_kind",
+            GossipError::TooBig { .. } => "too_big",
+            GossipError::Decode(_) => "decode",
+            GossipError::IdentityMismatch { .. } => "identity_mismatch",
+            GossipError::MetaTooLarge { .. } => "meta_too_large",
+            GossipError::Foca(_) => "foca",
+        }
+    }
+}
+
+/// Tuning of the SWIM layer.
+#[derive(Debug, Clone)]
+pub struct GossipSettings {
+    /// Expected cluster size: sets how often updates are retransmitted and how long a suspect
+    /// has to refute before it is declared down.
+    pub cluster_size: u32,
+    pub probe_period: Duration,
+    pub probe_rtt: Duration,
+    /// How often a member announces itself to a random member and gets a full membership feed.
+    pub full_sync_every: Duration,
+}
+
+impl Default for GossipSettings {
+    fn default() -> Self {
+        Self {
+            cluster_size: 16,
+            probe_period: Duration::from_secs(1),
+            probe_rtt: Duration::from_millis(500),
+            full_sync_every: Duration::from_secs(10),
+        }
+    }
+}
+
+impl GossipSettings {
+    fn foca_config(&self) -> Config {
+        let size = NonZeroU32::new(self.cluster_size.max(2)).unwrap_or(NonZeroU32::MIN);
+        let mut c = Config::new_lan(size);
+        c.probe_period = self.probe_period;
+        c.probe_rtt = self.probe_rtt;
+        // Suspicion: 4 probe periods per order of magnitude of members (memberlist's default).
+        let secs = f64::max(1.0, f64::from(size.get()).log10()) * 4.0;
+        c.suspect_to_down_after = self.probe_period.mul_f64(secs);
+        c.max_packet_size = NonZeroUsize::new(MAX_PACKET).unwrap_or(NonZeroUsize::MIN);
+        c.periodic_announce = Some(PeriodicParams {
+            frequency: self.full_sync_every,
+            num_members: NonZeroUsize::MIN,
+        });
+        c.periodic_announce_to_down_members = Some(PeriodicParams {
+            frequency: Duration::from_secs(30),
+            num_members: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
+        });
+        // Forget down members after a while so a renamed node can come back at the same address.
+        c.remove_down_after = Some(Duration::from_secs(120));
+        c
+    }
+}
+
+/// What gossip says about a member, for the API and `swarm status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub name: String,
+    /// Gossip (QUIC) address.
+    pub addr: SocketAddr,
+    pub state: MemberState,
+    pub incarnation: u64,
+    /// `None` until this node has heard the member's metadata.
+    pub meta: Option<NodeMeta>,
+    /// Version of that metadata (bumped on every change).
+    pub meta_version: u64,
+}
+
+/// A change other parts of the node react to (open or close actor sessions, replicate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberEvent {
+    Up(NodeId),
+    Down(NodeId),
+    Left(NodeId),
+    Meta(String),
+    /// This node is connected to at least one active member.
+    Joined,
+    /// This node was declared down by the cluster and rejoined under a new incarnation.
+    Rejoined,
+}
+
+/// A record carried as a custom broadcast or a direct frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Record {
+    Meta {
+        name: String,
+        incarnation: u64,
+        version: u64,
+        meta: NodeMeta,
+    },
+    Leave {
+        name: String,
+        incarnation: u64,
+    },
+}
+
+impl Record {
+    fn key(&self) -> RecordKey {
+        match self {
+            Record::Meta {
+                name,
+                incarnation,
+                version,
+                ..
+            } => RecordKey {
+                name: name.clone(),
+                rank: (*incarnation, 0, *version),
+            },
+            Record::Leave { name, incarnation } => RecordKey {
+                name: name.clone(),
+                rank: (*incarnation, 1, 0),
+            },
+        }
+    }
+}
+
+/// Orders a member's records: a later incarnation beats everything before it, a leave beats
+/// metadata of the same incarnation, a higher metadata version beats a lower one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RecordKey {
+    name: String,
+    rank: (u64, u8, u64),
+}
+
+impl Invalidates for RecordKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self.name == other.name && self.rank >= other.rank
+    }
+}
+
+/// What this node knows from records: the newest metadata and leave notice per member.
+#[derive(Debug, Default)]
+struct Records {
+    meta: HashMap<String, (u64, u64, NodeMeta)>,
+    left: HashMap<String, u64>,
+    /// Members whose metadata changed since the caller last looked.
+    changed: Vec<String>,
+    /// A leave notice arrived since the caller last looked.
+    new_leave: bool,
+}
+
+impl Records {
+    /// Keep `r` if it is news; says whether it was.
+    fn offer(&mut self, r: &Record) -> bool {
+        match r {
+            Record::Meta {
+                name,
+                incarnation,
+                version,
+                meta,
+            } => {
+                let newer = self
+                    .meta
+                    .get(name)
+                    .is_none_or(|(i, v, _)| (*incarnation, *version) > (*i, *v));
+                if newer {
+                    self.meta
+                        .insert(name.clone(), (*incarnation, *version, meta.clone()));
+                    if self.changed.len() < 4096 {
+                        self.changed.push(name.clone());
+                    }
+                }
+                newer
+            }
+            Record::Leave { name, incarnation } => {
+                let newer = self.left.get(name).is_none_or(|i| incarnation > i);
+                if newer {
+                    self.left.insert(name.clone(), *incarnation);
+                    self.new_leave = true;
+                }
+                newer
+            }
+        }
+    }
+}
+
+fn lock(r: &Mutex<Records>) -> MutexGuard<'_, Records> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// foca's custom-broadcast hook over the shared [`Records`].
+#[derive(Debug)]
+struct Handler(Arc<Mutex<Records>>);
+
+#[derive(Debug, thiserror::Error)]
+#[error("bad broadcast: {0}")]
+struct BroadcastError(String);
+
+impl BroadcastHandler<NodeId> for Handler {
+    type Key = RecordKey;
+    type Error = BroadcastError;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        sender: Option<&NodeId>,
+    ) -> Result<Option<RecordKey>, BroadcastError> {
+        let r: Record = postcard::from_bytes(data).map_err(|e| BroadcastError(e.to_string()))?;
+        let news = lock(&self.0).offer(&r);
+        // Our own records are always (re)disseminated.
+        Ok((news || sender.is_none()).then(|| r.key()))
+    }
+}
+
+type Swim = Foca<NodeId, PostcardCodec, StdRng, Handler>;
+
+/// Per-member state that foca does not keep for us.
+#[derive(Debug, Clone)]
+struct Known {
+    id: NodeId,
+    state: MemberState,
+}
+
+/// The membership state machine of one node.
+pub struct Gossip {
+    foca: Swim,
+    rt: AccumulatingRuntime<NodeId>,
+    records: Arc<Mutex<Records>>,
+    me: NodeId,
+    meta: NodeMeta,
+    meta_version: u64,
+    left: bool,
+    active: bool,
+    known: BTreeMap<String, Known>,
+    seeds: Vec<SocketAddr>,
+    meta_wanted: HashSet<NodeId>,
+    out: Vec<(NodeId, Bytes)>,
+    events: Vec<MemberEvent>,
+    /// Frames refused since start, by error code.
+    pub refused: BTreeMap<&'static str, u64>,
+}
+
+impl std::fmt::Debug for Gossip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gossip")
+            .field("me", &self.me)
+            .field("active", &self.active)
+            .field("members", &self.foca.num_members())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gossip {
+    /// A member named `me.name` at `me.addr` with metadata `meta`; `seed` seeds its randomness.
+    pub fn new(
+        me: NodeId,
+        meta: NodeMeta,
+        settings: &GossipSettings,
+        seed: u64,
+    ) -> Result<Self, GossipError> {
+        let records = Arc::new(Mutex::new(Records::default()));
+        let foca = Foca::with_custom_broadcast(
+            me.clone(),
+            settings.foca_config(),
+            StdRng::seed_from_u64(seed),
+            PostcardCodec,
+            Handler(Arc::clone(&records)),
+        );
+        let mut g = Self {
+            foca,
+            rt: AccumulatingRuntime::new(),
+            records,
+            me,
+            meta: meta.clone(),
+            meta_version: 0,
+            left: false,
+            active: false,
+            known: BTreeMap::new(),
+            seeds: Vec::new(),
+            meta_wanted: HashSet::new(),
+            out: Vec::new(),
+            events: Vec::new(),
+            refused: BTreeMap::new(),
+        };
+        g.set_meta(meta)?;
+        Ok(g)
+    }
+
+    pub fn identity(&self) -> &NodeId {
+        &self.me
+    }
+
+    /// Connected to at least one active member.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// Number of active members other than this one.
+    pub fn num_members(&self) -> usize {
+        self.foca.num_members()
+    }
+
+    /// Seeds to announce to until active (and again on [`Gossip::tick`] while alone).
+    pub fn set_seeds(&mut self, seeds: Vec<SocketAddr>) {
+        self.seeds = seeds.into_iter().filter(|s| *s != self.me.addr).collect();
+        self.announce_to_seeds();
+    }
+
+    /// Announce to every seed (a seed's name is unknown until it answers).
+    pub fn announce_to_seeds(&mut self) {
+        for addr in self.seeds.clone() {
+            let dst = NodeId {
+                name: String::new(),
+                addr,
+                incarnation: 0,
+            };
+            if let Err(e) = self.foca.announce(dst, &mut self.rt) {
+                tracing::debug!(error = %e, "announce");
+            }
+        }
+        self.pump();
+    }
+
+    /// Replace this node's metadata and spread the new version.
+    pub fn set_meta(&mut self, meta: NodeMeta) -> Result<(), GossipError> {
+        let rec = Record::Meta {
+            name: self.me.name.clone(),
+            incarnation: self.me.incarnation,
+            version: self.meta_version + 1,
+            meta: meta.clone(),
+        };
+        let bytes = encode_record(&rec)?;
+        self.meta_version += 1;
+        self.meta = meta;
+        self.foca
+            .add_broadcast(&bytes)
+            .map_err(|e| GossipError::Foca(e.to_string()))?;
+        self.pump();
+        Ok(())
+    }
+
+    /// Leave gracefully: peers see this node as `left` rather than `down`.
+    pub fn leave(&mut self) {
+        if self.left {
+            return;
+        }
+        self.left = true;
+        let rec = Record::Leave {
+            name: self.me.name.clone(),
+            incarnation: self.me.incarnation,
+        };
+        if let Ok(bytes) = encode_record(&rec)
+            && let Err(e) = self.foca.add_broadcast(&bytes)
+        {
+            tracing::debug!(error = %e, "leave broadcast");
+        }
+        if let Err(e) = self.foca.leave_cluster(&mut self.rt) {
+            tracing::debug!(error = %e, "leave");
+        }
+        self.pump();
+    }
+
+    /// A foca timer fired.
+    pub fn handle_timer(&mut self, t: Timer<NodeId>) {
+        if let Err(e) = self.foca.handle_timer(t, &mut self.rt) {
+            tracing::debug!(error = %e, "gossip timer");
+        }
+        self.pump();
+    }
+
+    /// Periodic housekeeping (about once a second): re-announce while alone, ask again for
+    /// metadata that has not arrived.
+    pub fn tick(&mut self) {
+        if self.left {
+            return;
+        }
+        if self.foca.num_members() == 0 {
+            self.announce_to_seeds();
+        }
+        let wanted: Vec<NodeId> = self.meta_wanted.iter().cloned().collect();
+        for id in wanted {
+            self.request_meta(id);
+        }
+    }
+
+    /// A frame from the peer the transport authenticated as `from`.
+    pub fn handle_frame(&mut self, from: &str, data: &[u8]) -> Result<(), GossipError> {
+        let r = self.frame(from, data);
+        if let Err(e) = &r {
+            *self.refused.entry(e.code()).or_default() += 1;
+        }
+        self.pump();
+        r
+    }
+
+    fn frame(&mut self, from: &str, data: &[u8]) -> Result<(), GossipError> {
+        let (&kind, body) = data.split_first().ok_or(GossipError::Empty)?;
+        if body.len() > MAX_PACKET {
+            return Err(GossipError::TooBig {
+                size: body.len(),
+                limit: MAX_PACKET,
+            });
+        }
+        let decode = |e: postcard::Error| GossipError::Decode(e.to_string());
+        match kind {
+            FRAME_FOCA => {
+                let header = Codec::<NodeId>::decode_header(&mut PostcardCodec, body)
+                    .map_err(|e| GossipError::Decode(e.to_string()))?;
+                if header.src.name != from {
+                    return Err(GossipError::IdentityMismatch {
+                        peer: from.to_string(),
+                        claimed: header.src.name,
+                    });
+                }
+                if self.left {
+                    return Ok(());
+                }
+                self.foca
+                    .handle_data(body, &mut self.rt)
+                    .map_err(|e| GossipError::Foca(e.to_string()))
+            }
+            FRAME_META_REQUEST => {
+                let asker: NodeId = postcard::from_bytes(body).map_err(decode)?;
+                if asker.name != from {
+                    return Err(GossipError::IdentityMismatch {
+                        peer: from.to_string(),
+                        claimed: asker.name,
+                    });
+                }
+                let rec = self.own_meta_record();
+                let frame = framed(FRAME_META, &encode_record(&rec)?);
+                // Whoever knows us should be known to us: learn the asker if it is new (this
+                // closes the last gaps of a cold start far sooner than random probing).
+                let known = self
+                    .known
+                    .get(&asker.name)
+                    .is_some_and(|k| k.id.incarnation >= asker.incarnation);
+                if !known && !self.left {
+                    let m = foca::Member::new(asker.clone(), Default::default(), State::Alive);
+                    if let Err(e) = self.foca.apply_many(std::iter::once(m), true, &mut self.rt) {
+                        tracing::debug!(error = %e, "learn asker");
+                    }
+                }
+                self.out.push((asker, frame));
+                Ok(())
+            }
+            FRAME_META => {
+                let rec: Record = postcard::from_bytes(body).map_err(decode)?;
+                let Record::Meta { name, .. } = &rec else {
+                    return Err(GossipError::Decode("expected a metadata record".into()));
+                };
+                if name != from {
+                    return Err(GossipError::IdentityMismatch {
+                        peer: from.to_string(),
+                        claimed: name.clone(),
+                    });
+                }
+                lock(&self.records).offer(&rec);
+                Ok(())
+            }
+            other => Err(GossipError::UnknownKind(other)),
+        }
+    }
+
+    fn own_meta_record(&self) -> Record {
+        Record::Meta {
+            name: self.me.name.clone(),
+            incarnation: self.me.incarnation,
+            version: self.meta_version,
+            meta: self.meta.clone(),
+        }
+    }
+
+    fn request_meta(&mut self, id: NodeId) {
+        if let Ok(body) = postcard::to_stdvec(&self.me) {
+            self.out.push((id, framed(FRAME_META_REQUEST, &body)));
+        }
+    }
+
+    /// Move foca's output into ours and turn its notifications into member events.
+    fn pump(&mut self) {
+        while let Some((to, data)) = self.rt.to_send() {
+            self.out.push((to, framed(FRAME_FOCA, &data)));
+        }
+        while let Some(n) = self.rt.to_notify() {
+            match n {
+                OwnedNotification::MemberUp(id) => {
+                    self.known.insert(
+                        id.name.clone(),
+                        Known {
+                            id: id.clone(),
+                            state: MemberState::Alive,
+                        },
+                    );
+                    let has_meta = lock(&self.records)
+                        .meta
+                        .get(&id.name)
+                        .is_some_and(|(i, _, _)| *i == id.incarnation);
+                    if !has_meta {
+                        self.meta_wanted.insert(id.clone());
+                        self.request_meta(id.clone());
+                    }
+                    self.events.push(MemberEvent::Up(id));
+                }
+                OwnedNotification::MemberDown(id) => {
+                    self.meta_wanted.remove(&id);
+                    let current = self
+                        .known
+                        .get(&id.name)
+                        .is_none_or(|k| k.id.incarnation <= id.incarnation);
+                    if !current {
+                        continue;
+                    }
+                    let left = lock(&self.records)
+                        .left
+                        .get(&id.name)
+                        .is_some_and(|i| *i >= id.incarnation);
+                    let state = if left {
+                        MemberState::Left
+                    } else {
+                        MemberState::Down
+                    };
+                    self.known.insert(
+                        id.name.clone(),
+                        Known {
+                            id: id.clone(),
+                            state,
+                        },
+                    );
+                    self.events.push(if left {
+                        MemberEvent::Left(id)
+                    } else {
+                        MemberEvent::Down(id)
+                    });
+                }
+                OwnedNotification::Rename(old, new) => {
+                    self.meta_wanted.remove(&old);
+                    if let Some(k) = self.known.get_mut(&new.name) {
+                        k.id = new;
+                    }
+                }
+                OwnedNotification::Active => {
+                    self.active = true;
+                    self.events.push(MemberEvent::Joined);
+                }
+                OwnedNotification::Idle => self.active = false,
+                OwnedNotification::Defunct => self.active = false,
+                OwnedNotification::Rejoin(id) => {
+                    tracing::warn!(incarnation = id.incarnation, "declared down; rejoined");
+                    self.me = id;
+                    if let Err(e) = self.set_meta(self.meta.clone()) {
+                        tracing::debug!(error = %e, "meta after rejoin");
+                    }
+                    self.events.push(MemberEvent::Rejoined);
+                }
+            }
+        }
+        // Leave notices that arrived after the member was already seen down.
+        let mut recs = lock(&self.records);
+        let scan = std::mem::take(&mut recs.new_leave);
+        if scan {
+            for k in self.known.values_mut() {
+                if k.state == MemberState::Down
+                    && recs
+                        .left
+                        .get(&k.id.name)
+                        .is_some_and(|i| *i >= k.id.incarnation)
+                {
+                    k.state = MemberState::Left;
+                    self.events.push(MemberEvent::Left(k.id.clone()));
+                }
+            }
+        }
+        for name in recs.changed.drain(..) {
+            if let Some(k) = self.known.get(&name) {
+                self.meta_wanted.remove(&k.id);
+            }
+            self.events.push(MemberEvent::Meta(name));
+        }
+    }
+
+    /// Frames to send: (destination, bytes).
+    pub fn take_output(&mut self) -> Vec<(NodeId, Bytes)> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Timers foca asked for: fire `Timer` after the `Duration`.
+    pub fn take_timers(&mut self) -> Vec<(Duration, Timer<NodeId>)> {
+        let mut v = Vec::new();
+        while let Some(t) = self.rt.to_schedule() {
+            v.push(t);
+        }
+        v
+    }
+
+    pub fn take_events(&mut self) -> Vec<MemberEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Every member this node has heard of, itself included, by name.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        let suspects: HashSet<&NodeId> = self
+            .foca
+            .iter_members()
+            .filter(|m| m.state() == State::Suspect)
+            .map(|m| m.id())
+            .collect();
+        let recs = lock(&self.records);
+        let meta_of = |id: &NodeId| match recs.meta.get(&id.name) {
+            Some((i, v, m)) if *i == id.incarnation => (Some(m.clone()), *v),
+            _ => (None, 0),
+        };
+        let mut out = Vec::with_capacity(self.known.len() + 1);
+        out.push(MemberInfo {
+            name: self.me.name.clone(),
+            addr: self.me.addr,
+            state: if self.left {
+                MemberState::Left
+            } else {
+                MemberState::Alive
+            },
+            incarnation: self.me.incarnation,
+            meta: Some(self.meta.clone()),
+            meta_version: self.meta_version,
+        });
+        for k in self.known.values() {
+            let state = if k.state == MemberState::Alive && suspects.contains(&k.id) {
+                MemberState::Suspect
+            } else {
+                k.state
+            };
+            let (meta, meta_version) = meta_of(&k.id);
+            out.push(MemberInfo {
+                name: k.id.name.clone(),
+                addr: k.id.addr,
+                state,
+                incarnation: k.id.incarnation,
+                meta,
+                meta_version,
+            });
+        }
+        out
+    }
+
+    /// Size of the pending update backlog (for metrics and the simulator).
+    pub fn backlog(&self) -> usize {
+        self.foca.updates_backlog()
+    }
+}
+
+fn encode_record(r: &Record) -> Result<Vec<u8>, GossipError> {
+    let bytes = postcard::to_stdvec(r).map_err(|e| GossipError::Decode(e.to_string()))?;
+    if bytes.len() > MAX_META_BYTES {
+        return Err(GossipError::MetaTooLarge {
+            size: bytes.len(),
+            limit: MAX_META_BYTES,
+        });
+    }
+    Ok(bytes)
+}
+
+fn framed(kind: u8, body: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(body.len() + 1);
+    b.put_u8(kind);
+    b.put_slice(body);
+    b.freeze()
+}

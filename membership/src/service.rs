@@ -1,0 +1,686 @@
+//! The running membership service: one QUIC endpoint, [`Gossip`] on datagrams, one connection
+//! per peer pair, the member view as a watch channel.
+//!
+//! One task owns the [`Gossip`] state machine and its timers; connection tasks feed it frames
+//! through a bounded channel (a full channel drops datagrams, as a lossy network would). Sending
+//! to a member without a connection dials it (a seed by address, any certificate from the
+//! cluster CA; a known member by address and name), with exponential backoff per address and a
+//! few packets held until the connection is up. When both ends dial at once, the connection
+//! dialed by the node with the smaller name is kept on both sides.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use foca::Timer;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::gossip::{Gossip, GossipError, GossipSettings, MemberEvent, MemberInfo, NodeId};
+use crate::transport::{Accepted, Endpoint, PeerConnection, TlsIdentity, TransportError};
+use crate::{MemberState, NodeMeta};
+
+/// Frames waiting for the state machine; beyond this, datagrams are dropped.
+const FRAME_QUEUE: usize = 4096;
+/// Packets held per address while its connection is being set up.
+const PENDING_PER_PEER: usize = 16;
+/// How long an opened stream may take to say what it is.
+const STREAM_KIND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How to run the membership service.
+#[derive(Debug)]
+pub struct MembershipConfig {
+    pub identity: TlsIdentity,
+    /// UDP address the QUIC endpoint binds.
+    pub bind: SocketAddr,
+    /// Address peers dial (the bind address unless behind NAT).
+    pub advertise: SocketAddr,
+    pub seeds: Vec<SocketAddr>,
+    pub meta: NodeMeta,
+    pub settings: GossipSettings,
+    /// Open connections beyond this are refused.
+    pub max_connections: usize,
+    /// Where incoming bidirectional streams go (actor sessions, replication), tagged with the
+    /// kind byte their opener wrote first. Without it, incoming streams are refused.
+    pub streams: Option<mpsc::Sender<IncomingStream>>,
+}
+
+/// A bidirectional stream a peer opened.
+#[derive(Debug)]
+pub struct IncomingStream {
+    /// The peer's certificate name.
+    pub peer: String,
+    pub kind: u8,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+/// The member list as this node sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    /// This node knows at least one active member (or is alone with no seeds).
+    pub active: bool,
+    pub members: Vec<MemberInfo>,
+}
+
+impl View {
+    pub fn alive(&self) -> usize {
+        self.members
+            .iter()
+            .filter(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect))
+            .count()
+    }
+}
+
+/// Why the service failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Gossip(#[from] GossipError),
+    #[error("no connection to `{0}`")]
+    NoConnection(String),
+    #[error("stream to `{peer}`: {message}")]
+    Stream { peer: String, message: String },
+    #[error("the membership service has stopped")]
+    Stopped,
+}
+
+impl MembershipError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            MembershipError::Transport(e) => e.kind(),
+            MembershipError::Gossip(e) => e.code(),
+            MembershipError::NoConnection(_) => "no_connection",
+            MembershipError::Stream { .. } => "stream",
+            MembershipError::Stopped => "stopped",
+        }
+    }
+}
+
+/// A refused connection or frame, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub remote: String,
+    pub reason: String,
+}
+
+enum Cmd {
+    SetMeta(NodeMeta, oneshot::Sender<Result<(), GossipError>>),
+    AddSeeds(Vec<SocketAddr>),
+    Leave(oneshot::Sender<()>),
+    Shutdown,
+}
+
+enum ConnEvent {
+    Up { pc: PeerConnection, dialed: bool },
+    Lost { peer: String, id: usize },
+    DialFailed { addr: SocketAddr, error: String },
+}
+
+type Conns = Arc<Mutex<HashMap<String, quinn::Connection>>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Handle to the running service (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Membership {
+    name: String,
+    endpoint: Endpoint,
+    cmd: mpsc::Sender<Cmd>,
+    view: watch::Receiver<View>,
+    events: broadcast::Sender<MemberEvent>,
+    conns: Conns,
+    refusals: Arc<Mutex<VecDeque<Refusal>>>,
+    stats: Arc<Mutex<Stats>>,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub frames_dropped: u64,
+    pub frames_refused: u64,
+    pub connections_refused: u64,
+    pub dials_failed: u64,
+}
+
+impl Membership {
+    /// Bind the endpoint, start gossip and announce to the seeds.
+    pub async fn start(cfg: MembershipConfig) -> Result<Self, MembershipError> {
+        let mut endpoint = Endpoint::bind(&cfg.identity, cfg.bind)?;
+        endpoint.set_max_connections(cfg.max_connections);
+        let name = cfg.identity.name().to_string();
+        let incarnation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        let me = NodeId {
+            name: name.clone(),
+            addr: cfg.advertise,
+            incarnation,
+        };
+        let mut gossip = Gossip::new(me, cfg.meta, &cfg.settings, incarnation)?;
+        gossip.set_seeds(cfg.seeds);
+        let (view_tx, view) = watch::channel(View {
+            active: false,
+            members: gossip.members(),
+        });
+        let (events, _) = broadcast::channel(1024);
+        let (cmd, cmd_rx) = mpsc::channel(64);
+        let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
+        let (conn_tx, conn_rx) = mpsc::channel(256);
+        let m = Self {
+            name: name.clone(),
+            endpoint: endpoint.clone(),
+            cmd,
+            view,
+            events: events.clone(),
+            conns: Arc::default(),
+            refusals: Arc::default(),
+            stats: Arc::default(),
+        };
+        let wiring = Wiring {
+            name,
+            endpoint: endpoint.clone(),
+            frames: frames_tx,
+            conn_events: conn_tx.clone(),
+            streams: cfg.streams,
+            refusals: Arc::clone(&m.refusals),
+            stats: Arc::clone(&m.stats),
+        };
+        tokio::spawn(accept_loop(wiring.clone()));
+        let driver = Driver {
+            gossip,
+            wiring,
+            conns: Arc::clone(&m.conns),
+            entries: HashMap::new(),
+            addr_names: HashMap::new(),
+            pending: HashMap::new(),
+            dialing: HashMap::new(),
+            backoff: HashMap::new(),
+            timers: BinaryHeap::new(),
+            timer_seq: 0,
+            view: view_tx,
+            events,
+        };
+        tokio::spawn(driver.run(cmd_rx, frames_rx, conn_rx));
+        Ok(m)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The QUIC address actually bound.
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        self.endpoint.local_addr()
+    }
+
+    /// The current member view.
+    pub fn view(&self) -> View {
+        self.view.borrow().clone()
+    }
+
+    /// The member view as a watch channel.
+    pub fn watch(&self) -> watch::Receiver<View> {
+        self.view.clone()
+    }
+
+    /// Member events (up, down, left, metadata); a slow subscriber misses the oldest.
+    pub fn subscribe(&self) -> broadcast::Receiver<MemberEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn stats(&self) -> Stats {
+        lock(&self.stats).clone()
+    }
+
+    /// Refused connections and frames since the last call (at most 256 are kept).
+    pub fn take_refusals(&self) -> Vec<Refusal> {
+        lock(&self.refusals).drain(..).collect()
+    }
+
+    /// Publish new metadata (a new version spreads by gossip).
+    pub async fn set_meta(&self, meta: NodeMeta) -> Result<(), MembershipError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::SetMeta(meta, tx))
+            .await
+            .map_err(|_| MembershipError::Stopped)?;
+        Ok(rx.await.map_err(|_| MembershipError::Stopped)??)
+    }
+
+    /// Announce to more seeds (config reload).
+    pub async fn add_seeds(&self, seeds: Vec<SocketAddr>) -> Result<(), MembershipError> {
+        self.cmd
+            .send(Cmd::AddSeeds(seeds))
+            .await
+            .map_err(|_| MembershipError::Stopped)
+    }
+
+    /// Leave the cluster gracefully; returns once the notice is on the wire.
+    pub async fn leave(&self) -> Result<(), MembershipError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Leave(tx))
+            .await
+            .map_err(|_| MembershipError::Stopped)?;
+        rx.await.map_err(|_| MembershipError::Stopped)?;
+        // Datagrams leave asynchronously; give them a moment before anyone closes the endpoint.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(())
+    }
+
+    /// The live connection to `peer`, if any.
+    pub fn connection(&self, peer: &str) -> Option<quinn::Connection> {
+        lock(&self.conns).get(peer).cloned()
+    }
+
+    /// Open a bidirectional stream to `peer` and write its kind byte.
+    pub async fn open_stream(
+        &self,
+        peer: &str,
+        kind: u8,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), MembershipError> {
+        let conn = self
+            .connection(peer)
+            .ok_or_else(|| MembershipError::NoConnection(peer.to_string()))?;
+        let err = |e: &dyn std::fmt::Display| MembershipError::Stream {
+            peer: peer.to_string(),
+            message: e.to_string(),
+        };
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| err(&e))?;
+        send.write_all(&[kind]).await.map_err(|e| err(&e))?;
+        Ok((send, recv))
+    }
+
+    /// Stop gossip and close every connection.
+    pub async fn shutdown(&self) {
+        let _ = self.cmd.send(Cmd::Shutdown).await;
+        self.endpoint.close();
+    }
+}
+
+/// What connection tasks need.
+#[derive(Clone)]
+struct Wiring {
+    name: String,
+    endpoint: Endpoint,
+    frames: mpsc::Sender<(String, Bytes)>,
+    conn_events: mpsc::Sender<ConnEvent>,
+    streams: Option<mpsc::Sender<IncomingStream>>,
+    refusals: Arc<Mutex<VecDeque<Refusal>>>,
+    stats: Arc<Mutex<Stats>>,
+}
+
+impl Wiring {
+    fn refuse(&self, remote: String, reason: String) {
+        tracing::warn!(%remote, %reason, "cluster connection refused");
+        lock(&self.stats).connections_refused += 1;
+        let mut q = lock(&self.refusals);
+        if q.len() >= 256 {
+            q.pop_front();
+        }
+        q.push_back(Refusal { remote, reason });
+    }
+}
+
+async fn accept_loop(w: Wiring) {
+    while let Some(pending) = w.endpoint.incoming().await {
+        let w = w.clone();
+        tokio::spawn(async move {
+            match pending.finish().await {
+                Accepted::Peer(pc) => {
+                    let _ = w
+                        .conn_events
+                        .send(ConnEvent::Up { pc, dialed: false })
+                        .await;
+                }
+                Accepted::Refused { remote, reason } => w.refuse(remote.to_string(), reason),
+            }
+        });
+    }
+}
+
+/// Read datagrams and streams of one kept connection until it closes.
+fn serve_connection(w: &Wiring, pc: &PeerConnection) {
+    let (conn, peer) = (pc.conn.clone(), pc.peer.clone());
+    let w2 = w.clone();
+    tokio::spawn(async move {
+        while let Ok(d) = conn.read_datagram().await {
+            if w2.frames.try_send((peer.clone(), d)).is_err() {
+                lock(&w2.stats).frames_dropped += 1;
+            }
+        }
+        let _ = w2
+            .conn_events
+            .send(ConnEvent::Lost {
+                peer,
+                id: conn.stable_id(),
+            })
+            .await;
+    });
+    let (conn, peer) = (pc.conn.clone(), pc.peer.clone());
+    let w = w.clone();
+    tokio::spawn(async move {
+        while let Ok((send, mut recv)) = conn.accept_bi().await {
+            let Some(streams) = w.streams.clone() else {
+                let _ = recv.stop(1u32.into());
+                continue;
+            };
+            let peer = peer.clone();
+            tokio::spawn(async move {
+                let mut kind = [0u8; 1];
+                match tokio::time::timeout(STREAM_KIND_TIMEOUT, recv.read_exact(&mut kind)).await {
+                    Ok(Ok(())) => {
+                        let s = IncomingStream {
+                            peer,
+                            kind: kind[0],
+                            send,
+                            recv,
+                        };
+                        if let Err(e) = streams.try_send(s) {
+                            let mut s = e.into_inner();
+                            let _ = s.recv.stop(2u32.into());
+                        }
+                    }
+                    _ => {
+                        tracing::debug!(%peer, "stream said nothing; dropped");
+                        let _ = recv.stop(1u32.into());
+                    }
+                }
+            });
+        }
+    });
+}
+
+struct Entry {
+    conn: quinn::Connection,
+    /// Dialed by this node (else accepted).
+    dialed: bool,
+}
+
+struct Backoff {
+    not_before: Instant,
+    delay: Duration,
+}
+
+struct Driver {
+    gossip: Gossip,
+    wiring: Wiring,
+    conns: Conns,
+    entries: HashMap<String, Entry>,
+    addr_names: HashMap<SocketAddr, String>,
+    pending: HashMap<SocketAddr, VecDeque<Bytes>>,
+    dialing: HashMap<SocketAddr, ()>,
+    backoff: HashMap<SocketAddr, Backoff>,
+    timers: BinaryHeap<Reverse<(Instant, u64, TimerBox)>>,
+    timer_seq: u64,
+    view: watch::Sender<View>,
+    events: broadcast::Sender<MemberEvent>,
+}
+
+/// A foca timer in the heap (ordered by deadline and sequence only).
+struct TimerBox(Timer<NodeId>);
+
+impl PartialEq for TimerBox {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for TimerBox {}
+impl PartialOrd for TimerBox {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for TimerBox {
+    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
+        std::cmp::Ordering::Equal
+    }
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Cmd>,
+        mut frames: mpsc::Receiver<(String, Bytes)>,
+        mut conn_events: mpsc::Receiver<ConnEvent>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        self.flush();
+        loop {
+            let next = self
+                .timers
+                .peek()
+                .map(|Reverse((at, _, _))| *at)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    None | Some(Cmd::Shutdown) => break,
+                    Some(Cmd::SetMeta(meta, reply)) => {
+                        let _ = reply.send(self.gossip.set_meta(meta));
+                    }
+                    Some(Cmd::AddSeeds(seeds)) => self.gossip.set_seeds(seeds),
+                    Some(Cmd::Leave(reply)) => {
+                        self.gossip.leave();
+                        self.flush();
+                        let _ = reply.send(());
+                    }
+                },
+                Some((peer, data)) = frames.recv() => {
+                    lock(&self.wiring.stats).frames_in += 1;
+                    if let Err(e) = self.gossip.handle_frame(&peer, &data) {
+                        lock(&self.wiring.stats).frames_refused += 1;
+                        match e {
+                            GossipError::IdentityMismatch { .. } => {
+                                self.wiring.refuse(peer, e.to_string())
+                            }
+                            _ => tracing::debug!(%peer, error = %e, "frame refused"),
+                        }
+                    }
+                }
+                Some(ev) = conn_events.recv() => self.connection_event(ev),
+                _ = tokio::time::sleep_until(next) => {
+                    let now = Instant::now();
+                    while let Some(Reverse((at, _, _))) = self.timers.peek() {
+                        if *at > now {
+                            break;
+                        }
+                        if let Some(Reverse((_, _, TimerBox(t)))) = self.timers.pop() {
+                            self.gossip.handle_timer(t);
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    self.gossip.tick();
+                    self.publish_view();
+                }
+            }
+            self.flush();
+        }
+        tracing::info!(node = %self.wiring.name, "membership stopped");
+    }
+
+    fn connection_event(&mut self, ev: ConnEvent) {
+        match ev {
+            ConnEvent::Up { pc, dialed } => {
+                let addr = pc.conn.remote_address();
+                if dialed {
+                    self.dialing.remove(&addr);
+                    self.backoff.remove(&addr);
+                }
+                let keep_new = match self.entries.get(&pc.peer) {
+                    Some(old) if old.conn.close_reason().is_none() => {
+                        // Both dialed: keep the connection the smaller name dialed.
+                        let me_smaller = self.wiring.name < pc.peer;
+                        if old.dialed == dialed {
+                            true
+                        } else {
+                            dialed == me_smaller
+                        }
+                    }
+                    _ => true,
+                };
+                if !keep_new {
+                    pc.conn.close(2u32.into(), b"duplicate");
+                    self.flush_pending(addr, &pc.peer);
+                    return;
+                }
+                if let Some(old) = self.entries.insert(
+                    pc.peer.clone(),
+                    Entry {
+                        conn: pc.conn.clone(),
+                        dialed,
+                    },
+                ) && old.conn.stable_id() != pc.conn.stable_id()
+                {
+                    old.conn.close(2u32.into(), b"duplicate");
+                }
+                lock(&self.conns).insert(pc.peer.clone(), pc.conn.clone());
+                self.addr_names.insert(addr, pc.peer.clone());
+                serve_connection(&self.wiring, &pc);
+                tracing::debug!(peer = %pc.peer, %addr, dialed, "peer connected");
+                self.flush_pending(addr, &pc.peer);
+            }
+            ConnEvent::Lost { peer, id } => {
+                if self
+                    .entries
+                    .get(&peer)
+                    .is_some_and(|e| e.conn.stable_id() == id)
+                {
+                    self.entries.remove(&peer);
+                    lock(&self.conns).remove(&peer);
+                    tracing::debug!(%peer, "peer connection closed");
+                }
+            }
+            ConnEvent::DialFailed { addr, error } => {
+                lock(&self.wiring.stats).dials_failed += 1;
+                self.dialing.remove(&addr);
+                self.pending.remove(&addr);
+                let b = self.backoff.entry(addr).or_insert(Backoff {
+                    not_before: Instant::now(),
+                    delay: Duration::from_millis(125),
+                });
+                b.delay = (b.delay * 2).min(Duration::from_secs(5));
+                b.not_before = Instant::now() + b.delay;
+                tracing::debug!(%addr, %error, retry_in = ?b.delay, "dial failed");
+            }
+        }
+    }
+
+    fn flush_pending(&mut self, addr: SocketAddr, peer: &str) {
+        let Some(q) = self.pending.remove(&addr) else {
+            return;
+        };
+        if let Some(e) = self.entries.get(peer) {
+            for b in q {
+                let _ = e.conn.send_datagram(b);
+            }
+        }
+    }
+
+    /// Send what gossip produced, schedule its timers, publish its events.
+    fn flush(&mut self) {
+        for (to, data) in self.gossip.take_output() {
+            self.send(to, data);
+        }
+        for (after, t) in self.gossip.take_timers() {
+            self.timer_seq += 1;
+            self.timers.push(Reverse((
+                Instant::now() + after,
+                self.timer_seq,
+                TimerBox(t),
+            )));
+        }
+        let events = self.gossip.take_events();
+        if !events.is_empty() {
+            for ev in events {
+                match &ev {
+                    MemberEvent::Up(id) => {
+                        tracing::info!(member = %id.name, addr = %id.addr, "member up")
+                    }
+                    MemberEvent::Down(id) => tracing::warn!(member = %id.name, "member down"),
+                    MemberEvent::Left(id) => tracing::info!(member = %id.name, "member left"),
+                    MemberEvent::Joined => tracing::info!("joined the cluster"),
+                    _ => {}
+                }
+                let _ = self.events.send(ev);
+            }
+            self.publish_view();
+        }
+    }
+
+    fn publish_view(&self) {
+        let v = View {
+            active: self.gossip.is_active(),
+            members: self.gossip.members(),
+        };
+        self.view.send_if_modified(|old| {
+            if *old == v {
+                false
+            } else {
+                *old = v;
+                true
+            }
+        });
+    }
+
+    fn send(&mut self, to: NodeId, data: Bytes) {
+        lock(&self.wiring.stats).frames_out += 1;
+        let name = if to.name.is_empty() {
+            self.addr_names.get(&to.addr).cloned()
+        } else {
+            Some(to.name.clone())
+        };
+        if let Some(e) = name.as_ref().and_then(|n| self.entries.get(n))
+            && e.conn.close_reason().is_none()
+        {
+            if let Err(err) = e.conn.send_datagram(data) {
+                tracing::debug!(peer = ?name, error = %err, "datagram not sent");
+            }
+            return;
+        }
+        // No live connection: hold the packet and dial (unless backing off).
+        let q = self.pending.entry(to.addr).or_default();
+        if q.len() < PENDING_PER_PEER {
+            q.push_back(data);
+        }
+        if self.dialing.contains_key(&to.addr) {
+            return;
+        }
+        if self
+            .backoff
+            .get(&to.addr)
+            .is_some_and(|b| b.not_before > Instant::now())
+        {
+            self.pending.remove(&to.addr);
+            return;
+        }
+        self.dialing.insert(to.addr, ());
+        let w = self.wiring.clone();
+        let (addr, expected) = (to.addr, name);
+        tokio::spawn(async move {
+            let r = match &expected {
+                Some(n) => w.endpoint.connect(addr, n).await,
+                None => w.endpoint.connect_any(addr).await,
+            };
+            let ev = match r {
+                Ok(pc) => ConnEvent::Up { pc, dialed: true },
+                Err(e) => ConnEvent::DialFailed {
+                    addr,
+                    error: e.to_string(),
+                },
+            };
+            let _ = w.conn_events.send(ev).await;
+        });
+    }
+}

@@ -1,0 +1,60 @@
+//! `/v1/cluster/*`: the member list and a graceful leave.
+
+use axum::Extension;
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Value, json};
+use swarm_membership::Membership;
+
+use super::{AppState, AuditCtx, Class};
+use crate::auth::Principal;
+use crate::error::AppError;
+
+fn membership(s: &AppState) -> Result<&Membership, AppError> {
+    s.membership
+        .as_ref()
+        .ok_or_else(|| AppError::Unavailable("this node runs without cluster membership".into()))
+}
+
+/// Every member this node knows, itself included: name, gossip address, state, metadata.
+pub(super) async fn members(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Extension(ctx): Extension<AuditCtx>,
+) -> Result<Json<Value>, AppError> {
+    s.authorize(&ctx, &who, "cluster.read", "cluster/members", None)?;
+    let view = membership(&s)?.view();
+    Ok(Json(json!({
+        "node": s.node,
+        "joined": view.active,
+        "alive": view.alive(),
+        "members": view.members,
+    })))
+}
+
+/// Leave the cluster gracefully (peers see `left` at once), then stop this node.
+pub(super) async fn leave(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Extension(ctx): Extension<AuditCtx>,
+) -> Result<Json<Value>, AppError> {
+    s.authorize(&ctx, &who, "cluster.admin", "cluster/leave", None)?;
+    let _permit = s.permit(Class::Orchestration)?;
+    let m = membership(&s)?.clone();
+    s.timed(Class::Orchestration, async move {
+        m.leave()
+            .await
+            .map_err(|e| AppError::Unavailable(format!("leave: {e}")))?;
+        Ok(())
+    })
+    .await?;
+    // Answer first; the node stops right after.
+    let stop = s.stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        stop.notify_one();
+    });
+    Ok(Json(
+        json!({"node": s.node, "state": "left", "stopping": true}),
+    ))
+}
