@@ -38,6 +38,13 @@ pub const FRAME_FOCA: u8 = 1;
 pub const FRAME_META_REQUEST: u8 = 2;
 /// A metadata record sent directly.
 pub const FRAME_META: u8 = 3;
+/// Identities this node saw go down recently (repairs members a dissemination missed).
+pub const FRAME_DOWN_DIGEST: u8 = 4;
+
+/// How long (in ticks, about seconds) a down member stays in the digest.
+const DOWN_DIGEST_TICKS: u64 = 60;
+/// Send a digest every this many ticks.
+const DOWN_DIGEST_EVERY: u64 = 2;
 
 /// Largest foca packet (identical on every node; fits a QUIC datagram with room to spare).
 pub const MAX_PACKET: usize = 1100;
@@ -134,8 +141,9 @@ impl GossipSettings {
         let mut c = Config::new_lan(size);
         c.probe_period = self.probe_period;
         c.probe_rtt = self.probe_rtt;
-        // Suspicion: 4 probe periods per order of magnitude of members (memberlist's default).
-        let secs = f64::max(1.0, f64::from(size.get()).log10()) * 4.0;
+        // Suspicion: 3 probe periods per order of magnitude of members (memberlist uses 4 with
+        // Lifeguard's dynamic shortening; foca's timeout is fixed).
+        let secs = f64::max(1.0, f64::from(size.get()).log10()) * 3.0;
         c.suspect_to_down_after = self.probe_period.mul_f64(secs);
         c.max_packet_size = NonZeroUsize::new(MAX_PACKET).unwrap_or(NonZeroUsize::MIN);
         c.periodic_announce = Some(PeriodicParams {
@@ -324,6 +332,10 @@ pub struct Gossip {
     known: BTreeMap<String, Known>,
     seeds: Vec<SocketAddr>,
     meta_wanted: HashSet<NodeId>,
+    /// Members seen going down, with the tick it happened at.
+    recent_down: std::collections::VecDeque<(NodeId, u64)>,
+    ticks: u64,
+    rng: StdRng,
     out: Vec<(NodeId, Bytes)>,
     events: Vec<MemberEvent>,
     /// Frames refused since start, by error code.
@@ -368,6 +380,9 @@ impl Gossip {
             known: BTreeMap::new(),
             seeds: Vec::new(),
             meta_wanted: HashSet::new(),
+            recent_down: std::collections::VecDeque::new(),
+            ticks: 0,
+            rng: StdRng::seed_from_u64(seed ^ 0x5eed),
             out: Vec::new(),
             events: Vec::new(),
             refused: BTreeMap::new(),
@@ -464,9 +479,11 @@ impl Gossip {
         if self.left {
             return;
         }
+        self.ticks += 1;
         if self.foca.num_members() == 0 {
             self.announce_to_seeds();
         }
+        self.send_down_digest();
         let wanted: Vec<NodeId> = self.meta_wanted.iter().cloned().collect();
         for id in wanted {
             self.request_meta(id);
@@ -548,7 +565,61 @@ impl Gossip {
                 lock(&self.records).offer(&rec);
                 Ok(())
             }
+            FRAME_DOWN_DIGEST => {
+                let ids: Vec<NodeId> = postcard::from_bytes(body).map_err(decode)?;
+                if self.left {
+                    return Ok(());
+                }
+                let stale: Vec<foca::Member<NodeId>> = ids
+                    .into_iter()
+                    .filter(|id| *id != self.me)
+                    .filter(|id| {
+                        self.known
+                            .get(&id.name)
+                            .is_some_and(|k| k.id == *id && k.state == MemberState::Alive)
+                    })
+                    .map(foca::Member::down)
+                    .collect();
+                if !stale.is_empty() {
+                    self.foca
+                        .apply_many(stale.into_iter(), true, &mut self.rt)
+                        .map_err(|e| GossipError::Foca(e.to_string()))?;
+                }
+                Ok(())
+            }
             other => Err(GossipError::UnknownKind(other)),
+        }
+    }
+
+    /// Tell one random member which members went down lately, so a member that a
+    /// dissemination missed does not wait for its own probe of the dead one.
+    fn send_down_digest(&mut self) {
+        let horizon = self.ticks.saturating_sub(DOWN_DIGEST_TICKS);
+        while self.recent_down.front().is_some_and(|(_, t)| *t < horizon) {
+            self.recent_down.pop_front();
+        }
+        if self.recent_down.is_empty() || !self.ticks.is_multiple_of(DOWN_DIGEST_EVERY) {
+            return;
+        }
+        let n = self.foca.num_members();
+        if n == 0 {
+            return;
+        }
+        let pick = rand::RngExt::random_range(&mut self.rng, 0..n);
+        let Some(to) = self.foca.iter_members().nth(pick).map(|m| m.id().clone()) else {
+            return;
+        };
+        let mut ids: Vec<&NodeId> = Vec::new();
+        let mut size = 8;
+        for (id, _) in self.recent_down.iter().rev() {
+            size += id.name.len() + 32;
+            if size > MAX_PACKET {
+                break;
+            }
+            ids.push(id);
+        }
+        if let Ok(body) = postcard::to_stdvec(&ids) {
+            self.out.push((to, framed(FRAME_DOWN_DIGEST, &body)));
         }
     }
 
@@ -594,6 +665,10 @@ impl Gossip {
                 }
                 OwnedNotification::MemberDown(id) => {
                     self.meta_wanted.remove(&id);
+                    if self.recent_down.len() >= 256 {
+                        self.recent_down.pop_front();
+                    }
+                    self.recent_down.push_back((id.clone(), self.ticks));
                     let current = self
                         .known
                         .get(&id.name)

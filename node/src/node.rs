@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use swarm_actors::ActorCluster;
 use swarm_config::secret::{ENV_JWT_SIGNING_KEY, ENV_MASTER_KEY, read_secret, read_secret_file};
 use swarm_config::{ConfigError, NodeConfig};
 use swarm_membership::Membership;
@@ -25,6 +26,8 @@ pub enum NodeError {
     Storage(#[from] StorageError),
     #[error("{what}: {message}")]
     Key { what: &'static str, message: String },
+    #[error("actors: {0}")]
+    Actors(String),
     #[error("cluster: {0}")]
     Membership(#[from] swarm_membership::MembershipError),
     #[error("cannot bind the gateway to {addr}: {source} (is another node using this port?)")]
@@ -43,6 +46,7 @@ impl NodeError {
             NodeError::Key { .. } => "bad_key",
             NodeError::Bind { .. } => "bind_failed",
             NodeError::Membership(e) => e.code(),
+            NodeError::Actors(_) => "actors",
         }
     }
 }
@@ -56,6 +60,7 @@ pub struct NodeHandle {
     /// The cluster (QUIC) address.
     pub gossip_addr: SocketAddr,
     pub membership: Membership,
+    pub actors: ActorCluster,
     pub state: gateway::AppState,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
@@ -100,6 +105,7 @@ impl NodeHandle {
         })
         .await
         .map_err(|e| StorageError::Engine(e.to_string()))??;
+        self.actors.shutdown().await;
         self.membership.shutdown().await;
         tracing::info!(node = %self.name, "node stopped");
         Ok(())
@@ -202,6 +208,9 @@ impl Node {
         })?;
         let (streams_tx, streams_rx) = tokio::sync::mpsc::channel(64);
         let membership = cluster::start_membership(&cfg, http_addr, streams_tx).await?;
+        let actors = ActorCluster::start(membership.name(), &cluster::actor_cookie(&cfg))
+            .await
+            .map_err(|e| NodeError::Actors(e.to_string()))?;
         let state = Inner::new(GatewayParts {
             node: cfg.node.name.clone(),
             storage,
@@ -215,10 +224,12 @@ impl Node {
             issuer: cfg.auth.issuer.clone(),
             audience: cfg.auth.audience.clone(),
             membership: Some(membership.clone()),
+            actors: Some(actors.clone()),
         })
         .map_err(|e| StorageError::Engine(format!("start the audit writer: {e}")))?;
         cluster::spawn_duties(state.clone(), membership.clone(), http_addr);
-        cluster::spawn_streams(streams_rx);
+        cluster::spawn_streams(streams_rx, actors.clone());
+        cluster::spawn_sessions(membership.clone(), actors.clone());
         let (tx, mut rx) = watch::channel(false);
         let app = gateway::router(Arc::clone(&state));
         let server = tokio::spawn(async move {
@@ -240,6 +251,7 @@ impl Node {
             http_addr,
             gossip_addr,
             membership,
+            actors,
             state,
             shutdown: tx,
             server,

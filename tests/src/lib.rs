@@ -1,5 +1,6 @@
 //! Helpers for cross-crate integration tests: run the real `swarm` binary, talk HTTP to it.
 
+use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -236,4 +237,49 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// Member name → state (`alive`, `suspect`, `down`, `left`) as the node behind `c` sees them;
+/// empty when the node does not answer.
+pub fn member_states(c: &Client) -> BTreeMap<String, String> {
+    match c.get("/v1/cluster/members") {
+        Ok((200, v)) => v["members"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|m| {
+                        (
+                            m["name"].as_str().unwrap_or("").to_string(),
+                            m["state"].as_str().unwrap_or("").to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// Wait until every client sees `member` in `state` (polling every 20 ms); returns how long it
+/// took.
+pub fn wait_member_state(
+    clients: &[&Client],
+    member: &str,
+    state: &str,
+    within: Duration,
+) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let seen: Vec<_> = clients
+            .iter()
+            .map(|c| member_states(c).get(member).cloned().unwrap_or_default())
+            .collect();
+        if seen.iter().all(|s| s == state) {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > within {
+            bail!("{member} is {seen:?}, not `{state}` everywhere after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

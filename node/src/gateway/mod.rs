@@ -25,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use ed25519_dalek::SigningKey;
 use rand::RngCore;
+use swarm_actors::ActorCluster;
 use swarm_config::{LimitsConfig, SwarmFile};
 use swarm_membership::Membership;
 use swarm_storage::{AuditEvent, Storage};
@@ -87,6 +88,8 @@ pub struct Inner {
     audit_writer: AuditWriter,
     /// Cluster membership; `None` in unit tests of the gateway alone.
     pub membership: Option<Membership>,
+    /// Actor sessions with peers; `None` in unit tests of the gateway alone.
+    pub actors: Option<ActorCluster>,
     /// Notified when the node should stop (after `POST /v1/cluster/leave`).
     pub stop: Arc<Notify>,
 }
@@ -109,6 +112,7 @@ pub struct GatewayParts {
     pub issuer: String,
     pub audience: String,
     pub membership: Option<Membership>,
+    pub actors: Option<ActorCluster>,
 }
 
 impl Inner {
@@ -151,6 +155,7 @@ impl Inner {
             audience: p.audience,
             started: Instant::now(),
             membership: p.membership,
+            actors: p.actors,
             stop: Arc::new(Notify::new()),
             secured: !cfg!(feature = "bench-noauth"),
             audited: !cfg!(any(feature = "bench-noauth", feature = "bench-noaudit")),
@@ -356,6 +361,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tokens/revoke", post(admin::revoke_token))
         .route("/v1/cluster/members", get(cluster::members))
         .route("/v1/cluster/leave", post(cluster::leave))
+        .route("/v1/cluster/ping", post(cluster::ping))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     api.layer(middleware::from_fn_with_state(state.clone(), authenticate))

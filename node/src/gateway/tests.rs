@@ -47,6 +47,7 @@ fn fixture_with(body_limit: usize, swarm: SwarmFile) -> Fixture {
         issuer: "swarm".into(),
         audience: "swarm".into(),
         membership: None,
+        actors: None,
     })
     .expect("gateway state");
     Fixture { state, key }
