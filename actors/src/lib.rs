@@ -9,7 +9,10 @@ mod cluster;
 
 use serde::{Deserialize, Serialize};
 
-pub use cluster::{ActorCluster, ClusterError, ROUTER_GROUP, RouterMsg, RpcError, STREAM_RACTOR};
+pub use cluster::{
+    ActorCluster, ClusterError, ROUTER_GROUP, RouterMsg, RpcError, STREAM_RACTOR,
+    fuzz_login_name_check,
+};
 
 /// Priorities of the task queue (DESIGN §6), highest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

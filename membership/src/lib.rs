@@ -15,6 +15,8 @@ mod gossip;
 mod service;
 #[cfg(feature = "sim")]
 pub mod sim;
+#[cfg(test)]
+mod testpki;
 mod transport;
 
 use serde::{Deserialize, Serialize};

@@ -27,6 +27,8 @@ use crate::{MemberState, NodeMeta};
 const FRAME_QUEUE: usize = 4096;
 /// Packets held per address while its connection is being set up.
 const PENDING_PER_PEER: usize = 16;
+/// How long a dial may take (a peer that is down does not answer at all over UDP).
+const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long an opened stream may take to say what it is.
 const STREAM_KIND_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -411,6 +413,7 @@ struct Entry {
 struct Backoff {
     not_before: Instant,
     delay: Duration,
+    failures: u64,
 }
 
 struct Driver {
@@ -569,10 +572,17 @@ impl Driver {
                 let b = self.backoff.entry(addr).or_insert(Backoff {
                     not_before: Instant::now(),
                     delay: Duration::from_millis(125),
+                    failures: 0,
                 });
                 b.delay = (b.delay * 2).min(Duration::from_secs(5));
                 b.not_before = Instant::now() + b.delay;
-                tracing::debug!(%addr, %error, retry_in = ?b.delay, "dial failed");
+                b.failures += 1;
+                // Loud on the first failure and about once a minute after that.
+                if b.failures == 1 || b.failures.is_multiple_of(12) {
+                    tracing::warn!(%addr, %error, failures = b.failures, retry_in = ?b.delay, "cannot reach peer");
+                } else {
+                    tracing::debug!(%addr, %error, retry_in = ?b.delay, "dial failed");
+                }
             }
         }
     }
@@ -669,18 +679,171 @@ impl Driver {
         let w = self.wiring.clone();
         let (addr, expected) = (to.addr, name);
         tokio::spawn(async move {
-            let r = match &expected {
-                Some(n) => w.endpoint.connect(addr, n).await,
-                None => w.endpoint.connect_any(addr).await,
+            let dial = async {
+                match &expected {
+                    Some(n) => w.endpoint.connect(addr, n).await,
+                    None => w.endpoint.connect_any(addr).await,
+                }
             };
-            let ev = match r {
-                Ok(pc) => ConnEvent::Up { pc, dialed: true },
-                Err(e) => ConnEvent::DialFailed {
+            let ev = match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
+                Ok(Ok(pc)) => ConnEvent::Up { pc, dialed: true },
+                Ok(Err(e)) => ConnEvent::DialFailed {
                     addr,
                     error: e.to_string(),
+                },
+                Err(_) => ConnEvent::DialFailed {
+                    addr,
+                    error: format!("no answer within {DIAL_TIMEOUT:?}"),
                 },
             };
             let _ = w.conn_events.send(ev).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testpki::Pki;
+
+    fn local() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    }
+
+    async fn start(
+        pki: &Pki,
+        name: &str,
+        seeds: Vec<SocketAddr>,
+        streams: Option<mpsc::Sender<IncomingStream>>,
+    ) -> Membership {
+        // Bind first to learn the port, then advertise it.
+        let probe = std::net::UdpSocket::bind(local()).expect("probe");
+        let addr = probe.local_addr().expect("addr");
+        drop(probe);
+        Membership::start(MembershipConfig {
+            identity: pki.node(name),
+            bind: addr,
+            advertise: addr,
+            seeds,
+            meta: NodeMeta {
+                gateway: format!("{name}:8080"),
+                ..NodeMeta::default()
+            },
+            settings: GossipSettings::default(),
+            max_connections: 64,
+            streams,
+        })
+        .await
+        .expect("start")
+    }
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !f() {
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn state_of(m: &Membership, name: &str) -> Option<MemberState> {
+        m.view()
+            .members
+            .into_iter()
+            .find(|x| x.name == name)
+            .map(|x| x.state)
+    }
+
+    #[tokio::test]
+    async fn services_form_a_cluster_carry_streams_and_leave() {
+        let pki = Pki::new("cluster");
+        let (tx, mut incoming) = mpsc::channel(4);
+        let a = start(&pki, "node-1", vec![], Some(tx)).await;
+        let seed = a.local_addr().expect("addr");
+        let b = start(&pki, "node-2", vec![seed], None).await;
+        let c = start(&pki, "node-3", vec![seed], None).await;
+        for m in [&a, &b, &c] {
+            until("three alive", || m.view().alive() == 3).await;
+            assert!(m.view().members.iter().all(|x| x.meta.is_some()));
+        }
+        // A stream opened by node-3 arrives at node-1 with its kind and its certificate name.
+        let (mut send, _recv) = c.open_stream("node-1", 7).await.expect("stream");
+        send.write_all(b"hi").await.expect("write");
+        let s = tokio::time::timeout(Duration::from_secs(5), incoming.recv())
+            .await
+            .expect("in time")
+            .expect("stream");
+        assert_eq!((s.peer.as_str(), s.kind), ("node-3", 7));
+        // Graceful leave: `left` on the others.
+        c.leave().await.expect("leave");
+        c.shutdown().await;
+        until("left", || state_of(&a, "node-3") == Some(MemberState::Left)).await;
+        until("left", || state_of(&b, "node-3") == Some(MemberState::Left)).await;
+        // A crash: `down`.
+        b.shutdown().await;
+        until("down", || state_of(&a, "node-2") == Some(MemberState::Down)).await;
+        a.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn garbage_silence_and_unreachable_seeds_do_not_stop_the_service() {
+        let pki = Pki::new("cluster");
+        // A seed nobody listens on.
+        let dead = std::net::UdpSocket::bind(local()).expect("probe");
+        let dead_addr = dead.local_addr().expect("addr");
+        drop(dead);
+        let a = start(&pki, "node-1", vec![dead_addr], None).await;
+        let addr = a.local_addr().expect("addr");
+        // A peer with a valid certificate that sends garbage datagrams, then a stream with
+        // nothing on it, then stays silent.
+        let rogue = Endpoint::bind(&pki.node("node-9"), local()).expect("bind");
+        let pc = rogue.connect(addr, "node-1").await.expect("connect");
+        for junk in [
+            &b""[..],
+            &[1u8][..],
+            &[1, 0xff, 0xff][..],
+            &[4, 9, 9, 9][..],
+            &[77; 900][..],
+        ] {
+            let _ = pc.conn.send_datagram(Bytes::copy_from_slice(junk));
+        }
+        let (_s, _r) = pc.conn.open_bi().await.expect("bi");
+        // The node still takes a real peer in.
+        let b = start(&pki, "node-2", vec![addr], None).await;
+        until("two alive", || a.view().alive() == 2).await;
+        until("refusals counted", || a.stats().frames_refused >= 3).await;
+        until("dials to the dead seed fail", || {
+            a.stats().dials_failed >= 1
+        })
+        .await;
+        assert!(
+            state_of(&a, "node-9").is_none(),
+            "garbage made nobody a member"
+        );
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_port_in_use_is_a_clear_error() {
+        let pki = Pki::new("cluster");
+        let a = start(&pki, "node-1", vec![], None).await;
+        let taken = a.local_addr().expect("addr");
+        let e = Membership::start(MembershipConfig {
+            identity: pki.node("node-2"),
+            bind: taken,
+            advertise: taken,
+            seeds: vec![],
+            meta: NodeMeta::default(),
+            settings: GossipSettings::default(),
+            max_connections: 8,
+            streams: None,
+        })
+        .await
+        .expect_err("in use");
+        assert_eq!(e.code(), "bind");
+        assert!(e.to_string().contains(&taken.to_string()), "{e}");
     }
 }

@@ -29,7 +29,7 @@ pub enum TransportError {
     NoName,
     #[error("TLS setup: {0}")]
     Tls(String),
-    #[error("cannot bind QUIC to {addr}: {source}")]
+    #[error("cannot bind QUIC (UDP) to {addr}: {source} (is another node using this port?)")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -395,53 +395,7 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
-    };
-
-    /// A CA and named node certificates in a temp dir, as `swarm init` writes them.
-    struct Pki {
-        dir: tempfile::TempDir,
-        issuer: Issuer<'static, KeyPair>,
-        ca: std::path::PathBuf,
-    }
-
-    impl Pki {
-        fn new(tag: &str) -> Self {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
-            p.distinguished_name.push(DnType::CommonName, tag);
-            p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            let key = KeyPair::generate().expect("key");
-            let cert = p.self_signed(&key).expect("ca");
-            let ca = dir.path().join("ca.pem");
-            std::fs::write(&ca, cert.pem()).expect("write");
-            Self {
-                dir,
-                issuer: Issuer::new(p, key),
-                ca,
-            }
-        }
-
-        fn node(&self, name: &str) -> TlsIdentity {
-            let mut p = CertificateParams::new(vec![name.to_string()]).expect("params");
-            p.distinguished_name.push(DnType::CommonName, name);
-            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            p.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
-            let key = KeyPair::generate().expect("key");
-            let cert = p.signed_by(&key, &self.issuer).expect("sign");
-            let c = self.dir.path().join(format!("{name}.pem"));
-            let k = self.dir.path().join(format!("{name}.key"));
-            std::fs::write(&c, cert.pem()).expect("write");
-            std::fs::write(&k, key.serialize_pem()).expect("write");
-            TlsIdentity::load(&self.ca, &c, &k).expect("load")
-        }
-    }
+    use crate::testpki::Pki;
 
     fn local() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 0))

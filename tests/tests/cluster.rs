@@ -176,3 +176,48 @@ fn a_node_from_another_ca_never_joins() -> Result<()> {
     assert!(denied > 0, "refused connections are audited: {v}");
     Ok(())
 }
+
+#[test]
+fn an_unreachable_seed_is_logged_and_the_node_serves() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let configs = init_cluster(dir.path(), 1)?;
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+    let text = std::fs::read_to_string(&configs[0])?
+        .replace("seeds = []", &format!("seeds = [\"{dead}\"]"));
+    std::fs::write(&configs[0], text)?;
+    let n = NodeProc::start(&configs[0])?;
+    let c = n.client(&admin(dir.path())?);
+    let (status, h) = c.get("/health")?;
+    assert_eq!(status, 200);
+    assert_eq!(h["services"]["membership"], "alone", "{h}");
+    let start = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(configs[0].with_extension("log"))?;
+        if log.contains("cannot reach peer") && log.contains(&dead.to_string()) {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("no clear log line about the seed: {log}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Still serving.
+    assert_eq!(c.get("/v1/me")?.0, 200);
+    Ok(())
+}
+
+#[test]
+fn a_gossip_port_in_use_is_a_clear_startup_error() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let configs = init_cluster(dir.path(), 1)?;
+    let cfg = swarm_config::NodeConfig::load(&configs[0])?;
+    let _taken = std::net::UdpSocket::bind(cfg.gossip.bind)?;
+    let out = swarm(&["node", "--config", &configs[0].display().to_string()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot bind QUIC") && err.contains(&cfg.gossip.bind.to_string()),
+        "{err}"
+    );
+    Ok(())
+}

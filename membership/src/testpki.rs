@@ -1,0 +1,51 @@
+//! Test certificates: a CA and node certificates in a temp dir, as `swarm init` writes them.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+
+use crate::TlsIdentity;
+
+/// A CA and named node certificates in a temp dir, as `swarm init` writes them.
+pub(crate) struct Pki {
+    dir: tempfile::TempDir,
+    issuer: Issuer<'static, KeyPair>,
+    ca: std::path::PathBuf,
+}
+
+impl Pki {
+    pub(crate) fn new(tag: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.distinguished_name.push(DnType::CommonName, tag);
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().expect("key");
+        let cert = p.self_signed(&key).expect("ca");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, cert.pem()).expect("write");
+        Self {
+            dir,
+            issuer: Issuer::new(p, key),
+            ca,
+        }
+    }
+
+    pub(crate) fn node(&self, name: &str) -> TlsIdentity {
+        let mut p = CertificateParams::new(vec![name.to_string()]).expect("params");
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().expect("key");
+        let cert = p.signed_by(&key, &self.issuer).expect("sign");
+        let c = self.dir.path().join(format!("{name}.pem"));
+        let k = self.dir.path().join(format!("{name}.key"));
+        std::fs::write(&c, cert.pem()).expect("write");
+        std::fs::write(&k, key.serialize_pem()).expect("write");
+        TlsIdentity::load(&self.ca, &c, &k).expect("load")
+    }
+}
