@@ -637,6 +637,17 @@ impl ActorCluster {
     }
 }
 
+/// Feed `data` to the login-name check of an incoming actor session, in chunks of
+/// `chunk` bytes (for fuzzing the frame decoder; not an API).
+#[doc(hidden)]
+pub fn fuzz_login_name_check(expected: &str, data: &[u8], chunk: usize) -> Result<(), String> {
+    let mut check = NameCheck::new(expected.to_string());
+    for part in data.chunks(chunk.max(1)) {
+        check.feed(part).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -697,13 +708,3 @@ mod tests {
     }
 }
 
-/// Feed `data` to the login-name check of an incoming actor session, in chunks of
-/// `chunk` bytes (for fuzzing the frame decoder; not an API).
-#[doc(hidden)]
-pub fn fuzz_login_name_check(expected: &str, data: &[u8], chunk: usize) -> Result<(), String> {
-    let mut check = NameCheck::new(expected.to_string());
-    for part in data.chunks(chunk.max(1)) {
-        check.feed(part).map_err(|e| e.to_string())?;
-    }
-    Ok(())
-}
