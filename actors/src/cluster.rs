@@ -707,4 +707,3 @@ mod tests {
         cluster.shutdown().await;
     }
 }
-

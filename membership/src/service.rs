@@ -281,6 +281,11 @@ impl Membership {
         Ok(())
     }
 
+    /// QUIC connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.endpoint.open_connections()
+    }
+
     /// The live connection to `peer`, if any.
     pub fn connection(&self, peer: &str) -> Option<quinn::Connection> {
         lock(&self.conns).get(peer).cloned()
@@ -822,6 +827,38 @@ mod tests {
             state_of(&a, "node-9").is_none(),
             "garbage made nobody a member"
         );
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn simultaneous_dials_settle_on_one_connection() {
+        let pki = Pki::new("cluster");
+        let pa = std::net::UdpSocket::bind(local()).expect("probe");
+        let pb = std::net::UdpSocket::bind(local()).expect("probe");
+        let (aa, ba) = (pa.local_addr().expect("a"), pb.local_addr().expect("b"));
+        drop((pa, pb));
+        let cfg = |name: &str, me: SocketAddr, seed: SocketAddr| MembershipConfig {
+            identity: pki.node(name),
+            bind: me,
+            advertise: me,
+            seeds: vec![seed],
+            meta: NodeMeta::default(),
+            settings: GossipSettings::default(),
+            max_connections: 8,
+            streams: None,
+        };
+        // Each names the other as its seed, so both dial at once.
+        let (a, b) = tokio::join!(
+            Membership::start(cfg("node-1", aa, ba)),
+            Membership::start(cfg("node-2", ba, aa))
+        );
+        let (a, b) = (a.expect("a"), b.expect("b"));
+        until("joined", || a.view().alive() == 2 && b.view().alive() == 2).await;
+        until("one connection each", || {
+            a.open_connections() == 1 && b.open_connections() == 1
+        })
+        .await;
         a.shutdown().await;
         b.shutdown().await;
     }

@@ -360,6 +360,11 @@ impl Endpoint {
         }
     }
 
+    /// Connections open now (both directions).
+    pub fn open_connections(&self) -> usize {
+        self.inner.open_connections()
+    }
+
     /// Refuse incoming connections beyond `n` open ones.
     pub fn set_max_connections(&mut self, n: usize) {
         self.max_connections = n;

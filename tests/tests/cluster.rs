@@ -221,3 +221,34 @@ fn a_gossip_port_in_use_is_a_clear_startup_error() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn sighup_announces_to_new_seeds() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let configs = init_cluster(dir.path(), 2)?;
+    let token = admin(dir.path())?;
+    let n1_gossip = swarm_config::NodeConfig::load(&configs[0])?.gossip.bind;
+    // Start both with no seeds: two clusters of one.
+    let with_seeds = std::fs::read_to_string(&configs[1])?;
+    for c in &configs {
+        let text = std::fs::read_to_string(c)?;
+        let start = text.find("seeds = [").unwrap_or(0);
+        let end = start + text[start..].find(']').unwrap_or(0) + 1;
+        std::fs::write(c, format!("{}seeds = []{}", &text[..start], &text[end..]))?;
+    }
+    let n1 = NodeProc::start(&configs[0])?;
+    let n2 = NodeProc::start(&configs[1])?;
+    let (c1, c2) = (n1.client(&token), n2.client(&token));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(states(&c1).len(), 1);
+    // Give node-2 its seed back and send SIGHUP.
+    assert!(with_seeds.contains(&n1_gossip.to_string()));
+    std::fs::write(&configs[1], with_seeds)?;
+    let pid = n2.child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()?;
+    wait_state(&[&c1, &c2], "node-1", "alive", Duration::from_secs(10))?;
+    wait_state(&[&c1, &c2], "node-2", "alive", Duration::from_secs(10))?;
+    Ok(())
+}
