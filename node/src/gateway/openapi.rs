@@ -98,6 +98,12 @@ pub(super) async fn openapi() -> Json<Value> {
             "/v1/tokens/revoke": {"post": with_body(op("Revoke a JWT by token or jti", "tokens.admin or own token"), json!({
                 "type": "object", "additionalProperties": false,
                 "properties": {"token": {"type": "string"}, "jti": {"type": "string"}}
+            }))},
+            "/v1/cluster/members": {"get": op("Every member with its state (alive, suspect, down, left) and metadata", "cluster.read")},
+            "/v1/cluster/leave": {"post": op("Leave the cluster gracefully, then stop this node", "cluster.admin")},
+            "/v1/cluster/ping": {"post": with_body(op("Remote actor call to a peer's router over the QUIC actor session", "cluster.read"), json!({
+                "type": "object", "additionalProperties": false, "required": ["node"],
+                "properties": {"node": {"type": "string"}, "timeout_ms": {"type": "integer", "minimum": 1, "maximum": 10000}}
             }))}
         }
     }))
