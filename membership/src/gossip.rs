@@ -41,6 +41,10 @@ pub const FRAME_META: u8 = 3;
 /// Identities this node saw go down recently (repairs members a dissemination missed).
 pub const FRAME_DOWN_DIGEST: u8 = 4;
 
+/// "You are suspected": tells a suspect directly, so it refutes at once (Lifeguard's buddy
+/// system) instead of waiting for the rumour to reach it.
+pub const FRAME_SUSPECT: u8 = 5;
+
 /// How long (in ticks, about seconds) a down member stays in the digest.
 const DOWN_DIGEST_TICKS: u64 = 60;
 /// Send a digest every this many ticks.
@@ -141,9 +145,12 @@ impl GossipSettings {
         let mut c = Config::new_lan(size);
         c.probe_period = self.probe_period;
         c.probe_rtt = self.probe_rtt;
+        // More indirect probes: a lossy path makes far fewer false suspicions.
+        c.num_indirect_probes = NonZeroUsize::new(5).unwrap_or(NonZeroUsize::MIN);
         // Suspicion: 3 probe periods per order of magnitude of members (memberlist uses 4 with
         // Lifeguard's dynamic shortening; foca's timeout is fixed).
-        let secs = f64::max(1.0, f64::from(size.get()).log10()) * 3.0;
+        // Never under 5 periods: small clusters on a lossy network need time to refute.
+        let secs = f64::max(5.0, f64::from(size.get()).log10() * 3.0);
         c.suspect_to_down_after = self.probe_period.mul_f64(secs);
         c.max_packet_size = NonZeroUsize::new(MAX_PACKET).unwrap_or(NonZeroUsize::MIN);
         c.periodic_announce = Some(PeriodicParams {
@@ -484,6 +491,7 @@ impl Gossip {
             self.announce_to_seeds();
         }
         self.send_down_digest();
+        self.nudge_suspects();
         let wanted: Vec<NodeId> = self.meta_wanted.iter().cloned().collect();
         for id in wanted {
             self.request_meta(id);
@@ -565,6 +573,27 @@ impl Gossip {
                 lock(&self.records).offer(&rec);
                 Ok(())
             }
+            FRAME_SUSPECT => {
+                let (asker, m): (NodeId, foca::Member<NodeId>) =
+                    postcard::from_bytes(body).map_err(decode)?;
+                if asker.name != from {
+                    return Err(GossipError::IdentityMismatch {
+                        peer: from.to_string(),
+                        claimed: asker.name,
+                    });
+                }
+                if self.left || *m.id() != self.me || m.state() != State::Suspect {
+                    return Ok(());
+                }
+                // Refute (foca raises our incarnation), then tell the asker straight away: the
+                // announce carries our new incarnation, which clears its suspicion.
+                self.foca
+                    .apply_many(std::iter::once(m), true, &mut self.rt)
+                    .map_err(|e| GossipError::Foca(e.to_string()))?;
+                self.foca
+                    .announce(asker, &mut self.rt)
+                    .map_err(|e| GossipError::Foca(e.to_string()))
+            }
             FRAME_DOWN_DIGEST => {
                 let ids: Vec<NodeId> = postcard::from_bytes(body).map_err(decode)?;
                 if self.left {
@@ -588,6 +617,25 @@ impl Gossip {
                 Ok(())
             }
             other => Err(GossipError::UnknownKind(other)),
+        }
+    }
+
+    /// Tell each member we suspect, every other tick while it stays suspect.
+    fn nudge_suspects(&mut self) {
+        if !self.ticks.is_multiple_of(2) {
+            return;
+        }
+        let suspects: Vec<foca::Member<NodeId>> = self
+            .foca
+            .iter_members()
+            .filter(|m| m.state() == State::Suspect)
+            .cloned()
+            .collect();
+        for m in suspects {
+            let to = m.id().clone();
+            if let Ok(body) = postcard::to_stdvec(&(&self.me, &m)) {
+                self.out.push((to, framed(FRAME_SUSPECT, &body)));
+            }
         }
     }
 
@@ -986,6 +1034,33 @@ mod tests {
         assert!(e.to_string().contains("512"), "{e}");
         // The old metadata stays.
         assert_eq!(a.members()[0].meta_version, 1);
+    }
+
+    #[test]
+    fn a_suspect_told_directly_refutes_to_the_asker() {
+        let mut a = node(1);
+        let b = node(2);
+        let m = foca::Member::new(a.identity().clone(), Default::default(), State::Suspect);
+        let body = postcard::to_stdvec(&(b.identity(), &m)).expect("enc");
+        let frame = framed(FRAME_SUSPECT, &body);
+        assert_eq!(
+            a.handle_frame("node-3", &frame)
+                .expect_err("wrong sender")
+                .code(),
+            "identity_mismatch"
+        );
+        a.take_output();
+        a.handle_frame("node-2", &frame).expect("refuted");
+        let out = a.take_output();
+        // An announce straight to the asker, carrying a raised incarnation.
+        let (to, data) = out
+            .iter()
+            .find(|(to, d)| to.name == "node-2" && d[0] == FRAME_FOCA)
+            .expect("announce to node-2");
+        assert_eq!(to.addr, b.identity().addr);
+        let header =
+            Codec::<NodeId>::decode_header(&mut PostcardCodec, &data[1..]).expect("header");
+        assert!(header.src_incarnation > 0, "{header:?}");
     }
 
     proptest! {

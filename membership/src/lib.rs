@@ -22,8 +22,8 @@ mod transport;
 use serde::{Deserialize, Serialize};
 
 pub use gossip::{
-    FRAME_DOWN_DIGEST, FRAME_FOCA, FRAME_META, FRAME_META_REQUEST, Gossip, GossipError,
-    GossipSettings, MAX_META_BYTES, MAX_PACKET, MemberEvent, MemberInfo, NodeId,
+    FRAME_DOWN_DIGEST, FRAME_FOCA, FRAME_META, FRAME_META_REQUEST, FRAME_SUSPECT, Gossip,
+    GossipError, GossipSettings, MAX_META_BYTES, MAX_PACKET, MemberEvent, MemberInfo, NodeId,
 };
 pub use service::{
     IncomingStream, Membership, MembershipConfig, MembershipError, Refusal, Stats, View,

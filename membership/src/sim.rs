@@ -457,6 +457,13 @@ impl Sim {
             }
             if victim.alive && self.reachable(i, j) {
                 self.stats.false_downs += 1;
+                if std::env::var_os("SIM_TRACE").is_some() {
+                    eprintln!(
+                        "t={:.2}s n{i} declared n{j} (inc {}) down",
+                        self.now as f64 / 1e6,
+                        gone.incarnation
+                    );
+                }
             }
             self.gone_seen[j as usize].insert(i);
         }
