@@ -4,14 +4,21 @@
 //!
 //! - `cluster`: ractor_cluster sessions carried on one QUIC bidirectional stream per peer, the
 //!   certificate-name check on every session, and the remotable router ([`ActorCluster`]).
+//! - `replication`: CRDT memory between peers: delta pushes (optionally `w=2`), anti-entropy
+//!   by digests, erasures and tombstone GC ([`Replicator`]).
 
 mod cluster;
+mod replication;
 
 use serde::{Deserialize, Serialize};
 
 pub use cluster::{
     ActorCluster, ClusterError, ROUTER_GROUP, RouterMsg, RpcError, STREAM_RACTOR,
     fuzz_login_name_check,
+};
+pub use replication::{
+    RefusalHook, ReplError, ReplStats, Replicator, STREAM_ANTI_ENTROPY, STREAM_DELTAS,
+    fuzz_decode_frames,
 };
 
 /// Priorities of the task queue (DESIGN §6), highest first.

@@ -21,7 +21,7 @@ pub use duration::HumanDuration;
 pub use error::ConfigError;
 pub use node::{
     AuthConfig, GatewayConfig, GossipConfig, KeysConfig, LimitsConfig, NodeConfig, NodeSection,
-    TlsConfig,
+    ReplicationConfig, TlsConfig,
 };
 pub use swarm_file::{
     Agent, AgentMemory, AntiCollision, ConcurrencyLimits, Coordination, Encryption, MemorySync,

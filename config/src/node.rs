@@ -23,6 +23,8 @@ pub struct NodeConfig {
     pub auth: AuthConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub replication: ReplicationConfig,
     /// Extra roles: name → permissions (`memory.read`, `tasks.*`, `*`).
     #[serde(default)]
     pub roles: BTreeMap<String, Vec<String>>,
@@ -156,6 +158,49 @@ fn default_max_ttl() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(365 * 86_400))
 }
 
+/// How memory replicates between peers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// How often a node compares digests with a random live peer (also at once when a peer
+    /// comes back).
+    #[serde(default = "default_anti_entropy_every")]
+    pub anti_entropy_every: HumanDuration,
+    /// How long a `?w=2` write waits for a peer to have it durable before failing.
+    #[serde(default = "default_w2_timeout")]
+    pub w2_timeout: HumanDuration,
+    /// Tombstones older than this, that every live member has synced past, are dropped.
+    #[serde(default = "default_tombstone_gc_after")]
+    pub tombstone_gc_after: HumanDuration,
+    /// Deltas queued per peer before new ones are dropped (anti-entropy repairs them).
+    #[serde(default = "default_peer_queue")]
+    pub peer_queue: usize,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            anti_entropy_every: default_anti_entropy_every(),
+            w2_timeout: default_w2_timeout(),
+            tombstone_gc_after: default_tombstone_gc_after(),
+            peer_queue: default_peer_queue(),
+        }
+    }
+}
+
+fn default_anti_entropy_every() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(5))
+}
+fn default_w2_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(2))
+}
+fn default_tombstone_gc_after() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(3600))
+}
+fn default_peer_queue() -> usize {
+    8192
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -251,6 +296,19 @@ impl NodeConfig {
         if self.gateway.body_limit == 0 {
             return Err(invalid(
                 "gateway.body_limit",
+                "must be greater than zero".into(),
+            ));
+        }
+        let r = &self.replication;
+        if r.anti_entropy_every.0.is_zero() || r.w2_timeout.0.is_zero() {
+            return Err(invalid(
+                "replication",
+                "anti_entropy_every and w2_timeout must be greater than zero".into(),
+            ));
+        }
+        if r.peer_queue == 0 {
+            return Err(invalid(
+                "replication.peer_queue",
                 "must be greater than zero".into(),
             ));
         }

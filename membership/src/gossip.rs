@@ -157,8 +157,9 @@ impl GossipSettings {
             frequency: self.full_sync_every,
             num_members: NonZeroUsize::MIN,
         });
+        // Down members are retried often, so a healed partition rejoins within seconds.
         c.periodic_announce_to_down_members = Some(PeriodicParams {
-            frequency: Duration::from_secs(30),
+            frequency: Duration::from_secs(5),
             num_members: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
         });
         // Forget down members after a while so a renamed node can come back at the same address.

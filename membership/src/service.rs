@@ -413,7 +413,12 @@ struct Entry {
     conn: quinn::Connection,
     /// Dialed by this node (else accepted).
     dialed: bool,
+    since: Instant,
 }
+
+/// Two connections to one peer set up within this window are a simultaneous dial; a newer one
+/// after it means the peer restarted (its old connection is dead but not yet timed out).
+const DIAL_RACE: Duration = Duration::from_secs(2);
 
 struct Backoff {
     not_before: Instant,
@@ -527,7 +532,9 @@ impl Driver {
                     self.backoff.remove(&addr);
                 }
                 let keep_new = match self.entries.get(&pc.peer) {
-                    Some(old) if old.conn.close_reason().is_none() => {
+                    Some(old)
+                        if old.conn.close_reason().is_none() && old.since.elapsed() < DIAL_RACE =>
+                    {
                         // Both dialed: keep the connection the smaller name dialed.
                         let me_smaller = self.wiring.name < pc.peer;
                         if old.dialed == dialed {
@@ -548,6 +555,7 @@ impl Driver {
                     Entry {
                         conn: pc.conn.clone(),
                         dialed,
+                        since: Instant::now(),
                     },
                 ) && old.conn.stable_id() != pc.conn.stable_id()
                 {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use swarm_actors::{ActorCluster, STREAM_RACTOR};
+use swarm_actors::{ActorCluster, Replicator, STREAM_ANTI_ENTROPY, STREAM_DELTAS, STREAM_RACTOR};
 use swarm_config::NodeConfig;
 use swarm_membership::{
     DeviceMeta, GossipSettings, IncomingStream, MemberEvent, MemberState, Membership,
@@ -116,7 +116,11 @@ pub fn spawn_duties(state: AppState, membership: Membership, gateway: SocketAddr
 }
 
 /// Hand streams peers open to whoever serves their kind; unknown kinds are refused.
-pub fn spawn_streams(mut rx: mpsc::Receiver<IncomingStream>, actors: ActorCluster) {
+pub fn spawn_streams(
+    mut rx: mpsc::Receiver<IncomingStream>,
+    actors: ActorCluster,
+    replicator: Replicator,
+) {
     tokio::spawn(async move {
         while let Some(mut s) = rx.recv().await {
             match s.kind {
@@ -125,6 +129,9 @@ pub fn spawn_streams(mut rx: mpsc::Receiver<IncomingStream>, actors: ActorCluste
                     if let Err(e) = actors.accept(s.peer, s.send, s.recv) {
                         tracing::warn!(%peer, error = %e, "actor session refused");
                     }
+                }
+                STREAM_DELTAS | STREAM_ANTI_ENTROPY => {
+                    replicator.serve(s.peer, s.kind, s.send, s.recv);
                 }
                 kind => {
                     tracing::debug!(peer = %s.peer, kind, "stream of unknown kind refused");

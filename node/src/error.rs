@@ -44,6 +44,10 @@ pub enum AppError {
     },
     #[error("service unavailable: {0}")]
     Unavailable(String),
+    /// A `w=2` write is durable here but no peer confirmed it (`no_replica`,
+    /// `replication_timeout`).
+    #[error("{message}")]
+    NotReplicated { code: &'static str, message: String },
     #[error("internal error")]
     Internal(String),
 }
@@ -77,7 +81,9 @@ impl AppError {
             AppError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            AppError::Timeout { .. } | AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Timeout { .. }
+            | AppError::Unavailable(_)
+            | AppError::NotReplicated { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -97,6 +103,7 @@ impl AppError {
             AppError::Overloaded { .. } => "overloaded",
             AppError::Timeout { .. } => "timeout",
             AppError::Unavailable(_) => "unavailable",
+            AppError::NotReplicated { code, .. } => code,
             AppError::Internal(_) => "internal",
         }
     }

@@ -3,7 +3,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use swarm_actors::ActorCluster;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use swarm_actors::{ActorCluster, RefusalHook, Replicator};
 use swarm_config::secret::{ENV_JWT_SIGNING_KEY, ENV_MASTER_KEY, read_secret, read_secret_file};
 use swarm_config::{ConfigError, NodeConfig};
 use swarm_membership::Membership;
@@ -211,6 +214,46 @@ impl Node {
         let actors = ActorCluster::start(membership.name(), &cluster::actor_cookie(&cfg))
             .await
             .map_err(|e| NodeError::Actors(e.to_string()))?;
+        // Refused replicated changes are audited once the gateway state exists.
+        let audit_to: Arc<OnceLock<gateway::AppState>> = Arc::default();
+        let hook_to = audit_to.clone();
+        let hook: RefusalHook = Arc::new(move |peer: &str, code: &str, detail: &str| {
+            if let Some(s) = hook_to.get() {
+                s.audit_system(
+                    "memory.replicate",
+                    peer,
+                    "denied",
+                    &format!("{code}: {detail}"),
+                );
+            }
+        });
+        let replicator = Replicator::start(
+            storage.clone(),
+            membership.clone(),
+            cfg.replication.clone(),
+            hook,
+        );
+        // A node with seeds catches up with a peer before it serves, so a node that was down
+        // does not hand out (or take writes for) what the cluster deleted or erased meanwhile.
+        // Alone after a second (no peer up yet: a cold start), it serves at once.
+        if !cfg.gossip.seeds.is_empty() {
+            let start = std::time::Instant::now();
+            loop {
+                if replicator.wait_first_sync(Duration::from_millis(100)).await {
+                    tracing::info!("caught up with a peer before serving");
+                    break;
+                }
+                let alone = membership.view().alive() <= 1;
+                if (alone && start.elapsed() > Duration::from_secs(1))
+                    || start.elapsed() > Duration::from_secs(5)
+                {
+                    tracing::warn!(
+                        "no anti-entropy round with a peer yet; serving local data as it is"
+                    );
+                    break;
+                }
+            }
+        }
         let state = Inner::new(GatewayParts {
             node: cfg.node.name.clone(),
             storage,
@@ -225,10 +268,12 @@ impl Node {
             audience: cfg.auth.audience.clone(),
             membership: Some(membership.clone()),
             actors: Some(actors.clone()),
+            replicator: Some(replicator.clone()),
         })
         .map_err(|e| StorageError::Engine(format!("start the audit writer: {e}")))?;
         cluster::spawn_duties(state.clone(), membership.clone(), http_addr);
-        cluster::spawn_streams(streams_rx, actors.clone());
+        let _ = audit_to.set(state.clone());
+        cluster::spawn_streams(streams_rx, actors.clone(), replicator);
         cluster::spawn_sessions(membership.clone(), actors.clone());
         let (tx, mut rx) = watch::channel(false);
         let app = gateway::router(Arc::clone(&state));

@@ -5,7 +5,9 @@
 //! ordered after a write wins on every replica. When both sides hold the same version (the same
 //! write seen twice, possibly with TTLs extended separately) the expiry merges to the longest
 //! (Redis semantics: no expiry beats any expiry). Should two different payloads ever carry the same
-//! version, the greater payload wins, so merge stays deterministic.
+//! version, the greater payload wins with its own expiry (a value beats a tombstone), so merge stays
+//! deterministic: over any set of records the result is the greatest version, then the greatest
+//! payload, then the longest expiry among the records carrying both.
 //!
 //! Laws (proved by the property tests below): merge is commutative, associative and idempotent,
 //! for single records and for whole maps.
@@ -40,14 +42,15 @@ impl<V: Ord + Clone> Versioned<V> {
         match self.version.cmp(&other.version) {
             Greater => self.clone(),
             Less => other.clone(),
-            Equal => {
-                let mut winner = match self.value.cmp(&other.value) {
-                    Less => other.clone(),
-                    _ => self.clone(),
-                };
-                winner.expires_at = longest_ttl(self.expires_at, other.expires_at);
-                winner
-            }
+            Equal => match self.value.cmp(&other.value) {
+                Greater => self.clone(),
+                Less => other.clone(),
+                Equal => {
+                    let mut winner = self.clone();
+                    winner.expires_at = longest_ttl(self.expires_at, other.expires_at);
+                    winner
+                }
+            },
         }
     }
 

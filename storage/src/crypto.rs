@@ -195,13 +195,41 @@ impl Keyring {
         match self.load(id)? {
             Some(k) => {
                 let k = Arc::new(k);
-                if let Ok(mut cache) = self.cache.write() {
-                    cache.insert(id.clone(), k.clone());
+                let mut cache = self
+                    .cache
+                    .write()
+                    .map_err(|_| StorageError::Engine("keyring lock poisoned".into()))?;
+                // `destroy` marks before it takes this lock to forget: check again under it, so
+                // a key destroyed meanwhile is never cached again.
+                if self.is_destroyed(id)? {
+                    return Err(erased(id));
                 }
+                cache.insert(id.clone(), k.clone());
                 Ok(k)
             }
             None => Err(StorageError::Decrypt(format!("no data key for {id:?}"))),
         }
+    }
+
+    /// Refuses a destroyed key. Cheap for a key in use: a cached key is not destroyed, or is
+    /// being destroyed by a call that has not yet returned.
+    pub fn ensure_not_destroyed(&self, id: &KeyId) -> Result<()> {
+        if self.cached(id).is_some() || !self.is_destroyed(id)? {
+            Ok(())
+        } else {
+            Err(erased(id))
+        }
+    }
+
+    /// The destroyed subjects, in name order (the grow-only set that replicas exchange).
+    pub fn destroyed_subjects(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        self.engine
+            .for_each(DESTROYED_TREE, b"subject:", None, 1024, &mut |k, _| {
+                out.push(String::from_utf8_lossy(&k[b"subject:".len()..]).into_owned());
+                Ok(true)
+            })?;
+        Ok(out)
     }
 
     fn cached(&self, id: &KeyId) -> Option<Arc<SecretKey>> {

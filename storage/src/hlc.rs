@@ -69,9 +69,9 @@ impl HlcClock {
         next
     }
 
-    /// Merge a timestamp seen from elsewhere (a peer or a stored record), so later ticks exceed it.
-    /// Refuses timestamps more than `max_skew_ms` ahead of `wall_ms`.
-    pub fn observe(&self, seen: Hlc, wall_ms: u64) -> Result<()> {
+    /// Whether `seen` is acceptable at `wall_ms` (not more than `max_skew_ms` ahead), without
+    /// moving the clock.
+    pub fn check(&self, seen: Hlc, wall_ms: u64) -> Result<()> {
         let ahead = seen.wall_ms().saturating_sub(wall_ms);
         if ahead > self.max_skew_ms {
             return Err(StorageError::ClockSkew {
@@ -79,6 +79,18 @@ impl HlcClock {
                 max_ms: self.max_skew_ms,
             });
         }
+        Ok(())
+    }
+
+    /// The largest accepted lead of a remote timestamp.
+    pub fn max_skew_ms(&self) -> u64 {
+        self.max_skew_ms
+    }
+
+    /// Merge a timestamp seen from elsewhere (a peer or a stored record), so later ticks exceed it.
+    /// Refuses timestamps more than `max_skew_ms` ahead of `wall_ms`.
+    pub fn observe(&self, seen: Hlc, wall_ms: u64) -> Result<()> {
+        self.check(seen, wall_ms)?;
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if seen > *last {
             *last = seen;

@@ -6,7 +6,10 @@
 //! - `crypto`: XChaCha20-Poly1305 sealing, per-namespace and per-subject data keys wrapped by the
 //!   master key ([`Keyring`]), and crypto-shredding.
 //! - `hlc`: the hybrid logical clock; `crdt`: the LWW map with tombstones and TTLs and its laws.
-//! - `memory`: namespaced agent memory ([`MemoryStore`]) on top of all of the above.
+//! - `memory`: namespaced agent memory ([`MemoryStore`]) on top of all of the above;
+//!   `memory/replica.rs`: its replication (apply peers' deltas, digests, tombstone GC, erasure
+//!   across replicas). `delta`: the replicated [`Delta`] and its codec; `digest`: the
+//!   anti-entropy [`NamespaceDigest`].
 //! - `audit`: the hash-chained [`AuditLog`].
 //!
 //! [`Storage`] wires them together for one node.
@@ -14,6 +17,8 @@
 mod audit;
 mod crdt;
 mod crypto;
+mod delta;
+mod digest;
 mod engine;
 mod error;
 mod hlc;
@@ -30,6 +35,8 @@ pub use audit::{
 };
 pub use crdt::{LwwMap, Version, Versioned};
 pub use crypto::{KeyId, Keyring, Sealed, SecretKey, open, seal};
+pub use delta::{ApplyOutcome, Delta, DeltaValue, decode_delta, encode_delta};
+pub use digest::{BUCKETS, NamespaceDigest, bucket_of};
 pub use engine::{Engine, MemEngine, Pairs};
 pub use error::{Result, StorageError};
 pub use hlc::{Hlc, HlcClock};
@@ -121,5 +128,7 @@ impl Storage {
     }
 }
 
+#[cfg(test)]
+mod replication_tests;
 #[cfg(test)]
 mod tests;

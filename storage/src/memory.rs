@@ -1,4 +1,10 @@
 //! Agent memory: namespaced LWW records, each value sealed under its subject's or namespace's key.
+//!
+//! Every write goes through `commit`, under the stripe lock of its key, which also keeps the
+//! namespace's anti-entropy digest and record count in step. Replication (deltas, digests,
+//! tombstone collection, erasure across replicas) is in `memory/replica.rs`.
+
+mod replica;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -7,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::crdt::{Version, Versioned};
 use crate::crypto::{self, KeyId, Keyring, Sealed};
+use crate::delta::Delta;
+use crate::digest::{DigestState, Entry};
 use crate::engine::Engine;
 use crate::error::{Result, StorageError};
 use crate::hlc::HlcClock;
@@ -52,8 +60,28 @@ pub struct StoredValue {
     pub sealed: Sealed,
 }
 
+impl StoredValue {
+    /// Whether the value was crypto-shredded: its subject was erased, and the ciphertext dropped.
+    /// Such a record keeps its version (so nothing older can come back) and reads as erased; for
+    /// replication it is a tombstone. A sealed value is never empty (it carries a 16-byte tag).
+    pub fn is_shredded(&self) -> bool {
+        self.sealed.ct.is_empty()
+    }
+}
+
 /// The record stored under `namespace \0 key`.
 pub type StoredRecord = Versioned<StoredValue>;
+
+/// What the digest covers of a record: a shredded value counts as a tombstone, and tombstones never
+/// expire.
+pub(crate) fn entry_of(rec: &StoredRecord) -> Entry {
+    let tombstone = rec.value.as_ref().is_none_or(StoredValue::is_shredded);
+    Entry {
+        version: rec.version.clone(),
+        expires_at: if tombstone { None } else { rec.expires_at },
+        tombstone,
+    }
+}
 
 /// The plaintext inside [`StoredValue::sealed`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -128,8 +156,16 @@ pub struct MemoryStore {
     limits: MemoryLimits,
     protection: Protection,
     stripes: Vec<Mutex<()>>,
-    counts: Mutex<HashMap<String, usize>>,
+    /// Per namespace: its digest and record count, built by one scan on first use.
+    digests: Mutex<HashMap<String, NsSlot>>,
     cache: PlainCache<Plain>,
+}
+
+/// A namespace's digest; `None` until built.
+type NsSlot = Arc<Mutex<Option<DigestState>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl MemoryStore {
@@ -148,7 +184,7 @@ impl MemoryStore {
             origin,
             protection,
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
-            counts: Mutex::new(HashMap::new()),
+            digests: Mutex::new(HashMap::new()),
             cache: PlainCache::new(
                 match protection {
                     Protection::Encrypted => limits.read_cache_entries,
@@ -164,37 +200,19 @@ impl MemoryStore {
     pub fn put(&self, ns: &str, key: &str, req: PutRequest, now_ms: u64) -> Result<MemoryItem> {
         validate_name("namespace", ns, self.limits.max_name_len)?;
         validate_name("key", key, self.limits.max_name_len)?;
-        if let Some(s) = &req.subject {
-            validate_name("subject", s, self.limits.max_name_len)?;
-        }
-        if req.value_json.len() > self.limits.max_value_bytes {
-            return Err(StorageError::TooLarge {
-                size: req.value_json.len(),
-                limit: self.limits.max_value_bytes,
-            });
-        }
-        for t in &req.tags {
-            if t.len() > self.limits.max_name_len {
-                return Err(StorageError::InvalidInput {
-                    field: "tags",
-                    message: format!("tag longer than {} bytes", self.limits.max_name_len),
-                });
-            }
-        }
-        let key_id = match &req.subject {
-            Some(s) => KeyId::Subject(s.clone()),
-            None => KeyId::Namespace(ns.to_string()),
-        };
+        self.validate_value(&req.value_json, req.subject.as_deref(), &req.tags)?;
+        let key_id = key_id_for(ns, req.subject.as_deref());
         let data_key = self.keyring.get_or_create(&key_id)?;
         let ttl = req.ttl_ms.or(req.memory_type.default_ttl_ms());
         let expires_at = ttl.map(|t| now_ms.saturating_add(t));
 
+        let slot = self.ns_state(ns)?;
         let _guard = self.stripe(ns, key);
+        // Under the stripe lock: an erase that has marked the key waits for this write to end
+        // before it shreds (see `shred`), or this write sees the mark.
+        self.keyring.ensure_not_destroyed(&key_id)?;
         let rkey = record_key(ns, key);
         let existing = self.read_record(&rkey)?;
-        if existing.is_none() {
-            self.reserve_slot(ns)?;
-        }
         if let Some(cur) = &existing {
             // A restarted node whose wall clock went back still orders after what it stored.
             self.clock.observe(cur.version.hlc, u64::MAX)?;
@@ -230,7 +248,7 @@ impl MemoryStore {
             Some(cur) => cur.merge(&rec),
             None => rec,
         };
-        self.write_record(&rkey, &merged)?;
+        self.commit(&slot, ns, key, &rkey, existing.as_ref(), Some(&merged))?;
         Ok(MemoryItem {
             namespace: ns.to_string(),
             key: key.to_string(),
@@ -254,16 +272,28 @@ impl MemoryStore {
         }
     }
 
-    /// Delete: write a tombstone. Returns whether a live value was there.
+    /// Delete: write a tombstone over a live value. Returns whether a live value was there.
     pub fn delete(&self, ns: &str, key: &str, now_ms: u64) -> Result<bool> {
+        Ok(self.delete_inner(ns, key, now_ms)?.is_some())
+    }
+
+    /// Delete; the tombstone written, if a live value was there (nothing is written for a key that
+    /// is absent, deleted or expired: an expiry is the same instant on every replica).
+    fn delete_inner(&self, ns: &str, key: &str, now_ms: u64) -> Result<Option<Delta>> {
         validate_name("namespace", ns, self.limits.max_name_len)?;
         validate_name("key", key, self.limits.max_name_len)?;
-        let _guard = self.stripe(ns, key);
         let rkey = record_key(ns, key);
-        let Some(cur) = self.read_record(&rkey)? else {
-            return Ok(false);
+        let live = |rec: &Option<StoredRecord>| rec.as_ref().is_some_and(|r| r.is_live(now_ms));
+        // Without taking state for a namespace nobody wrote to.
+        if !live(&self.read_record(&rkey)?) {
+            return Ok(None);
+        }
+        let slot = self.ns_state(ns)?;
+        let _guard = self.stripe(ns, key);
+        let existing = self.read_record(&rkey)?;
+        let Some(cur) = existing.as_ref().filter(|_| live(&existing)) else {
+            return Ok(None);
         };
-        let was_live = cur.is_live(now_ms);
         self.clock.observe(cur.version.hlc, u64::MAX)?;
         let tomb = StoredRecord {
             version: Version {
@@ -273,9 +303,16 @@ impl MemoryStore {
             value: None,
             expires_at: None,
         };
-        self.write_record(&rkey, &cur.merge(&tomb))?;
-        self.cache.remove(&rkey);
-        Ok(was_live)
+        let merged = cur.merge(&tomb);
+        self.commit(&slot, ns, key, &rkey, Some(cur), Some(&merged))?;
+        let delta = Delta {
+            namespace: ns.to_string(),
+            key: key.to_string(),
+            version: merged.version,
+            expires_at: None,
+            value: None,
+        };
+        Ok(Some(delta))
     }
 
     /// Live values of a namespace whose key starts with `prefix`, in key order, after `after`.
@@ -319,12 +356,16 @@ impl MemoryStore {
         Ok(out)
     }
 
-    /// Crypto-shred a subject: its key is destroyed and its values can no longer be read.
+    /// Crypto-shred a subject: its key is destroyed, its values can no longer be read (they read
+    /// as erased), and their ciphertext is dropped; for replication they become tombstones at
+    /// their versions. Returns whether the subject had a key.
     pub fn erase_subject(&self, subject: &str, now_ms: u64) -> Result<bool> {
         validate_name("subject", subject, self.limits.max_name_len)?;
         let id = KeyId::Subject(subject.to_string());
         let existed = self.keyring.destroy(&id, now_ms)?;
         self.cache.purge(&id);
+        // Again even when erased before: shredding is idempotent and repairs an interrupted erase.
+        self.shred(&[subject.to_string()])?;
         Ok(existed)
     }
 
@@ -344,6 +385,12 @@ impl MemoryStore {
         let Some(stored) = rec.value else {
             return Err(StorageError::Corrupt("tombstone has no value".into()));
         };
+        if stored.is_shredded() {
+            return Err(match stored.key_id {
+                KeyId::Subject(s) => StorageError::Erased(s),
+                KeyId::Namespace(n) => StorageError::Erased(format!("namespace {n}")),
+            });
+        }
         let plain = match self.cache.get(&rkey, &rec.version) {
             Some(p) => p,
             None => {
@@ -405,35 +452,114 @@ impl MemoryStore {
         (ns, key).hash(&mut h);
         // The modulo keeps the index within the stripe count.
         let i = (h.finish() % LOCK_STRIPES as u64) as usize;
-        self.stripes[i].lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.stripes[i])
     }
 
-    /// Count a new key against the namespace limit.
-    fn reserve_slot(&self, ns: &str) -> Result<()> {
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let n = match counts.get(ns) {
-            Some(n) => *n,
-            None => {
-                let mut n = 0usize;
-                self.engine.for_each(
-                    MEMORY_TREE,
-                    &record_key(ns, ""),
-                    None,
-                    4096,
-                    &mut |_, _| {
-                        n += 1;
-                        Ok(true)
-                    },
-                )?;
-                n
-            }
-        };
-        if n >= self.limits.max_namespace_entries {
-            counts.insert(ns.to_string(), n);
-            return Err(StorageError::NamespaceFull(ns.to_string()));
+    /// Check a value as a write of it would.
+    fn validate_value(
+        &self,
+        value_json: &str,
+        subject: Option<&str>,
+        tags: &[String],
+    ) -> Result<()> {
+        if let Some(s) = subject {
+            validate_name("subject", s, self.limits.max_name_len)?;
         }
-        counts.insert(ns.to_string(), n + 1);
+        if value_json.len() > self.limits.max_value_bytes {
+            return Err(StorageError::TooLarge {
+                size: value_json.len(),
+                limit: self.limits.max_value_bytes,
+            });
+        }
+        for t in tags {
+            if t.len() > self.limits.max_name_len {
+                return Err(StorageError::InvalidInput {
+                    field: "tags",
+                    message: format!("tag longer than {} bytes", self.limits.max_name_len),
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// The digest state of `ns`, built by one scan on first use. Every write calls this before it
+    /// touches a record, so no write can race the scan (writes wait for it on the slot's lock).
+    fn ns_state(&self, ns: &str) -> Result<NsSlot> {
+        let slot = lock(&self.digests)
+            .entry(ns.to_string())
+            .or_default()
+            .clone();
+        let mut state = lock(&slot);
+        if state.is_none() {
+            let mut d = DigestState::default();
+            self.engine.for_each(
+                MEMORY_TREE,
+                &record_key(ns, ""),
+                None,
+                1024,
+                &mut |k, v| {
+                    let key = String::from_utf8_lossy(&k[ns.len() + 1..]).into_owned();
+                    match decode_record(&v) {
+                        Ok(rec) => d.add_scanned(&key, Some(&entry_of(&rec))),
+                        Err(e) => {
+                            tracing::warn!(namespace = ns, key, error = %e, "undecodable memory record");
+                            d.add_scanned(&key, None);
+                        }
+                    }
+                    Ok(true)
+                },
+            )?;
+            *state = Some(d);
+        }
+        drop(state);
+        Ok(slot)
+    }
+
+    /// Replace the record `old` of `ns`/`key` by `new` (`None` removes it), keeping the digest and
+    /// the count of `slot` (from [`Self::ns_state`]) in step. A new key takes a slot of the
+    /// namespace first, or fails with `NamespaceFull`. The caller holds the key's stripe lock and
+    /// read `old` under it.
+    fn commit(
+        &self,
+        slot: &NsSlot,
+        ns: &str,
+        key: &str,
+        rkey: &[u8],
+        old: Option<&StoredRecord>,
+        new: Option<&StoredRecord>,
+    ) -> Result<()> {
+        let reserved = old.is_none() && new.is_some();
+        if reserved {
+            let mut state = lock(slot);
+            let d = state
+                .as_mut()
+                .ok_or_else(|| StorageError::Engine(format!("digest of `{ns}` not built")))?;
+            if !d.reserve(self.limits.max_namespace_entries) {
+                return Err(StorageError::NamespaceFull(ns.to_string()));
+            }
+        }
+        let res = match new {
+            Some(rec) => self.write_record(rkey, rec),
+            None => self.engine.remove(MEMORY_TREE, rkey),
+        };
+        self.cache.remove(rkey);
+        let mut state = lock(slot);
+        if let Some(d) = state.as_mut() {
+            if reserved {
+                d.release();
+            }
+            if res.is_ok() {
+                d.replace(key, old.map(entry_of).as_ref(), new.map(entry_of).as_ref());
+            }
+        }
+        res
+    }
+}
+
+fn key_id_for(ns: &str, subject: Option<&str>) -> KeyId {
+    match subject {
+        Some(s) => KeyId::Subject(s.to_string()),
+        None => KeyId::Namespace(ns.to_string()),
     }
 }
 

@@ -184,6 +184,11 @@ pub struct Client {
 }
 
 impl Client {
+    /// The gateway URL this client talks to.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     pub fn new(base: &str, token: Option<&str>) -> Self {
         Self {
             base: base.to_string(),
@@ -216,6 +221,14 @@ impl Client {
 
     pub fn get(&self, path: &str) -> Result<(u16, Value)> {
         self.request("GET", path, None)
+    }
+
+    /// A non-JSON body (e.g. `/metrics`) as text.
+    pub fn get_text(&self, path: &str) -> Result<String> {
+        Ok(match self.get(path)?.1 {
+            Value::String(s) => s,
+            v => v.to_string(),
+        })
     }
 
     pub fn put_json(&self, path: &str, body: &Value) -> Result<(u16, Value)> {

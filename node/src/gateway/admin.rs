@@ -45,12 +45,17 @@ pub(super) async fn erase_subject(
     let st = s.clone();
     s.timed(Class::Security, async move {
         let id2 = id.clone();
+        let st2 = st.clone();
         let existed = blocking(move || {
-            let existed = st.storage.memory.erase_subject(&id2, now_ms())?;
-            st.commit_blocking(&ctx, 200)?;
+            let existed = st2.storage.memory.erase_subject(&id2, now_ms())?;
+            st2.commit_blocking(&ctx, 200)?;
             Ok(existed)
         })
         .await?;
+        // Every replica destroys its key too; one that is down gets it from anti-entropy.
+        if let Some(r) = &st.replicator {
+            r.push_erasure(vec![id.clone()]);
+        }
         Ok(Json(
             json!({"subject": id, "erased": true, "key_existed": existed}),
         ))

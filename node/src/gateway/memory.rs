@@ -83,11 +83,20 @@ pub(super) struct ListView {
     next: Option<String>,
 }
 
+/// Query of a PUT: `w=2` waits until one peer also has the write durable.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PutQuery {
+    #[serde(default)]
+    w: Option<u8>,
+}
+
 pub(super) async fn put_value(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
     Extension(ctx): Extension<AuditCtx>,
     ApiPath((ns, key)): ApiPath<(String, String)>,
+    ApiQuery(q): ApiQuery<PutQuery>,
     body: Body,
 ) -> Result<Json<ItemView>, AppError> {
     s.authorize(
@@ -97,27 +106,59 @@ pub(super) async fn put_value(
         &format!("memory/{ns}/{key}"),
         None,
     )?;
+    let w2 = match q.w {
+        None | Some(1) => false,
+        Some(2) => true,
+        Some(_) => return Err(AppError::invalid_field("w", "write concern is 1 or 2")),
+    };
     let _permit = s.permit(Class::Memory)?;
     let st = s.clone();
     s.timed(Class::Memory, async move {
         let b: PutBody = json_body(body, st.body_limit).await?;
         let value_json =
             serde_json::to_string(&b.value).map_err(|e| AppError::Internal(e.to_string()))?;
+        let mut ttl_ms = b
+            .ttl
+            .map(|d| u64::try_from(d.0.as_millis()).unwrap_or(u64::MAX));
+        // An agent's namespace keeps values no longer than the agent's retention; the expiry
+        // travels with the value, so every replica drops it at the same time.
+        if let Some(&keep) = st.retention.get(&ns) {
+            let asked = ttl_ms
+                .or(b.memory_type.default_ttl_ms())
+                .unwrap_or(u64::MAX);
+            ttl_ms = Some(asked.min(keep));
+        }
         let req = PutRequest {
             value_json,
             memory_type: b.memory_type,
-            ttl_ms: b
-                .ttl
-                .map(|d| u64::try_from(d.0.as_millis()).unwrap_or(u64::MAX)),
+            ttl_ms,
             subject: b.subject,
             tags: b.tags,
         };
-        let item = blocking(move || {
-            let item = st.storage.memory.put(&ns, &key, req, now_ms())?;
-            st.commit_blocking(&ctx, 200)?;
-            Ok(item)
+        let st2 = st.clone();
+        let (item, delta) = blocking(move || {
+            let (item, delta) = st2
+                .storage
+                .memory
+                .put_with_delta(&ns, &key, req, now_ms())?;
+            st2.commit_blocking(&ctx, 200)?;
+            Ok((item, delta))
         })
         .await?;
+        // Durable here: now to the peers (and, with w=2, wait for one of them).
+        if let Some(r) = &st.replicator {
+            r.push(&delta, w2)
+                .await
+                .map_err(|e| AppError::NotReplicated {
+                    code: e.code(),
+                    message: format!("written on this node but not confirmed by a peer: {e}"),
+                })?;
+        } else if w2 {
+            return Err(AppError::NotReplicated {
+                code: "no_replica",
+                message: "this node does not replicate".into(),
+            });
+        }
         ItemView::from_item(item).map(Json)
     })
     .await
@@ -161,15 +202,23 @@ pub(super) async fn delete_value(
     let st = s.clone();
     s.timed(Class::Memory, async move {
         let (ns2, key2) = (ns.clone(), key.clone());
-        let existed = blocking(move || {
-            let existed = st.storage.memory.delete(&ns2, &key2, now_ms())?;
-            if existed {
-                st.commit_blocking(&ctx, 200)?;
+        let st2 = st.clone();
+        let delta = blocking(move || {
+            let delta = st2
+                .storage
+                .memory
+                .delete_with_delta(&ns2, &key2, now_ms())?;
+            if delta.is_some() {
+                st2.commit_blocking(&ctx, 200)?;
             }
-            Ok(existed)
+            Ok(delta)
         })
         .await?;
-        if existed {
+        if let Some(delta) = delta {
+            if let Some(r) = &st.replicator {
+                // Best effort: anti-entropy carries the tombstone if a push is lost.
+                let _ = r.push(&delta, false).await;
+            }
             Ok(Json(
                 serde_json::json!({"deleted": true, "namespace": ns, "key": key}),
             ))

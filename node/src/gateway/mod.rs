@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use ed25519_dalek::SigningKey;
 use rand::RngCore;
-use swarm_actors::ActorCluster;
+use swarm_actors::{ActorCluster, Replicator};
 use swarm_config::{LimitsConfig, SwarmFile};
 use swarm_membership::Membership;
 use swarm_storage::{AuditEvent, Storage};
@@ -90,6 +90,11 @@ pub struct Inner {
     pub membership: Option<Membership>,
     /// Actor sessions with peers; `None` in unit tests of the gateway alone.
     pub actors: Option<ActorCluster>,
+    /// Memory replication; `None` in unit tests of the gateway alone.
+    pub replicator: Option<Replicator>,
+    /// Agent id → retention (ms) of its memory namespace (the namespace named like the agent),
+    /// from the swarm file; permanent agents are absent.
+    pub retention: std::collections::HashMap<String, u64>,
     /// Notified when the node should stop (after `POST /v1/cluster/leave`).
     pub stop: Arc<Notify>,
 }
@@ -113,6 +118,7 @@ pub struct GatewayParts {
     pub audience: String,
     pub membership: Option<Membership>,
     pub actors: Option<ActorCluster>,
+    pub replicator: Option<Replicator>,
 }
 
 impl Inner {
@@ -156,6 +162,13 @@ impl Inner {
             started: Instant::now(),
             membership: p.membership,
             actors: p.actors,
+            replicator: p.replicator,
+            retention: p
+                .swarm
+                .agents
+                .iter()
+                .filter_map(|a| Some((a.id.clone(), a.memory.retention.as_millis()?)))
+                .collect(),
             stop: Arc::new(Notify::new()),
             secured: !cfg!(feature = "bench-noauth"),
             audited: !cfg!(any(feature = "bench-noauth", feature = "bench-noaudit")),

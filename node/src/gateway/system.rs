@@ -69,6 +69,9 @@ pub(super) async fn metrics(
     if let Some(m) = &s.membership {
         gossip_metrics(&mut text, &s.node, m);
     }
+    if let Some(r) = &s.replicator {
+        replication_metrics(&mut text, &s.node, r);
+    }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }
 
@@ -133,4 +136,110 @@ fn gossip_metrics(out: &mut String, node: &str, m: &swarm_membership::Membership
         let _ = writeln!(out, "# TYPE {name} counter");
         let _ = writeln!(out, "{name}{{node=\"{node}\"}} {v}");
     }
+}
+
+fn replication_metrics(out: &mut String, node: &str, r: &swarm_actors::Replicator) {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let st = r.stats();
+    let applied = st.deltas_applied.load(Relaxed);
+    let counters = [
+        (
+            "swarm_replication_deltas_sent_total",
+            "Deltas queued to peers.",
+            st.deltas_sent.load(Relaxed),
+        ),
+        (
+            "swarm_replication_deltas_dropped_total",
+            "Deltas dropped (peer queue full or stream lost); anti-entropy repairs them.",
+            st.deltas_dropped.load(Relaxed),
+        ),
+        (
+            "swarm_replication_deltas_applied_total",
+            "Peer deltas applied here.",
+            applied,
+        ),
+        (
+            "swarm_replication_deltas_stale_total",
+            "Peer deltas already known (or older).",
+            st.deltas_stale.load(Relaxed),
+        ),
+        (
+            "swarm_replication_deltas_refused_total",
+            "Peer deltas refused (bad frame, clock skew, erased subject, full namespace).",
+            st.deltas_refused.load(Relaxed),
+        ),
+        (
+            "swarm_anti_entropy_rounds_total",
+            "Anti-entropy rounds completed (as initiator).",
+            st.ae_rounds.load(Relaxed),
+        ),
+        (
+            "swarm_anti_entropy_failed_total",
+            "Anti-entropy rounds that failed.",
+            st.ae_failed.load(Relaxed),
+        ),
+        (
+            "swarm_anti_entropy_bytes_sent_total",
+            "Anti-entropy bytes sent.",
+            st.ae_bytes_sent.load(Relaxed),
+        ),
+        (
+            "swarm_anti_entropy_bytes_received_total",
+            "Anti-entropy bytes received.",
+            st.ae_bytes_received.load(Relaxed),
+        ),
+        (
+            "swarm_anti_entropy_entries_total",
+            "Entries exchanged by anti-entropy.",
+            st.ae_entries.load(Relaxed),
+        ),
+        (
+            "swarm_tombstones_dropped_total",
+            "Tombstones garbage-collected.",
+            st.tombstones_dropped.load(Relaxed),
+        ),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name}{{node=\"{node}\"}} {v}");
+    }
+    if let Ok(codes) = st.refused_by_code.lock() {
+        for (code, n) in codes.iter() {
+            let _ = writeln!(
+                out,
+                "swarm_replication_refused_by_code_total{{node=\"{node}\",code=\"{code}\"}} {n}"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP swarm_replication_pending Deltas queued to peers, not yet sent."
+    );
+    let _ = writeln!(out, "# TYPE swarm_replication_pending gauge");
+    let _ = writeln!(
+        out,
+        "swarm_replication_pending{{node=\"{node}\"}} {}",
+        r.pending()
+    );
+    let mean = st
+        .lag_ms_sum
+        .load(Relaxed)
+        .checked_div(applied)
+        .unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "# HELP swarm_replication_lag_ms Time from a write at its origin to its apply here (mean and max)."
+    );
+    let _ = writeln!(out, "# TYPE swarm_replication_lag_ms gauge");
+    let _ = writeln!(
+        out,
+        "swarm_replication_lag_ms{{node=\"{node}\",stat=\"mean\"}} {mean}"
+    );
+    let _ = writeln!(
+        out,
+        "swarm_replication_lag_ms{{node=\"{node}\",stat=\"max\"}} {}",
+        st.lag_ms_max.load(Relaxed)
+    );
 }

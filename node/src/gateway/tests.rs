@@ -48,6 +48,7 @@ fn fixture_with(body_limit: usize, swarm: SwarmFile) -> Fixture {
         audience: "swarm".into(),
         membership: None,
         actors: None,
+        replicator: None,
     })
     .expect("gateway state");
     Fixture { state, key }
