@@ -575,3 +575,80 @@ mod decoders {
         }
     }
 }
+
+#[tokio::test]
+async fn an_agents_namespace_keeps_values_no_longer_than_its_retention() {
+    let f = fixture();
+    let t = f.token("alice", "user");
+    let year_ms: u64 = 365 * 86_400_000 + 6 * 3_600_000;
+    let before = super::now_ms();
+    // testing-qa keeps its memory 1 year: an unbounded value gets that expiry...
+    let (s, v, _) = f
+        .call(
+            "PUT",
+            "/v1/memory/testing-qa/k",
+            Some(&t),
+            Some(br#"{"value":1}"#.to_vec()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let exp = v["expires_at"].as_u64().expect("expiry");
+    assert!(
+        exp >= before + year_ms && exp <= super::now_ms() + year_ms,
+        "{v}"
+    );
+    // ...a shorter TTL stays as asked...
+    let (_, v, _) = f
+        .call(
+            "PUT",
+            "/v1/memory/testing-qa/k2",
+            Some(&t),
+            Some(br#"{"value":1,"ttl":"1h"}"#.to_vec()),
+        )
+        .await;
+    assert!(v["expires_at"].as_u64().expect("expiry") <= super::now_ms() + 3_600_000);
+    // ...and a permanent agent, or any other namespace, is not capped.
+    for ns in ["orchestration-coordinator", "notes"] {
+        let (_, v, _) = f
+            .call(
+                "PUT",
+                &format!("/v1/memory/{ns}/k"),
+                Some(&t),
+                Some(br#"{"value":1}"#.to_vec()),
+            )
+            .await;
+        assert!(v.get("expires_at").is_none(), "{ns}: {v}");
+    }
+}
+
+#[tokio::test]
+async fn write_concern_without_replication_is_a_clear_error() {
+    let f = fixture();
+    let t = f.token("alice", "user");
+    let (s, v, _) = f
+        .call(
+            "PUT",
+            "/v1/memory/notes/k?w=2",
+            Some(&t),
+            Some(br#"{"value":1}"#.to_vec()),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::SERVICE_UNAVAILABLE, "no_replica"),
+        "{v}"
+    );
+    let (s, v, _) = f
+        .call(
+            "PUT",
+            "/v1/memory/notes/k?w=0",
+            Some(&t),
+            Some(br#"{"value":1}"#.to_vec()),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("w")),
+        "{v}"
+    );
+}
