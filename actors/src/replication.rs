@@ -376,8 +376,13 @@ impl Replicator {
             }
             STREAM_ANTI_ENTROPY => {
                 tokio::spawn(async move {
-                    if let Err(e) = me.respond_round(&peer, send, recv).await {
-                        tracing::debug!(%peer, error = %e, "anti-entropy round (responder) failed");
+                    match me.respond_round(&peer, send, recv).await {
+                        Ok(()) => {
+                            me.inner.first_sync.send_replace(true);
+                        }
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "anti-entropy round (responder) failed")
+                        }
                     }
                 });
             }
@@ -534,8 +539,10 @@ impl Replicator {
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {
-                    Ok(MemberEvent::Up(id)) => {
-                        // A member that comes back: repair at once (give its connection a moment).
+                    Ok(MemberEvent::Up(id)) if self.inner.me < id.name => {
+                        // A member that comes back: repair at once (give its connection a
+                        // moment). Only the smaller name starts it, so the two do not run the
+                        // same round twice.
                         let me = self.clone();
                         tokio::spawn(async move {
                             tokio::time::sleep(Duration::from_millis(200)).await;
