@@ -167,6 +167,17 @@ fn writes_converge_and_survive_a_partition() -> Result<()> {
         let (status, _) = c.get("/v1/memory/conv/n2-k0")?;
         assert_eq!(status, 404, "deleted key came back on {}", c.base());
     }
+
+    // node-2 loses its disk: restarted empty, it refills from its peers.
+    let mut nodes = nodes;
+    nodes[1].kill()?;
+    let data = swarm_config::NodeConfig::load(&configs[1])?.data_dir();
+    std::fs::remove_dir_all(&data)?;
+    nodes[1] = NodeProc::start(&configs[1])?;
+    let c2 = nodes[1].client(&token);
+    let t = wait_all(&c2, &acked, Duration::from_secs(30))?;
+    println!("node-2 refilled from an empty disk in {t:?}");
+    assert_eq!(c2.get("/v1/memory/conv/n2-k0")?.0, 404);
     Ok(())
 }
 
