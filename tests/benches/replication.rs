@@ -7,12 +7,11 @@
 //! -p swarm-tests --bench replication [-- PARTITION_SECS]`
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
-use swarm_tests::{Client, NodeProc, init_cluster, wait_member_state};
+use swarm_tests::{Client, NodeProc, Partition, init_cluster, wait_member_state};
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -53,28 +52,6 @@ fn listing(c: &Client, ns: &str) -> BTreeMap<String, String> {
             None => return out,
         }
     }
-}
-
-fn iptables(op: &str, port: u16) -> Result<()> {
-    for dir in ["--dport", "--sport"] {
-        let ok = Command::new("iptables")
-            .args([
-                op,
-                "INPUT",
-                "-p",
-                "udp",
-                dir,
-                &port.to_string(),
-                "-j",
-                "DROP",
-            ])
-            .status()?
-            .success();
-        if !ok {
-            bail!("iptables {op} failed (root needed)");
-        }
-    }
-    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -174,7 +151,7 @@ fn main() -> Result<()> {
         .gossip
         .bind
         .port();
-    iptables("-I", port3)?;
+    let cut = Partition::cut(port3)?;
     let t_cut = Instant::now();
     let mut written = 0usize;
     let mut i = 0u64;
@@ -187,7 +164,7 @@ fn main() -> Result<()> {
         std::thread::sleep(Duration::from_millis(25));
     }
     let bytes0 = metric(&cs, "swarm_anti_entropy_bytes_sent_total");
-    iptables("-D", port3)?;
+    drop(cut);
     let t_heal = Instant::now();
     let identical = loop {
         let l: Vec<_> = cs.iter().map(|c| listing(c, "part")).collect();

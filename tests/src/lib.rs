@@ -296,3 +296,47 @@ pub fn wait_member_state(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Drops every UDP packet to or from `port` on this machine while alive: a node whose QUIC port
+/// it is is cut off from its peers. Needs root and iptables (`.ci/run` installs iptables).
+#[derive(Debug)]
+pub struct Partition {
+    port: u16,
+}
+
+impl Partition {
+    pub fn cut(port: u16) -> Result<Self> {
+        let p = Self { port };
+        p.rules("-I")?;
+        Ok(p)
+    }
+
+    fn rules(&self, op: &str) -> Result<()> {
+        for dir in ["--dport", "--sport"] {
+            let ok = Command::new("iptables")
+                .args([
+                    op,
+                    "INPUT",
+                    "-p",
+                    "udp",
+                    dir,
+                    &self.port.to_string(),
+                    "-j",
+                    "DROP",
+                ])
+                .status()
+                .context("run iptables (install it; root needed)")?
+                .success();
+            if !ok {
+                bail!("iptables {op} refused the rule (root needed)");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        let _ = self.rules("-D");
+    }
+}

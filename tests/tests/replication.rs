@@ -3,12 +3,11 @@
 //! heal every acknowledged write is on all three; an erased subject stays unreadable on a node
 //! that was down during the erase; `w=2` waits for a peer or fails clearly.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use serde_json::json;
-use swarm_tests::{Client, NodeProc, init_cluster, wait_member_state};
+use swarm_tests::{Client, NodeProc, Partition, init_cluster, wait_member_state};
 
 fn admin(dir: &std::path::Path) -> Result<String> {
     Ok(std::fs::read_to_string(dir.join("admin.token"))?
@@ -39,55 +38,6 @@ fn wait_all(c: &Client, paths: &[String], within: Duration) -> Result<Duration> 
             );
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Drops every UDP packet to or from `port` on this machine while alive (needs root and
-/// iptables, which `.ci/run` installs).
-struct Partition {
-    port: u16,
-}
-
-impl Partition {
-    fn cut(port: u16) -> Result<Self> {
-        for dir in ["--dport", "--sport"] {
-            let ok = Command::new("iptables")
-                .args([
-                    "-I",
-                    "INPUT",
-                    "-p",
-                    "udp",
-                    dir,
-                    &port.to_string(),
-                    "-j",
-                    "DROP",
-                ])
-                .status()?
-                .success();
-            if !ok {
-                bail!("iptables refused the rule (root needed)");
-            }
-        }
-        Ok(Self { port })
-    }
-}
-
-impl Drop for Partition {
-    fn drop(&mut self) {
-        for dir in ["--dport", "--sport"] {
-            let _ = Command::new("iptables")
-                .args([
-                    "-D",
-                    "INPUT",
-                    "-p",
-                    "udp",
-                    dir,
-                    &self.port.to_string(),
-                    "-j",
-                    "DROP",
-                ])
-                .status();
-        }
     }
 }
 

@@ -100,7 +100,7 @@ fn gossip_metrics(out: &mut String, node: &str, m: &swarm_membership::Membership
             "swarm_cluster_members{{node=\"{node}\",state=\"{state}\"}} {n}"
         );
     }
-    for (name, help, v) in [
+    let counters = [
         (
             "swarm_gossip_frames_in_total",
             "Gossip frames received.",
@@ -131,11 +131,8 @@ fn gossip_metrics(out: &mut String, node: &str, m: &swarm_membership::Membership
             "Failed dials to peers.",
             st.dials_failed,
         ),
-    ] {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} counter");
-        let _ = writeln!(out, "{name}{{node=\"{node}\"}} {v}");
-    }
+    ];
+    write_counters(out, node, &counters);
 }
 
 fn replication_metrics(out: &mut String, node: &str, r: &swarm_actors::Replicator) {
@@ -200,11 +197,7 @@ fn replication_metrics(out: &mut String, node: &str, r: &swarm_actors::Replicato
             st.tombstones_dropped.load(Relaxed),
         ),
     ];
-    for (name, help, v) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} counter");
-        let _ = writeln!(out, "{name}{{node=\"{node}\"}} {v}");
-    }
+    write_counters(out, node, &counters);
     if let Ok(codes) = st.refused_by_code.lock() {
         for (code, n) in codes.iter() {
             let _ = writeln!(
@@ -242,4 +235,14 @@ fn replication_metrics(out: &mut String, node: &str, r: &swarm_actors::Replicato
         "swarm_replication_lag_ms{{node=\"{node}\",stat=\"max\"}} {}",
         st.lag_ms_max.load(Relaxed)
     );
+}
+
+/// Prometheus counters, one `node` label each.
+fn write_counters(out: &mut String, node: &str, counters: &[(&str, &str, u64)]) {
+    use std::fmt::Write;
+    for (name, help, v) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name}{{node=\"{node}\"}} {v}");
+    }
 }
