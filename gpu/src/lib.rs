@@ -1,6 +1,10 @@
 //! The inference engine (filled by the inference issue): GGUF and safetensors Llama-family models
 //! on candle, our own batched forward, KV-cache accounting, the continuous-batching scheduler and
 //! sampling; device discovery with cudarc behind feature `cuda`.
+//!
+//! - `catalog`: the built-in model catalog and `swarm model pull` (download, SHA-256, unpack).
+
+pub mod catalog;
 
 use serde::{Deserialize, Serialize};
 

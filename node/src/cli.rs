@@ -79,10 +79,30 @@ enum Command {
         #[arg(long, default_value = "24h")]
         ttl: HumanDuration,
     },
+    /// Models: `pull NAME` fetches one from the built-in catalog (SHA-256 checked), `list`.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
     /// The audit log.
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Download a catalog model into DIR/models (checks its SHA-256; shows progress).
+    Pull {
+        name: String,
+        #[arg(long, default_value = "swarm-data")]
+        dir: PathBuf,
+    },
+    /// The catalog, and which models are in DIR/models.
+    List {
+        #[arg(long, default_value = "swarm-data")]
+        dir: PathBuf,
     },
 }
 
@@ -208,6 +228,52 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     &cfg.auth.audience
                 )?
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model {
+            command: ModelCommand::Pull { name, dir },
+        } => {
+            use swarm_gpu::catalog;
+            let Some(entry) = catalog::find(&name) else {
+                bail!("{}", catalog::PullError::Unknown(name));
+            };
+            let models = dir.join("models");
+            let mut last = u64::MAX;
+            let path = catalog::pull(&entry, &models, &mut |_, done, total| {
+                if let Some(t) = total.filter(|t| *t > 0) {
+                    let pct = done * 100 / t;
+                    if pct / 5 != last {
+                        last = pct / 5;
+                        eprint!("\r{}: {pct:>3}% of {} MiB", entry.name, t >> 20);
+                    }
+                }
+            })
+            .with_context(|| format!("pull {}", entry.name))?;
+            eprintln!();
+            println!(
+                "{} ready: {} (SHA-256 {})",
+                entry.name,
+                path.display(),
+                entry.file_sha256
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model {
+            command: ModelCommand::List { dir },
+        } => {
+            let models = dir.join("models");
+            for e in swarm_gpu::catalog::catalog() {
+                let state = match swarm_gpu::catalog::installed(&e, &models) {
+                    Some(p) => format!("installed at {}", p.display()),
+                    None => "not pulled".into(),
+                };
+                println!(
+                    "{:<24} {:>4} MiB  {state}\n    {}",
+                    e.name,
+                    e.file_size >> 20,
+                    e.description
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit {

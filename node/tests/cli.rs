@@ -16,7 +16,7 @@ fn help_lists_the_commands() {
     let out = swarm(&["--help"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["up", "init", "node", "token", "audit"] {
+    for cmd in ["up", "init", "node", "status", "token", "model", "audit"] {
         assert!(text.contains(cmd), "{cmd} in help");
     }
 }
@@ -131,4 +131,21 @@ fn node_refuses_insecure_key_file_and_busy_port() {
     let out = swarm(&["node", "--config", bad.to_str().expect("utf8")]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("node.colour"));
+}
+
+#[test]
+fn model_list_and_an_unknown_model() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path().to_str().expect("utf8 path");
+    let out = swarm(&["model", "list", "--dir", d]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("SmolLM2-135M-Instruct") && text.contains("not pulled"),
+        "{text}"
+    );
+    let out = swarm(&["model", "pull", "no-such-model", "--dir", d]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown model `no-such-model`"), "{err}");
 }
