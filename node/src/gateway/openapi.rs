@@ -42,8 +42,18 @@ pub(super) async fn openapi() -> Json<Value> {
             "tags": {"type": "array", "items": {"type": "string"}}
         }
     });
-    let mut put = with_body(op("Write a value", "memory.write"), put_schema);
-    put["parameters"] = ns_key.clone();
+    let mut put = with_body(
+        op(
+            "Write a value (durable here, then pushed to every peer; w=2: also durable on one peer)",
+            "memory.write",
+        ),
+        put_schema,
+    );
+    let mut put_params = ns_key.clone();
+    if let Some(a) = put_params.as_array_mut() {
+        a.push(json!({"name": "w", "in": "query", "required": false, "schema": {"type": "integer", "enum": [1, 2]}}));
+    }
+    put["parameters"] = put_params;
     let mut get = op("Read a value", "memory.read");
     get["parameters"] = ns_key.clone();
     let mut del = op("Delete a value (tombstone)", "memory.write");
