@@ -224,15 +224,7 @@ impl Replicator {
     }
 
     fn live_peers(&self) -> Vec<String> {
-        self.inner
-            .membership
-            .view()
-            .members
-            .into_iter()
-            .filter(|m| m.name != self.inner.me)
-            .filter(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect))
-            .map(|m| m.name)
-            .collect()
+        self.inner.membership.live_peers()
     }
 
     /// Queue `delta` to every live peer. With `w2`, wait until one of them has it durable.
@@ -559,9 +551,8 @@ impl Replicator {
                     rounds += 1;
                     let peers = self.live_peers();
                     if !peers.is_empty() {
-                        let pick = (rand_index(peers.len()), ());
                         let me = self.clone();
-                        let peer = peers[pick.0].clone();
+                        let peer = peers[rand_index(peers.len())].clone();
                         tokio::spawn(async move { me.round_logged(peer).await });
                     }
                     if rounds.is_multiple_of(12) {

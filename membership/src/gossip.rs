@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -30,7 +30,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use crate::{MemberState, NodeMeta};
+use crate::{MemberState, NodeMeta, lock};
 
 /// A foca packet.
 pub const FRAME_FOCA: u8 = 1;
@@ -288,10 +288,6 @@ impl Records {
             }
         }
     }
-}
-
-fn lock(r: &Mutex<Records>) -> MutexGuard<'_, Records> {
-    r.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// foca's custom-broadcast hook over the shared [`Records`].

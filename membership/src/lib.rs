@@ -21,6 +21,11 @@ mod transport;
 
 use serde::{Deserialize, Serialize};
 
+/// Lock a mutex, taking the data even if a panicking holder poisoned it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub use gossip::{
     FRAME_DOWN_DIGEST, FRAME_FOCA, FRAME_META, FRAME_META_REQUEST, FRAME_SUSPECT, Gossip,
     GossipError, GossipSettings, MAX_META_BYTES, MAX_PACKET, MemberEvent, MemberInfo, NodeId,

@@ -9,9 +9,9 @@
 //! dialed by the node with the smaller name is kept on both sides.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::gossip::{Gossip, GossipError, GossipSettings, MemberEvent, MemberInfo, NodeId};
 use crate::transport::{Accepted, Endpoint, PeerConnection, TlsIdentity, TransportError};
-use crate::{MemberState, NodeMeta};
+use crate::{MemberState, NodeMeta, lock};
 
 /// Frames waiting for the state machine; beyond this, datagrams are dropped.
 const FRAME_QUEUE: usize = 4096;
@@ -126,10 +126,6 @@ enum ConnEvent {
 
 type Conns = Arc<Mutex<HashMap<String, quinn::Connection>>>;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Handle to the running service (cheap to clone).
 #[derive(Debug, Clone)]
 pub struct Membership {
@@ -206,7 +202,7 @@ impl Membership {
             entries: HashMap::new(),
             addr_names: HashMap::new(),
             pending: HashMap::new(),
-            dialing: HashMap::new(),
+            dialing: HashSet::new(),
             backoff: HashMap::new(),
             timers: BinaryHeap::new(),
             timer_seq: 0,
@@ -229,6 +225,18 @@ impl Membership {
     /// The current member view.
     pub fn view(&self) -> View {
         self.view.borrow().clone()
+    }
+
+    /// Names of the other members that are alive or suspect (without copying the view).
+    pub fn live_peers(&self) -> Vec<String> {
+        self.view
+            .borrow()
+            .members
+            .iter()
+            .filter(|m| m.name != self.name)
+            .filter(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect))
+            .map(|m| m.name.clone())
+            .collect()
     }
 
     /// The member view as a watch channel.
@@ -433,7 +441,7 @@ struct Driver {
     entries: HashMap<String, Entry>,
     addr_names: HashMap<SocketAddr, String>,
     pending: HashMap<SocketAddr, VecDeque<Bytes>>,
-    dialing: HashMap<SocketAddr, ()>,
+    dialing: HashSet<SocketAddr>,
     backoff: HashMap<SocketAddr, Backoff>,
     timers: BinaryHeap<Reverse<(Instant, u64, TimerBox)>>,
     timer_seq: u64,
@@ -677,7 +685,7 @@ impl Driver {
         if q.len() < PENDING_PER_PEER {
             q.push_back(data);
         }
-        if self.dialing.contains_key(&to.addr) {
+        if self.dialing.contains(&to.addr) {
             return;
         }
         if self
@@ -688,7 +696,7 @@ impl Driver {
             self.pending.remove(&to.addr);
             return;
         }
-        self.dialing.insert(to.addr, ());
+        self.dialing.insert(to.addr);
         let w = self.wiring.clone();
         let (addr, expected) = (to.addr, name);
         tokio::spawn(async move {

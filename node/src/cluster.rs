@@ -108,9 +108,6 @@ pub fn spawn_duties(state: AppState, membership: Membership, gateway: SocketAddr
                     }
                 }
             }
-            if Arc::strong_count(&state) <= 1 {
-                break;
-            }
         }
     });
 }

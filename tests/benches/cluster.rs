@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use swarm_tests::{NodeProc, init_cluster, wait_member_state};
+use swarm_tests::{NodeProc, admin_token, init_cluster, wait_member_state};
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -21,9 +21,7 @@ fn main() -> Result<()> {
         .unwrap_or(5);
     let dir = tempfile::tempdir()?;
     let configs = init_cluster(dir.path(), 3)?;
-    let token = std::fs::read_to_string(dir.path().join("admin.token"))?
-        .trim()
-        .to_string();
+    let token = admin_token(dir.path())?;
     let n1 = NodeProc::start(&configs[0])?;
     let n2 = NodeProc::start(&configs[1])?;
     let (c1, c2) = (n1.client(&token), n2.client(&token));

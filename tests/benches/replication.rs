@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
-use swarm_tests::{Client, NodeProc, Partition, init_cluster, wait_member_state};
+use swarm_tests::{Client, Partition, admin_token, init_cluster, start_joined};
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -61,18 +61,8 @@ fn main() -> Result<()> {
         .unwrap_or(30);
     let dir = tempfile::tempdir()?;
     let configs = init_cluster(dir.path(), 3)?;
-    let token = std::fs::read_to_string(dir.path().join("admin.token"))?
-        .trim()
-        .to_string();
-    let nodes: Vec<NodeProc> = configs
-        .iter()
-        .map(|c| NodeProc::start(c))
-        .collect::<Result<_>>()?;
-    let cs: Vec<Client> = nodes.iter().map(|n| n.client(&token)).collect();
-    let all: Vec<&Client> = cs.iter().collect();
-    for m in ["node-1", "node-2", "node-3"] {
-        wait_member_state(&all, m, "alive", Duration::from_secs(10))?;
-    }
+    let token = admin_token(dir.path())?;
+    let (_nodes, cs) = start_joined(&configs, &token)?;
     let value = json!({"text": "x".repeat(200)});
 
     // 1. Write throughput per node: 8 writers on each node at once, 5 s.

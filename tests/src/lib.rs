@@ -74,6 +74,27 @@ pub fn init_cluster(dir: &Path, nodes: u16) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// The admin token `swarm init` wrote into `dir`.
+pub fn admin_token(dir: &Path) -> Result<String> {
+    Ok(std::fs::read_to_string(dir.join("admin.token"))?
+        .trim()
+        .to_string())
+}
+
+/// Start a node for each config and wait until every node sees every other alive.
+pub fn start_joined(configs: &[PathBuf], token: &str) -> Result<(Vec<NodeProc>, Vec<Client>)> {
+    let nodes: Vec<NodeProc> = configs
+        .iter()
+        .map(|c| NodeProc::start(c))
+        .collect::<Result<_>>()?;
+    let clients: Vec<Client> = nodes.iter().map(|n| n.client(token)).collect();
+    let all: Vec<&Client> = clients.iter().collect();
+    for k in 1..=configs.len() {
+        wait_member_state(&all, &format!("node-{k}"), "alive", Duration::from_secs(10))?;
+    }
+    Ok((nodes, clients))
+}
+
 /// Mint a token with `swarm token`.
 pub fn token(dir: &Path, subject: &str, role: &str) -> Result<String> {
     let d = dir.display().to_string();

@@ -2,26 +2,14 @@
 //! other over QUIC with mutual TLS, see crashes as `down`, graceful leaves as `left`, take a
 //! restarted node back, carry remote actor calls, and never admit a node from another CA.
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
-use swarm_tests::{Client, NodeProc, init_cluster, member_states, swarm, wait_member_state};
-
-fn states(c: &Client) -> BTreeMap<String, String> {
-    member_states(c)
-}
-
-fn wait_state(
-    clients: &[&Client],
-    member: &str,
-    state: &str,
-    within: Duration,
-) -> Result<Duration> {
-    wait_member_state(clients, member, state, within)
-}
+use swarm_tests::{
+    Client, NodeProc, admin_token as admin, init_cluster, member_states as states, swarm,
+    wait_member_state as wait_state,
+};
 
 fn ping(c: &Client, peer: &str) -> Result<(u16, Value)> {
     c.request(
@@ -48,12 +36,6 @@ fn ping_until_ok(c: &Client, peer: &str) -> Result<Value> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn admin(dir: &Path) -> Result<String> {
-    Ok(std::fs::read_to_string(dir.join("admin.token"))?
-        .trim()
-        .to_string())
 }
 
 #[test]

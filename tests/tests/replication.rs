@@ -7,13 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use serde_json::json;
-use swarm_tests::{Client, NodeProc, Partition, init_cluster, wait_member_state};
-
-fn admin(dir: &std::path::Path) -> Result<String> {
-    Ok(std::fs::read_to_string(dir.join("admin.token"))?
-        .trim()
-        .to_string())
-}
+use swarm_tests::{
+    Client, NodeProc, Partition, admin_token, init_cluster, start_joined, wait_member_state,
+};
 
 fn put(c: &Client, path: &str, value: serde_json::Value) -> Result<u16> {
     Ok(c.put_json(path, &json!({ "value": value }))?.0)
@@ -45,16 +41,8 @@ fn wait_all(c: &Client, paths: &[String], within: Duration) -> Result<Duration> 
 fn writes_converge_and_survive_a_partition() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let configs = init_cluster(dir.path(), 3)?;
-    let token = admin(dir.path())?;
-    let nodes: Vec<NodeProc> = configs
-        .iter()
-        .map(|c| NodeProc::start(c))
-        .collect::<Result<_>>()?;
-    let cs: Vec<Client> = nodes.iter().map(|n| n.client(&token)).collect();
-    let all: Vec<&Client> = cs.iter().collect();
-    for m in ["node-1", "node-2", "node-3"] {
-        wait_member_state(&all, m, "alive", Duration::from_secs(10))?;
-    }
+    let token = admin_token(dir.path())?;
+    let (nodes, cs) = start_joined(&configs, &token)?;
     // Writes on all three converge.
     let mut acked = Vec::new();
     for (i, c) in cs.iter().enumerate() {
@@ -135,7 +123,7 @@ fn writes_converge_and_survive_a_partition() -> Result<()> {
 fn an_erased_subject_stays_erased_on_a_node_that_was_down() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let configs = init_cluster(dir.path(), 3)?;
-    let token = admin(dir.path())?;
+    let token = admin_token(dir.path())?;
     let n1 = NodeProc::start(&configs[0])?;
     let n2 = NodeProc::start(&configs[1])?;
     let mut n3 = NodeProc::start(&configs[2])?;
