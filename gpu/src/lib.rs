@@ -3,8 +3,47 @@
 //! sampling; device discovery with cudarc behind feature `cuda`.
 //!
 //! - `catalog`: the built-in model catalog and `swarm model pull` (download, SHA-256, unpack).
+//! - `model`: Llama-family weights from GGUF or a Hugging Face folder and our batched forward.
+//! - `tokenizer`: tokenizer (tokenizer.json or rebuilt from GGUF), chat template, detokenizer.
+//! - `sampling`: sampling parameters and their validation, the sampler, stop strings.
+//! - `scheduler`: continuous batching as a state machine, KV accounting in blocks.
+//! - `engine`: the engine thread that runs the scheduler's plans, with supervised restarts.
+//! - `stats`: counters and histograms for `/metrics`.
 
 pub mod catalog;
+mod engine;
+mod error;
+mod model;
+mod sampling;
+mod scheduler;
+mod stats;
+pub mod testmodel;
+mod tokenizer;
+
+pub use engine::{EngineConfig, EngineHandle, Event, FinishReason, Generation};
+pub use error::InferError;
+pub use model::{BatchItem, LanguageModel, Llama, LlamaCache, LlamaConfig, argmax};
+pub use sampling::{MAX_STOP_STRINGS, Sampler, SamplingParams, StopCheck, StopStrings};
+pub use scheduler::{BlockBudget, KvAccounting, Plan, Refused, Scheduler, SchedulerConfig, SeqId};
+pub use stats::{EngineStats, Histogram};
+pub use tokenizer::{CHATML, ChatMessage, Detokenizer, TextTokenizer};
+
+/// Loads a model and its tokenizer: a `.gguf` file, or a Hugging Face folder (`config.json`,
+/// `*.safetensors`, `tokenizer.json`).
+pub fn load(path: &std::path::Path) -> Result<(Llama, TextTokenizer), InferError> {
+    let device = candle_core::Device::Cpu;
+    if path.is_dir() {
+        Ok((
+            Llama::from_hf_dir(path, &device)?,
+            TextTokenizer::from_hf_dir(path)?,
+        ))
+    } else {
+        Ok((
+            Llama::from_gguf(path, &device)?,
+            TextTokenizer::from_gguf(path)?,
+        ))
+    }
+}
 
 use serde::{Deserialize, Serialize};
 

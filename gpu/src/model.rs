@@ -1,0 +1,528 @@
+//! Llama-family weights (GGUF or a Hugging Face folder) and our batched forward pass.
+//!
+//! candle-transformers' models take one position for the whole batch, so they cannot serve
+//! sequences of mixed lengths. Here the linear layers run once over the new tokens of every
+//! sequence stacked into one `(tokens, hidden)` matrix, rotary embeddings take each token's own
+//! position, and attention runs per sequence over that sequence's own KV cache. Quantized GGUF
+//! weights stay quantized (`QMatMul`); only the small norm vectors and the input embedding table
+//! are dequantized.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::{QMatMul, QTensor, gguf_file};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::kv_cache::KvCache;
+
+use crate::error::{InferError, Result};
+
+/// The hyperparameters of a Llama-family model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub vocab: usize,
+    pub rms_eps: f64,
+    pub rope_theta: f32,
+    pub context: usize,
+}
+
+impl LlamaConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+
+    fn validate(&self) -> Result<()> {
+        let ok = self.heads > 0
+            && self.kv_heads > 0
+            && self.hidden % self.heads == 0
+            && self.heads % self.kv_heads == 0
+            && self.head_dim() % 2 == 0
+            && self.layers > 0
+            && self.vocab > 0
+            && self.context > 0;
+        if ok {
+            Ok(())
+        } else {
+            Err(InferError::ModelUnavailable(format!(
+                "inconsistent model hyperparameters {self:?}"
+            )))
+        }
+    }
+}
+
+/// What the engine needs of a model: a batched forward over per-sequence caches.
+pub trait LanguageModel: Send + Sync + 'static {
+    /// One sequence's KV cache.
+    type Cache: Send;
+    /// A cache for a sequence that will hold at most `capacity` tokens.
+    fn new_cache(&self, capacity: usize) -> Self::Cache;
+    /// The logits of the last new token of every item, in order (`vocab` floats each).
+    fn forward(&self, items: &mut [BatchItem<'_, Self::Cache>]) -> Result<Vec<Vec<f32>>>;
+    /// The longest sequence the model can attend over.
+    fn context_length(&self) -> usize;
+    /// Bytes of KV cache one token takes (for the KV budget).
+    fn kv_bytes_per_token(&self) -> usize;
+}
+
+/// One sequence in a batch: the tokens it adds this step and its cache.
+#[derive(Debug)]
+pub struct BatchItem<'a, C> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut C,
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+/// A loaded Llama-family model.
+pub struct Llama {
+    config: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    output: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+    /// GGUF files from llama.cpp store Q and K permuted for interleaved rotary embeddings.
+    interleaved_rope: bool,
+    device: Device,
+}
+
+impl std::fmt::Debug for Llama {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Llama")
+            .field("config", &self.config)
+            .field("interleaved_rope", &self.interleaved_rope)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A sequence's KV cache: one (k, v) pair per layer, each `(1, kv_heads, capacity, head_dim)`.
+#[derive(Debug)]
+pub struct LlamaCache {
+    layers: Vec<KvCache>,
+    len: usize,
+    capacity: usize,
+}
+
+impl LlamaCache {
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
+    ct.metadata
+        .get(key)
+        .ok_or_else(|| InferError::ModelUnavailable(format!("GGUF metadata has no {key}")))
+}
+
+fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
+    Ok(md(ct, key)?.to_u32()? as usize)
+}
+
+fn unavailable(what: &str) -> impl FnOnce(candle_core::Error) -> InferError + '_ {
+    move |e| InferError::ModelUnavailable(format!("{what}: {e}"))
+}
+
+impl Llama {
+    /// Loads a llama.cpp GGUF file (architecture `llama`).
+    pub fn from_gguf(path: &Path, device: &Device) -> Result<Self> {
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| InferError::ModelUnavailable(format!("{}: {e}", path.display())))?;
+        let ct = gguf_file::Content::read(&mut file).map_err(unavailable("reading the GGUF"))?;
+        let arch = md(&ct, "general.architecture")?.to_string()?.clone();
+        if arch != "llama" {
+            return Err(InferError::ModelUnavailable(format!(
+                "GGUF architecture {arch:?} is not llama"
+            )));
+        }
+        let heads = md_u32(&ct, "llama.attention.head_count")?;
+        let hidden = md_u32(&ct, "llama.embedding_length")?;
+        let config = LlamaConfig {
+            hidden,
+            intermediate: md_u32(&ct, "llama.feed_forward_length")?,
+            layers: md_u32(&ct, "llama.block_count")?,
+            heads,
+            kv_heads: md_u32(&ct, "llama.attention.head_count_kv").unwrap_or(heads),
+            vocab: 0,
+            rms_eps: md(&ct, "llama.attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
+            rope_theta: md(&ct, "llama.rope.freq_base")
+                .and_then(|v| Ok(v.to_f32()?))
+                .unwrap_or(10_000.0),
+            context: md_u32(&ct, "llama.context_length").unwrap_or(4096),
+        };
+        let mut tensor = |name: &str| -> Result<QTensor> {
+            ct.tensor(&mut file, name, device)
+                .map_err(unavailable(name))
+        };
+        let embed_q = tensor("token_embd.weight")?;
+        let embed = embed_q.dequantize(device)?;
+        let config = LlamaConfig {
+            vocab: embed.dim(0)?,
+            ..config
+        };
+        config.validate()?;
+        let norm = tensor("output_norm.weight")?.dequantize(device)?;
+        let output = match tensor("output.weight") {
+            Ok(q) => QMatMul::from_qtensor(q)?,
+            Err(_) => QMatMul::from_qtensor(embed_q)?,
+        };
+        let mut layers = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let mut q = |n: &str| -> Result<QMatMul> {
+                Ok(QMatMul::from_qtensor(tensor(&format!(
+                    "blk.{i}.{n}.weight"
+                ))?)?)
+            };
+            layers.push(Layer {
+                wq: q("attn_q")?,
+                wk: q("attn_k")?,
+                wv: q("attn_v")?,
+                wo: q("attn_output")?,
+                gate: q("ffn_gate")?,
+                up: q("ffn_up")?,
+                down: q("ffn_down")?,
+                attn_norm: tensor(&format!("blk.{i}.attn_norm.weight"))?.dequantize(device)?,
+                ffn_norm: tensor(&format!("blk.{i}.ffn_norm.weight"))?.dequantize(device)?,
+            });
+        }
+        Self::assemble(config, embed, layers, norm, output, true, device)
+    }
+
+    /// Loads a Hugging Face folder: `config.json` and `*.safetensors` (weights become f32).
+    pub fn from_hf_dir(dir: &Path, device: &Device) -> Result<Self> {
+        let config = hf_config(dir)?;
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| InferError::ModelUnavailable(format!("{}: {e}", dir.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(InferError::ModelUnavailable(format!(
+                "no *.safetensors in {}",
+                dir.display()
+            )));
+        }
+        for f in &files {
+            let part = candle_core::safetensors::load(f, device)
+                .map_err(unavailable(&f.display().to_string()))?;
+            tensors.extend(part);
+        }
+        let mut take = |name: &str| -> Result<Tensor> {
+            let t = tensors
+                .remove(name)
+                .ok_or_else(|| InferError::ModelUnavailable(format!("missing tensor {name}")))?;
+            Ok(t.to_dtype(DType::F32)?)
+        };
+        let embed = take("model.embed_tokens.weight")?;
+        if embed.dims2()? != (config.vocab, config.hidden) {
+            return Err(InferError::ModelUnavailable(
+                "embed_tokens does not match config.json".into(),
+            ));
+        }
+        let norm = take("model.norm.weight")?;
+        let output = match take("lm_head.weight") {
+            Ok(w) => QMatMul::Tensor(w),
+            Err(_) => QMatMul::Tensor(embed.clone()),
+        };
+        let mut layers = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let p = format!("model.layers.{i}");
+            let mut lin = |n: &str| -> Result<QMatMul> {
+                Ok(QMatMul::Tensor(take(&format!("{p}.{n}.weight"))?))
+            };
+            layers.push(Layer {
+                wq: lin("self_attn.q_proj")?,
+                wk: lin("self_attn.k_proj")?,
+                wv: lin("self_attn.v_proj")?,
+                wo: lin("self_attn.o_proj")?,
+                gate: lin("mlp.gate_proj")?,
+                up: lin("mlp.up_proj")?,
+                down: lin("mlp.down_proj")?,
+                attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
+                ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+            });
+        }
+        Self::assemble(config, embed, layers, norm, output, false, device)
+    }
+
+    fn assemble(
+        config: LlamaConfig,
+        embed: Tensor,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        output: QMatMul,
+        interleaved_rope: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let (cos, sin) = rope_tables(config.head_dim(), config.rope_theta, config.context, device)?;
+        Ok(Self {
+            config,
+            embed,
+            layers,
+            norm,
+            output,
+            cos,
+            sin,
+            interleaved_rope,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        if self.interleaved_rope {
+            candle_nn::rotary_emb::rope_i(x, cos, sin)
+        } else {
+            candle_nn::rotary_emb::rope(x, cos, sin)
+        }
+    }
+
+    fn forward_tensor(&self, items: &mut [BatchItem<'_, LlamaCache>]) -> Result<Tensor> {
+        let c = &self.config;
+        let (hd, heads, kv_heads) = (c.head_dim(), c.heads, c.kv_heads);
+        let mut ids: Vec<u32> = Vec::new();
+        let mut positions: Vec<u32> = Vec::new();
+        // (offset in the stacked tokens, new tokens, position of the first new token)
+        let mut spans = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let start = item.cache.len;
+            let n = item.tokens.len();
+            if n == 0 || start + n > item.cache.capacity || start + n > c.context {
+                return Err(InferError::invalid(
+                    "tokens",
+                    format!(
+                        "batch item {i}: {n} new tokens at position {start} do not fit (cache {}, context {})",
+                        item.cache.capacity, c.context
+                    ),
+                ));
+            }
+            if let Some(&bad) = item.tokens.iter().find(|&&t| t as usize >= c.vocab) {
+                return Err(InferError::invalid(
+                    "tokens",
+                    format!("token {bad} is outside the vocabulary"),
+                ));
+            }
+            spans.push((ids.len(), n, start));
+            ids.extend_from_slice(item.tokens);
+            positions.extend((start..start + n).map(|p| p as u32));
+        }
+        let n_tokens = ids.len();
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let cos = self.cos.index_select(&positions, 0)?;
+        let sin = self.sin.index_select(&positions, 0)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let scale = (hd as f64).sqrt();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
+            let split = |w: &QMatMul, nh: usize| -> candle_core::Result<Tensor> {
+                w.forward(&h)?
+                    .reshape((1, n_tokens, nh, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = self.rope(&split(&layer.wq, heads)?, &cos, &sin)?;
+            let k = self.rope(&split(&layer.wk, kv_heads)?, &cos, &sin)?;
+            let v = split(&layer.wv, kv_heads)?;
+            let mut outs = Vec::with_capacity(spans.len());
+            for (item, &(off, n, start)) in items.iter_mut().zip(&spans) {
+                let qi = q.narrow(2, off, n)?.contiguous()?;
+                let ki = k.narrow(2, off, n)?.contiguous()?;
+                let vi = v.narrow(2, off, n)?.contiguous()?;
+                let (kc, vc) = item.cache.layers[l].append(&ki, &vi)?;
+                let kc = repeat_kv(kc.contiguous()?, heads / kv_heads)?;
+                let vc = repeat_kv(vc.contiguous()?, heads / kv_heads)?;
+                let att = (qi.matmul(&kc.t()?)? / scale)?;
+                let att = if n > 1 {
+                    att.broadcast_add(&causal_mask(n, start, &self.device)?)?
+                } else {
+                    att
+                };
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                let y = att.matmul(&vc)?;
+                outs.push(y.transpose(1, 2)?.reshape((n, heads * hd))?);
+            }
+            let y = Tensor::cat(&outs, 0)?;
+            x = (layer.wo.forward(&y)? + x)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps as f32)?;
+            let mlp = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            x = (layer.down.forward(&mlp)? + x)?;
+        }
+        for (item, &(_, n, _)) in items.iter_mut().zip(&spans) {
+            item.cache.len += n;
+        }
+        let last: Vec<u32> = spans
+            .iter()
+            .map(|&(off, n, _)| (off + n - 1) as u32)
+            .collect();
+        let last = Tensor::new(last.as_slice(), &self.device)?;
+        let x = x.index_select(&last, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps as f32)?;
+        Ok(self.output.forward(&x)?)
+    }
+}
+
+impl LanguageModel for Llama {
+    type Cache = LlamaCache;
+
+    fn new_cache(&self, capacity: usize) -> LlamaCache {
+        let capacity = capacity.min(self.config.context);
+        LlamaCache {
+            layers: (0..self.config.layers)
+                .map(|_| KvCache::new(2, capacity.max(1)))
+                .collect(),
+            len: 0,
+            capacity,
+        }
+    }
+
+    fn forward(&self, items: &mut [BatchItem<'_, LlamaCache>]) -> Result<Vec<Vec<f32>>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A failed step must not leave a cache half-appended: remember and restore lengths.
+        let lens: Vec<usize> = items.iter().map(|i| i.cache.len).collect();
+        match self.forward_tensor(items) {
+            Ok(logits) => Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?),
+            Err(e) => {
+                for (item, len) in items.iter_mut().zip(lens) {
+                    truncate_cache(item.cache, len);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn context_length(&self) -> usize {
+        self.config.context
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        2 * self.config.layers * self.config.kv_heads * self.config.head_dim() * 4
+    }
+}
+
+/// Drops whatever a failed step appended (the cache becomes empty when it cannot be cut back).
+fn truncate_cache(cache: &mut LlamaCache, len: usize) {
+    if cache.layers.iter().all(|l| l.current_seq_len() == len) {
+        cache.len = len;
+        return;
+    }
+    for l in &mut cache.layers {
+        l.reset();
+    }
+    cache.len = 0;
+}
+
+fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, n_kv, s, d) = x.dims4()?;
+    Tensor::cat(&vec![&x; n_rep], 2)?.reshape((b, n_kv * n_rep, s, d))
+}
+
+/// `(n, start + n)`: 0 where new token i may see position j (j ≤ start + i), −∞ elsewhere.
+fn causal_mask(n: usize, start: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let total = start + n;
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (n, total), device)
+}
+
+fn rope_tables(
+    head_dim: usize,
+    theta: f32,
+    context: usize,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let inv: Vec<f32> = (0..head_dim)
+        .step_by(2)
+        .map(|i| 1f32 / theta.powf(i as f32 / head_dim as f32))
+        .collect();
+    let inv = Tensor::new(inv.as_slice(), device)?;
+    let pos = Tensor::arange(0, context as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((context, 1))?;
+    let angles = pos.matmul(&inv.reshape((1, inv.elem_count()))?)?;
+    Ok((angles.cos()?, angles.sin()?))
+}
+
+/// `config.json` of a Hugging Face Llama folder.
+fn hf_config(dir: &Path) -> Result<LlamaConfig> {
+    #[derive(serde::Deserialize)]
+    struct Hf {
+        hidden_size: usize,
+        intermediate_size: usize,
+        num_hidden_layers: usize,
+        num_attention_heads: usize,
+        num_key_value_heads: Option<usize>,
+        vocab_size: usize,
+        rms_norm_eps: f64,
+        rope_theta: Option<f32>,
+        max_position_embeddings: Option<usize>,
+    }
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| InferError::ModelUnavailable(format!("{}: {e}", path.display())))?;
+    let hf: Hf = serde_json::from_str(&text)
+        .map_err(|e| InferError::ModelUnavailable(format!("{}: {e}", path.display())))?;
+    let config = LlamaConfig {
+        hidden: hf.hidden_size,
+        intermediate: hf.intermediate_size,
+        layers: hf.num_hidden_layers,
+        heads: hf.num_attention_heads,
+        kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
+        vocab: hf.vocab_size,
+        rms_eps: hf.rms_norm_eps,
+        rope_theta: hf.rope_theta.unwrap_or(10_000.0),
+        context: hf.max_position_embeddings.unwrap_or(2048),
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+/// Greedy pick: the highest logit, the lowest id on ties.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

@@ -1,0 +1,300 @@
+//! Our batched forward against candle-transformers on the same tiny random weights, and batch
+//! invariance: each sequence of a mixed batch gets exactly the tokens it gets alone.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use swarm_gpu::testmodel::{TinySpec, write_gguf, write_hf};
+use swarm_gpu::{BatchItem, LanguageModel, Llama, TextTokenizer, argmax};
+
+/// Largest difference between two logit vectors.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Logits must agree within this (f32 accumulation order may differ).
+const TOLERANCE: f32 = 1e-4;
+
+fn prompt() -> Vec<u32> {
+    vec![1, 40, 77, 120, 5, 9, 200, 33, 2, 14, 88]
+}
+
+#[test]
+fn gguf_forward_matches_candle_quantized_llama() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_gguf(dir.path(), &TinySpec::default()).unwrap();
+    let ours = Llama::from_gguf(&path, &Device::Cpu).unwrap();
+    let mut file = std::fs::File::open(&path).unwrap();
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let mut theirs = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        ct,
+        &mut file,
+        &Device::Cpu,
+    )
+    .unwrap();
+
+    let mut cache = ours.new_cache(64);
+    let p = prompt();
+    let mut worst = 0f32;
+    let x = Tensor::new(p.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let t = theirs
+        .forward(&x, 0)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let o = ours
+        .forward(&mut [BatchItem {
+            tokens: &p,
+            cache: &mut cache,
+        }])
+        .unwrap()
+        .remove(0);
+    worst = worst.max(max_diff(&o, &t));
+    let mut next = argmax(&o);
+    for step in 0..8 {
+        let x = Tensor::new(&[next], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let t = theirs
+            .forward(&x, p.len() + step)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let o = ours
+            .forward(&mut [BatchItem {
+                tokens: &[next],
+                cache: &mut cache,
+            }])
+            .unwrap()
+            .remove(0);
+        worst = worst.max(max_diff(&o, &t));
+        next = argmax(&o);
+    }
+    assert!(worst <= TOLERANCE, "max |Δlogit| {worst}");
+}
+
+#[test]
+fn hf_forward_matches_candle_llama() {
+    use candle_transformers::models::llama as cl;
+    let dir = tempfile::tempdir().unwrap();
+    write_hf(dir.path(), &TinySpec::default()).unwrap();
+    let ours = Llama::from_hf_dir(dir.path(), &Device::Cpu).unwrap();
+    let cfg: cl::LlamaConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    let cfg = cfg.into_config(false);
+    let files = [dir.path().join("model.safetensors")];
+    // SAFETY: the file was just written by this test and is not changed while mapped.
+    #[allow(unsafe_code)]
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu).unwrap()
+    };
+    let theirs = cl::Llama::load(vb, &cfg).unwrap();
+    let mut their_cache = cl::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
+    let mut cache = ours.new_cache(64);
+    let p = prompt();
+    let x = Tensor::new(p.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let t = theirs
+        .forward(&x, 0, &mut their_cache)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let o = ours
+        .forward(&mut [BatchItem {
+            tokens: &p,
+            cache: &mut cache,
+        }])
+        .unwrap()
+        .remove(0);
+    let mut worst = max_diff(&o, &t);
+    let mut next = argmax(&o);
+    for step in 0..8 {
+        let x = Tensor::new(&[next], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let t = theirs
+            .forward(&x, p.len() + step, &mut their_cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let o = ours
+            .forward(&mut [BatchItem {
+                tokens: &[next],
+                cache: &mut cache,
+            }])
+            .unwrap()
+            .remove(0);
+        worst = worst.max(max_diff(&o, &t));
+        next = argmax(&o);
+    }
+    assert!(worst <= TOLERANCE, "max |Δlogit| {worst}");
+}
+
+/// Greedy tokens of `prompt` decoded alone.
+fn alone(model: &Llama, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = model.new_cache(prompt.len() + n);
+    let mut out = Vec::new();
+    let mut next = argmax(
+        &model
+            .forward(&mut [BatchItem {
+                tokens: prompt,
+                cache: &mut cache,
+            }])
+            .unwrap()[0],
+    );
+    out.push(next);
+    while out.len() < n {
+        next = argmax(
+            &model
+                .forward(&mut [BatchItem {
+                    tokens: &[next],
+                    cache: &mut cache,
+                }])
+                .unwrap()[0],
+        );
+        out.push(next);
+    }
+    out
+}
+
+fn batch_equals_alone(model: &Llama) {
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![1, 50, 60],
+        (3..40).collect(),
+        vec![7],
+        (100..117).rev().collect(),
+    ];
+    let n = 12;
+    let expected: Vec<Vec<u32>> = prompts.iter().map(|p| alone(model, p, n)).collect();
+    // Staggered: sequence i joins at step 2·i, so prefills mix with decodes of the others.
+    let mut caches: Vec<_> = prompts
+        .iter()
+        .map(|p| model.new_cache(p.len() + n))
+        .collect();
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    for step in 0.. {
+        let active: Vec<usize> = (0..prompts.len())
+            .filter(|&i| step >= 2 * i && got[i].len() < n)
+            .collect();
+        if active.is_empty() {
+            break;
+        }
+        let news: Vec<Vec<u32>> = active
+            .iter()
+            .map(|&i| got[i].last().map_or(prompts[i].clone(), |t| vec![*t]))
+            .collect();
+        let mut refs: Vec<_> = caches
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| active.contains(i))
+            .collect();
+        let mut items: Vec<BatchItem<'_, _>> = refs
+            .iter_mut()
+            .zip(&news)
+            .map(|((_, c), t)| BatchItem {
+                tokens: t.as_slice(),
+                cache: &mut **c,
+            })
+            .collect();
+        let logits = model.forward(&mut items).unwrap();
+        for (&i, l) in active.iter().zip(&logits) {
+            got[i].push(argmax(l));
+        }
+    }
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn mixed_batch_greedy_equals_each_alone_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_gguf(dir.path(), &TinySpec::default()).unwrap();
+    batch_equals_alone(&Llama::from_gguf(&path, &Device::Cpu).unwrap());
+}
+
+#[test]
+fn mixed_batch_greedy_equals_each_alone_hf() {
+    let dir = tempfile::tempdir().unwrap();
+    write_hf(dir.path(), &TinySpec::default()).unwrap();
+    batch_equals_alone(&Llama::from_hf_dir(dir.path(), &Device::Cpu).unwrap());
+}
+
+#[test]
+fn tokenizer_from_gguf_and_from_tokenizer_json_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_gguf(dir.path(), &TinySpec::default()).unwrap();
+    write_hf(&dir.path().join("hf"), &TinySpec::default()).unwrap();
+    let a = TextTokenizer::from_gguf(&path).unwrap();
+    let b = TextTokenizer::from_hf_dir(&dir.path().join("hf")).unwrap();
+    let text = "<|im_start|>user\nhéllo 42 🐝<|im_end|>";
+    let ids = a.encode(text).unwrap();
+    assert_eq!(ids, b.encode(text).unwrap());
+    assert_eq!(ids[0], 1);
+    assert_eq!(*ids.last().unwrap(), 2);
+    assert_eq!(a.decode(&ids).unwrap(), "user\nhéllo 42 🐝");
+    assert!(a.stop_ids().contains(&2) && a.stop_ids().contains(&0));
+    let chat = a
+        .apply_chat_template(&[swarm_gpu::ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }])
+        .unwrap();
+    assert_eq!(
+        chat,
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+}
+
+#[test]
+fn detokenizer_waits_for_whole_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_gguf(dir.path(), &TinySpec::default()).unwrap();
+    let t = TextTokenizer::from_gguf(&path).unwrap();
+    let ids = t.encode("a🐝b").unwrap(); // the bee is four byte tokens
+    let mut d = swarm_gpu::Detokenizer::default();
+    let pieces: Vec<String> = ids.iter().map(|&i| d.push(&t, i).unwrap()).collect();
+    assert_eq!(pieces.concat(), "a🐝b");
+    assert!(pieces.iter().all(|p| !p.contains('\u{fffd}')), "{pieces:?}");
+}
+
+#[test]
+fn missing_or_corrupt_model_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.gguf");
+    let e = swarm_gpu::load(&missing).unwrap_err();
+    assert_eq!(e.kind(), "model_unavailable");
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00garbage").unwrap();
+    assert_eq!(
+        swarm_gpu::load(&bad).unwrap_err().kind(),
+        "model_unavailable"
+    );
+    let path = write_gguf(dir.path(), &TinySpec::default()).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert_eq!(
+        swarm_gpu::load(&cut).unwrap_err().kind(),
+        "model_unavailable"
+    );
+    assert!(swarm_gpu::load(Path::new(dir.path())).is_err());
+}
