@@ -1,0 +1,163 @@
+//! The engine thread end to end on the tiny model: batching does not change greedy output,
+//! cancelled streams free their KV, limits are clear errors, and a crash is a supervised restart.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use swarm_gpu::testmodel::{TinySpec, write_gguf};
+use swarm_gpu::{
+    BatchItem, EngineConfig, EngineHandle, Event, FinishReason, LanguageModel, Llama, SamplingParams,
+    SchedulerConfig, TextTokenizer,
+};
+
+fn tiny() -> (tempfile::TempDir, Arc<Llama>, Arc<TextTokenizer>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_gguf(dir.path(), &TinySpec::default()).unwrap();
+    let (m, t) = swarm_gpu::load(&path).unwrap();
+    (dir, Arc::new(m), Arc::new(t))
+}
+
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams { max_tokens, temperature: 0.0, ignore_eos: true, ..Default::default() }
+}
+
+/// Reads a generation to its end: (text, finish reason, completion tokens), or None if the stream
+/// closed without an end.
+async fn collect(mut g: swarm_gpu::Generation) -> Option<(String, FinishReason, usize)> {
+    let mut text = String::new();
+    while let Some(e) = g.events.recv().await {
+        match e {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done { reason, completion_tokens, .. } => return Some((text, reason, completion_tokens)),
+            Event::Failed(e) => panic!("failed: {e}"),
+        }
+    }
+    None
+}
+
+async fn wait_for(what: &str, f: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn concurrent_requests_get_what_they_get_alone() {
+    let (_d, m, t) = tiny();
+    let engine = EngineHandle::start(m, t.clone(), EngineConfig::default()).unwrap();
+    let prompts = ["hello there", "a much longer prompt with many more bytes in it", "x", "<|im_start|>user\nhi"];
+    let mut alone = Vec::new();
+    for p in prompts {
+        let g = engine.submit(t.encode(p).unwrap(), greedy(20)).unwrap();
+        alone.push(collect(g).await.unwrap());
+    }
+    let gens: Vec<_> = prompts.iter().map(|p| engine.submit(t.encode(p).unwrap(), greedy(20)).unwrap()).collect();
+    let mut together = Vec::new();
+    for g in gens {
+        together.push(collect(g).await.unwrap());
+    }
+    assert_eq!(together, alone);
+    assert!(alone.iter().all(|(_, r, n)| *r == FinishReason::Length && *n == 20));
+    let (buckets, _, steps) = engine.stats().batch_size.snapshot();
+    assert!(buckets[0].1 < steps, "some step ran more than one sequence");
+}
+
+#[tokio::test]
+async fn a_dropped_stream_frees_its_kv() {
+    let (_d, m, t) = tiny();
+    let engine = EngineHandle::start(m, t.clone(), EngineConfig::default()).unwrap();
+    let mut g = engine.submit(t.encode("tell me everything").unwrap(), greedy(400)).unwrap();
+    let first = g.events.recv().await;
+    assert!(matches!(first, Some(Event::Text(_))));
+    let stats = engine.stats().clone();
+    assert!(stats.kv_used_blocks.load(Relaxed) > 0);
+    drop(g);
+    wait_for("the KV to be free", || stats.kv_used_blocks.load(Relaxed) == 0 && stats.running.load(Relaxed) == 0).await;
+    assert_eq!(stats.cancelled.load(Relaxed), 1);
+}
+
+#[tokio::test]
+async fn limits_are_clear_errors() {
+    let (_d, m, t) = tiny();
+    let config = EngineConfig {
+        scheduler: SchedulerConfig { max_waiting: 2, max_running: 1, prefill_tokens: 64 },
+        kv_tokens: 256,
+        ..EngineConfig::default()
+    };
+    let engine = EngineHandle::start(m, t.clone(), config).unwrap();
+    let e = engine.submit(vec![5; 300], greedy(1)).unwrap_err();
+    assert_eq!((e.kind(), e.field()), ("context_length_exceeded", Some("prompt")));
+    assert!(e.to_string().contains("256"), "{e}");
+    let e = engine.submit(vec![5; 10], greedy(1_000_000)).unwrap_err();
+    assert_eq!((e.kind(), e.field()), ("context_length_exceeded", Some("max_tokens")));
+    let e = engine.submit(Vec::new(), greedy(1)).unwrap_err();
+    assert_eq!(e.field(), Some("prompt"));
+    let e = engine.submit(vec![5], SamplingParams { temperature: 3.0, ..greedy(1) }).unwrap_err();
+    assert_eq!(e.field(), Some("temperature"));
+    // One long request holds the only running slot; the queue takes two more, then refuses.
+    let mut held = vec![engine.submit(vec![5; 10], greedy(200)).unwrap()];
+    let mut overloaded = 0;
+    for _ in 0..20 {
+        match engine.submit(vec![5; 10], greedy(200)) {
+            Ok(g) => held.push(g),
+            Err(e) => {
+                assert_eq!(e.kind(), "overloaded");
+                overloaded += 1;
+            }
+        }
+    }
+    let mut failed_overloaded = 0;
+    for g in &mut held {
+        if let Ok(Event::Failed(e)) = g.events.try_recv() {
+            assert_eq!(e.kind(), "overloaded");
+            failed_overloaded += 1;
+        }
+    }
+    assert!(overloaded + failed_overloaded >= 17, "{overloaded} + {failed_overloaded}");
+}
+
+/// The tiny model, except that a batch holding token 7 panics.
+struct Poisoned(Llama);
+
+const POISON: u32 = 7;
+
+impl LanguageModel for Poisoned {
+    type Cache = <Llama as LanguageModel>::Cache;
+    fn new_cache(&self, capacity: usize) -> Self::Cache {
+        self.0.new_cache(capacity)
+    }
+    fn forward(&self, items: &mut [BatchItem<'_, Self::Cache>]) -> Result<Vec<Vec<f32>>, swarm_gpu::InferError> {
+        assert!(!items.iter().any(|i| i.tokens.contains(&POISON)), "poisoned batch");
+        self.0.forward(items)
+    }
+    fn context_length(&self) -> usize {
+        self.0.context_length()
+    }
+    fn kv_bytes_per_token(&self) -> usize {
+        self.0.kv_bytes_per_token()
+    }
+}
+
+#[tokio::test]
+async fn a_crash_restarts_the_engine_within_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_gguf(dir.path(), &TinySpec::default()).unwrap();
+    let (m, t) = swarm_gpu::load(&path).unwrap();
+    let t = Arc::new(t);
+    let config = EngineConfig { restart_budget: 1, ..EngineConfig::default() };
+    let engine = EngineHandle::start(Arc::new(Poisoned(m)), t.clone(), config).unwrap();
+    let healthy = engine.submit(vec![1, 5, 6], greedy(300)).unwrap();
+    let poisoned = engine.submit(vec![1, POISON], greedy(5)).unwrap();
+    assert_eq!(collect(poisoned).await, None, "a crashed run closes its streams");
+    assert_eq!(collect(healthy).await, None, "every sequence of the crashed run ends");
+    assert_eq!(engine.stats().restarts.load(Relaxed), 1);
+    let after = collect(engine.submit(vec![1, 5, 6], greedy(5)).unwrap()).await.unwrap();
+    assert_eq!(after.2, 5, "the restarted engine serves");
+    assert_eq!(collect(engine.submit(vec![POISON], greedy(5)).unwrap()).await, None);
+    wait_for("the engine to stop", || engine.stopped_reason().is_some()).await;
+    let e = engine.submit(vec![1, 5, 6], greedy(5)).unwrap_err();
+    assert_eq!(e.kind(), "engine_stopped");
+}
