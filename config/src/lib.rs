@@ -20,7 +20,7 @@ mod swarm_file;
 pub use duration::HumanDuration;
 pub use error::ConfigError;
 pub use node::{
-    AuthConfig, GatewayConfig, GossipConfig, KeysConfig, LimitsConfig, NodeConfig, NodeSection,
+    AuthConfig, GatewayConfig, InferenceConfig, ModelEntry, GossipConfig, KeysConfig, LimitsConfig, NodeConfig, NodeSection,
     ReplicationConfig, TlsConfig,
 };
 pub use swarm_file::{

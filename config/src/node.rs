@@ -25,6 +25,8 @@ pub struct NodeConfig {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub replication: ReplicationConfig,
+    #[serde(default)]
+    pub inference: InferenceConfig,
     /// Extra roles: name → permissions (`memory.read`, `tasks.*`, `*`).
     #[serde(default)]
     pub roles: BTreeMap<String, Vec<String>>,
@@ -201,6 +203,83 @@ fn default_peer_queue() -> usize {
     8192
 }
 
+/// The models this node serves and its engine's limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceConfig {
+    /// Models served here (none: this node serves no model, its gateway routes to peers).
+    #[serde(default)]
+    pub models: Vec<ModelEntry>,
+    /// Where `swarm model pull` puts catalog models and where names without a path are looked up.
+    #[serde(default = "default_model_dir")]
+    pub model_dir: PathBuf,
+    /// Sequences decoding together at most (1: one request at a time).
+    #[serde(default = "default_max_running")]
+    pub max_running: usize,
+    /// Requests waiting for a slot before new ones get 429.
+    #[serde(default = "default_max_waiting")]
+    pub max_waiting: usize,
+    /// Prompt tokens prefilled in one engine step.
+    #[serde(default = "default_prefill_tokens")]
+    pub prefill_tokens: usize,
+    /// KV-cache budget in tokens, over all running sequences (each reserves prompt + max_tokens).
+    #[serde(default = "default_kv_tokens")]
+    pub kv_tokens: usize,
+    /// Tokens per KV block.
+    #[serde(default = "default_kv_block")]
+    pub kv_block_tokens: usize,
+    /// `max_tokens` when a request gives none.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: usize,
+}
+
+/// One served model: a catalog name, or any name with a `path` (a `.gguf` file or a Hugging Face
+/// folder).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    pub name: String,
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            models: Vec::new(),
+            model_dir: default_model_dir(),
+            max_running: default_max_running(),
+            max_waiting: default_max_waiting(),
+            prefill_tokens: default_prefill_tokens(),
+            kv_tokens: default_kv_tokens(),
+            kv_block_tokens: default_kv_block(),
+            default_max_tokens: default_max_tokens(),
+        }
+    }
+}
+
+fn default_model_dir() -> PathBuf {
+    PathBuf::from("../models")
+}
+fn default_max_running() -> usize {
+    32
+}
+fn default_max_waiting() -> usize {
+    256
+}
+fn default_prefill_tokens() -> usize {
+    2048
+}
+fn default_kv_tokens() -> usize {
+    65_536
+}
+fn default_kv_block() -> usize {
+    16
+}
+fn default_max_tokens() -> usize {
+    256
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -314,6 +393,44 @@ impl NodeConfig {
         }
         if self.limits.max_value_bytes == 0 || self.limits.max_list == 0 {
             return Err(invalid("limits", "limits must be greater than zero".into()));
+        }
+        let inf = &self.inference;
+        for (field, v) in [
+            ("inference.max_running", inf.max_running),
+            ("inference.max_waiting", inf.max_waiting),
+            ("inference.prefill_tokens", inf.prefill_tokens),
+            ("inference.kv_block_tokens", inf.kv_block_tokens),
+            ("inference.default_max_tokens", inf.default_max_tokens),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be greater than zero".into()));
+            }
+        }
+        if inf.kv_tokens < inf.kv_block_tokens {
+            return Err(invalid(
+                "inference.kv_tokens",
+                "must hold at least one block".into(),
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, m) in inf.models.iter().enumerate() {
+            let ok = !m.name.is_empty()
+                && m.name.len() <= 64
+                && m.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+            if !ok {
+                return Err(invalid(
+                    &format!("inference.models[{i}].name"),
+                    format!("`{}`: use 1-64 letters, digits, `-`, `_`, `.` or `:`", m.name),
+                ));
+            }
+            if !names.insert(m.name.as_str()) {
+                return Err(invalid(
+                    &format!("inference.models[{i}].name"),
+                    format!("`{}` is listed twice", m.name),
+                ));
+            }
         }
         for (role, perms) in &self.roles {
             if ["admin", "user", "viewer"].contains(&role.as_str()) {

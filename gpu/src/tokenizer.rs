@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use candle_core::quantized::gguf_file;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -21,7 +21,7 @@ pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + messa
 const END_TOKENS: [&str; 4] = ["<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"];
 
 /// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,

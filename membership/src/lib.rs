@@ -50,6 +50,18 @@ pub struct NodeMeta {
     pub load: u32,
     /// The swarm version the node runs.
     pub version: String,
+    /// Models this node serves now, with their engine load.
+    pub models: Vec<ModelMeta>,
+}
+
+/// A model a node serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelMeta {
+    pub name: String,
+    /// Sequences running plus waiting.
+    pub load: u32,
+    /// Most sequences it runs at once.
+    pub slots: u32,
 }
 
 /// One compute device a node offers.

@@ -46,6 +46,9 @@ enum Command {
         gossip_port: u16,
         #[arg(long, default_value_t = 8080)]
         http_port: u16,
+        /// A model every node serves (repeatable; catalog names: `swarm model list`).
+        #[arg(long = "model")]
+        models: Vec<String>,
     },
     /// Run one node from its config (SIGTERM or Ctrl-C: leave the cluster gracefully and stop;
     /// SIGHUP: reread the config and announce to new seeds).
@@ -146,6 +149,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             host,
             gossip_port,
             http_port,
+            models,
         } => {
             let configs = init_cluster(&InitOptions {
                 dir: dir.clone(),
@@ -153,6 +157,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 host,
                 gossip_port,
                 http_port,
+                models,
             })?;
             println!("cluster written to {}", dir.display());
             for c in configs {
@@ -175,12 +180,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         host: IpAddr::from([127, 0, 0, 1]),
                         gossip_port,
                         http_port,
+                        models: vec![swarm_gpu::catalog::DEFAULT_MODEL.to_string()],
                     })?;
                     println!("created {}", dir.display());
                     dir.join("node-1").join("node.toml")
                 }
             };
             let cfg = NodeConfig::load(&config)?;
+            // First run: fetch the catalog models the node serves (it starts without them, and
+            // says so in /health, if the download fails).
+            let models_dir = cfg.resolve(&cfg.inference.model_dir);
+            for m in cfg.inference.models.iter().filter(|m| m.path.is_none()) {
+                if let Some(entry) = swarm_gpu::catalog::find(&m.name)
+                    && swarm_gpu::catalog::installed(&entry, &models_dir).is_none()
+                    && let Err(e) = pull_model(&entry, &models_dir)
+                {
+                    eprintln!("warning: {e:#}; the node starts without {}", entry.name);
+                }
+            }
             let key = load_signing_key(&cfg)?;
             let token = mint(
                 &key,
@@ -233,29 +250,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Model {
             command: ModelCommand::Pull { name, dir },
         } => {
-            use swarm_gpu::catalog;
-            let Some(entry) = catalog::find(&name) else {
-                bail!("{}", catalog::PullError::Unknown(name));
+            let Some(entry) = swarm_gpu::catalog::find(&name) else {
+                bail!("{}", swarm_gpu::catalog::PullError::Unknown(name));
             };
-            let models = dir.join("models");
-            let mut last = u64::MAX;
-            let path = catalog::pull(&entry, &models, &mut |_, done, total| {
-                if let Some(t) = total.filter(|t| *t > 0) {
-                    let pct = done * 100 / t;
-                    if pct / 5 != last {
-                        last = pct / 5;
-                        eprint!("\r{}: {pct:>3}% of {} MiB", entry.name, t >> 20);
-                    }
-                }
-            })
-            .with_context(|| format!("pull {}", entry.name))?;
-            eprintln!();
-            println!(
-                "{} ready: {} (SHA-256 {})",
-                entry.name,
-                path.display(),
-                entry.file_sha256
-            );
+            pull_model(&entry, &dir.join("models"))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Model {
@@ -308,6 +306,29 @@ fn load_cluster_config(dir: &Path) -> Result<NodeConfig> {
         )
     })?;
     Ok(NodeConfig::load(&path)?)
+}
+
+/// Download a catalog model with progress on stderr.
+fn pull_model(entry: &swarm_gpu::catalog::CatalogEntry, models: &Path) -> Result<PathBuf> {
+    let mut last = u64::MAX;
+    let path = swarm_gpu::catalog::pull(entry, models, &mut |_, done, total| {
+        if let Some(t) = total.filter(|t| *t > 0) {
+            let pct = done * 100 / t;
+            if pct / 5 != last {
+                last = pct / 5;
+                eprint!("\r{}: {pct:>3}% of {} MiB", entry.name, t >> 20);
+            }
+        }
+    })
+    .with_context(|| format!("pull {}", entry.name))?;
+    eprintln!();
+    println!(
+        "{} ready: {} (SHA-256 {})",
+        entry.name,
+        path.display(),
+        entry.file_sha256
+    );
+    Ok(path)
 }
 
 fn serve(path: &Path, cfg: NodeConfig, admin_token: Option<String>) -> Result<ExitCode> {

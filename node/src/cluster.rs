@@ -11,11 +11,12 @@ use swarm_actors::{ActorCluster, Replicator, STREAM_ANTI_ENTROPY, STREAM_DELTAS,
 use swarm_config::NodeConfig;
 use swarm_membership::{
     DeviceMeta, GossipSettings, IncomingStream, MemberEvent, MemberState, Membership,
-    MembershipConfig, MembershipError, NodeMeta, TlsIdentity,
+    MembershipConfig, MembershipError, ModelMeta, NodeMeta, TlsIdentity,
 };
 use tokio::sync::{broadcast, mpsc};
 
 use crate::gateway::AppState;
+use crate::inference::{Inference, STREAM_INFERENCE};
 
 /// Start the membership service for `cfg`; `gateway` is the address clients reach this node's
 /// gateway at.
@@ -45,7 +46,7 @@ pub async fn start_membership(
         bind: cfg.gossip.bind,
         advertise: cfg.gossip_advertise(),
         seeds: cfg.gossip.seeds.clone(),
-        meta: node_meta(gateway, 0),
+        meta: node_meta(gateway, 0, Vec::new()),
         settings,
         max_connections: 1024,
         streams: Some(streams),
@@ -53,8 +54,8 @@ pub async fn start_membership(
     .await
 }
 
-/// This node's metadata: gateway address, roles, devices, load, version.
-pub fn node_meta(gateway: SocketAddr, load: u32) -> NodeMeta {
+/// This node's metadata: gateway address, roles, devices, load, version, served models.
+pub fn node_meta(gateway: SocketAddr, load: u32, models: Vec<ModelMeta>) -> NodeMeta {
     let devices = swarm_gpu::discover()
         .into_iter()
         .map(|d| match d {
@@ -82,6 +83,7 @@ pub fn node_meta(gateway: SocketAddr, load: u32) -> NodeMeta {
         devices,
         load,
         version: env!("CARGO_PKG_VERSION").into(),
+        models,
     }
 }
 
@@ -90,6 +92,7 @@ pub fn spawn_duties(state: AppState, membership: Membership, gateway: SocketAddr
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut last_load = 0u32;
+        let mut last_models: Vec<ModelMeta> = Vec::new();
         let mut n = 0u64;
         loop {
             tick.tick().await;
@@ -97,15 +100,24 @@ pub fn spawn_duties(state: AppState, membership: Membership, gateway: SocketAddr
             for r in membership.take_refusals() {
                 state.audit_system("cluster.connect", &r.remote, "denied", &r.reason);
             }
-            // Load changes spread by gossip; at most every 5 s so they do not crowd out liveness.
-            if n.is_multiple_of(5) {
-                let load = u32::try_from(state.metrics.in_flight.load(Ordering::Relaxed))
-                    .unwrap_or(u32::MAX);
-                if load != last_load {
-                    last_load = load;
-                    if let Err(e) = membership.set_meta(node_meta(gateway, load)).await {
-                        tracing::debug!(error = %e, "metadata not published");
-                    }
+            // Served models spread at once when they change (a model finished loading or
+            // stopped); load changes at most every 2 s (gateway load every 5 s) so they do not
+            // crowd out liveness.
+            let load = if n.is_multiple_of(5) {
+                u32::try_from(state.metrics.in_flight.load(Ordering::Relaxed)).unwrap_or(u32::MAX)
+            } else {
+                last_load
+            };
+            let models = state.inference.advertised();
+            let names = |m: &[ModelMeta]| m.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
+            let publish = names(&models) != names(&last_models)
+                || (n.is_multiple_of(2) && models != last_models)
+                || load != last_load;
+            if publish {
+                last_load = load;
+                last_models = models.clone();
+                if let Err(e) = membership.set_meta(node_meta(gateway, load, models)).await {
+                    tracing::debug!(error = %e, "metadata not published");
                 }
             }
         }
@@ -117,6 +129,7 @@ pub fn spawn_streams(
     mut rx: mpsc::Receiver<IncomingStream>,
     actors: ActorCluster,
     replicator: Replicator,
+    inference: Arc<Inference>,
 ) {
     tokio::spawn(async move {
         while let Some(mut s) = rx.recv().await {
@@ -130,6 +143,7 @@ pub fn spawn_streams(
                 STREAM_DELTAS | STREAM_ANTI_ENTROPY => {
                     replicator.serve(s.peer, s.kind, s.send, s.recv);
                 }
+                STREAM_INFERENCE => inference.serve_peer(s.peer, s.send, s.recv),
                 kind => {
                     tracing::debug!(peer = %s.peer, kind, "stream of unknown kind refused");
                     let _ = s.recv.stop(3u32.into());

@@ -48,6 +48,13 @@ pub enum AppError {
     /// `replication_timeout`).
     #[error("{message}")]
     NotReplicated { code: &'static str, message: String },
+    /// No node of the cluster serves the model (OpenAI: 404 `model_not_found`).
+    #[error("{0}")]
+    ModelNotFound(String),
+    /// The model is served here but not loaded (missing or corrupt file, still loading, engine
+    /// stopped).
+    #[error("{0}")]
+    ModelUnavailable(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -74,7 +81,7 @@ impl AppError {
             AppError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
-            AppError::NotFound(_) => StatusCode::NOT_FOUND,
+            AppError::NotFound(_) | AppError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Conflict(_) => StatusCode::CONFLICT,
             AppError::Gone(_) => StatusCode::GONE,
@@ -83,7 +90,8 @@ impl AppError {
             AppError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::Timeout { .. }
             | AppError::Unavailable(_)
-            | AppError::NotReplicated { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | AppError::NotReplicated { .. }
+            | AppError::ModelUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -104,6 +112,8 @@ impl AppError {
             AppError::Timeout { .. } => "timeout",
             AppError::Unavailable(_) => "unavailable",
             AppError::NotReplicated { code, .. } => code,
+            AppError::ModelNotFound(_) => "model_not_found",
+            AppError::ModelUnavailable(_) => "model_unavailable",
             AppError::Internal(_) => "internal",
         }
     }
@@ -149,12 +159,23 @@ impl IntoResponse for AppError {
             AppError::Internal(_) => "internal error".to_string(),
             other => other.to_string(),
         };
-        let mut body = json!({"error": {"code": self.code(), "message": message}});
+        // OpenAI's error shape (`message`, `type`, `param`, `code`), plus `field` when a request
+        // field is at fault.
+        let kind = match status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        };
+        let mut body = json!({"error": {"code": self.code(), "message": message, "type": kind, "param": null}});
         if let AppError::BadRequest {
             field: Some(field), ..
         } = &self
         {
             body["error"]["field"] = json!(field);
+            body["error"]["param"] = json!(field);
         }
         let mut resp = (status, axum::Json(body)).into_response();
         match &self {

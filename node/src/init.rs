@@ -22,6 +22,8 @@ pub struct InitOptions {
     pub host: IpAddr,
     pub gossip_port: u16,
     pub http_port: u16,
+    /// Models every node serves (catalog names, pulled into `dir/models`).
+    pub models: Vec<String>,
 }
 
 /// Write a new cluster into `opts.dir`. Refuses to overwrite an existing one.
@@ -116,7 +118,20 @@ jwt_signing_key_file = "../jwt.key"
 [auth]
 issuer = "swarm"
 audience = "swarm"
+
+[inference]
+# Models this node serves: catalog names (`swarm model pull NAME` puts them in model_dir), or
+# {{ name = "my-model", path = "/models/my-model.gguf" }} (a GGUF file or a Hugging Face folder).
+# A node without models still answers /v1/chat/completions by routing to a node that has one.
+model_dir = "../models"
+models = [{models}]
 "#,
+            models = opts
+                .models
+                .iter()
+                .map(|m| format!("{{ name = \"{m}\" }}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             gossip = gossip(k),
             seeds = seeds.join(", "),
             http = SocketAddr::new(opts.host, opts.http_port + k - 1),
@@ -179,6 +194,7 @@ mod tests {
             host: "127.0.0.1".parse().expect("ip"),
             gossip_port: 17946,
             http_port: 18080,
+            models: Vec::new(),
         })
         .expect("init");
         assert_eq!(configs.len(), 3);
@@ -215,6 +231,7 @@ mod tests {
                 host: "127.0.0.1".parse().expect("ip"),
                 gossip_port: 1,
                 http_port: 1,
+            models: Vec::new(),
             })
             .is_err()
         );

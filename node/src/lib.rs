@@ -12,6 +12,7 @@ pub mod cli;
 pub mod cluster;
 pub mod error;
 pub mod gateway;
+pub mod inference;
 pub mod init;
 pub mod jwt;
 pub mod metrics;

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::auth::Authenticator;
 use crate::cluster;
 use crate::gateway::{self, GatewayParts, Inner};
+use crate::inference::Inference;
 use crate::jwt::{self, Verifier};
 use crate::policy::Policy;
 
@@ -254,6 +255,7 @@ impl Node {
                 }
             }
         }
+        let inference = Inference::start(&cfg, Some(membership.clone()));
         let state = Inner::new(GatewayParts {
             node: cfg.node.name.clone(),
             storage,
@@ -269,11 +271,12 @@ impl Node {
             membership: Some(membership.clone()),
             actors: Some(actors.clone()),
             replicator: Some(replicator.clone()),
+            inference: inference.clone(),
         })
         .map_err(|e| StorageError::Engine(format!("start the audit writer: {e}")))?;
         cluster::spawn_duties(state.clone(), membership.clone(), http_addr);
         let _ = audit_to.set(state.clone());
-        cluster::spawn_streams(streams_rx, actors.clone(), replicator);
+        cluster::spawn_streams(streams_rx, actors.clone(), replicator, inference);
         cluster::spawn_sessions(membership.clone(), actors.clone());
         let (tx, mut rx) = watch::channel(false);
         let app = gateway::router(Arc::clone(&state));

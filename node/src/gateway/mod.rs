@@ -10,6 +10,7 @@ mod audit_writer;
 mod cluster;
 mod extract;
 mod memory;
+mod openai;
 mod openapi;
 mod system;
 
@@ -33,6 +34,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{AuthType, Authenticator, Principal};
 use crate::error::{AppError, ErrorCause, ErrorCode};
+use crate::inference::Inference;
 use crate::metrics::Metrics;
 use crate::policy::{Owner, Policy};
 use audit_writer::AuditWriter;
@@ -92,6 +94,8 @@ pub struct Inner {
     pub actors: Option<ActorCluster>,
     /// Memory replication; `None` in unit tests of the gateway alone.
     pub replicator: Option<Replicator>,
+    /// Models served here and routing to peers.
+    pub inference: Arc<Inference>,
     /// Agent id → retention (ms) of its memory namespace (the namespace named like the agent),
     /// from the swarm file; permanent agents are absent.
     pub retention: std::collections::HashMap<String, u64>,
@@ -119,6 +123,7 @@ pub struct GatewayParts {
     pub membership: Option<Membership>,
     pub actors: Option<ActorCluster>,
     pub replicator: Option<Replicator>,
+    pub inference: Arc<Inference>,
 }
 
 impl Inner {
@@ -163,6 +168,7 @@ impl Inner {
             membership: p.membership,
             actors: p.actors,
             replicator: p.replicator,
+            inference: p.inference,
             retention: p
                 .swarm
                 .agents
@@ -372,6 +378,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/keys", post(admin::create_key).get(admin::list_keys))
         .route("/v1/keys/{id}", delete(admin::revoke_key))
         .route("/v1/tokens/revoke", post(admin::revoke_token))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
         .route("/v1/cluster/members", get(cluster::members))
         .route("/v1/cluster/leave", post(cluster::leave))
         .route("/v1/cluster/ping", post(cluster::ping))

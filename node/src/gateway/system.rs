@@ -37,8 +37,23 @@ pub(super) async fn health(State(s): State<AppState>) -> Json<Value> {
         }
         None => (1, "standalone"),
     };
+    let models: serde_json::Map<String, Value> = s
+        .inference
+        .local()
+        .map(|m| (m.name.clone(), json!(m.status())))
+        .collect();
+    let inference = if models.is_empty() {
+        "disabled"
+    } else if models.values().all(|v| v == "ready") {
+        "ready"
+    } else if models.values().any(|v| v == "loading") {
+        "loading"
+    } else {
+        "unavailable"
+    };
+    let ok = storage == "ok" && inference != "unavailable";
     Json(json!({
-        "status": if storage == "ok" { "ok" } else { "degraded" },
+        "status": if ok { "ok" } else { "degraded" },
         "node": s.node,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": s.started.elapsed().as_secs(),
@@ -46,8 +61,9 @@ pub(super) async fn health(State(s): State<AppState>) -> Json<Value> {
         "services": {
             "storage": storage,
             "membership": membership,
-            "inference": "disabled",
+            "inference": inference,
         },
+        "models": models,
     }))
 }
 
@@ -72,6 +88,7 @@ pub(super) async fn metrics(
     if let Some(r) = &s.replicator {
         replication_metrics(&mut text, &s.node, r);
     }
+    inference_metrics(&mut text, &s.node, &s.inference);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }
 
@@ -133,6 +150,60 @@ fn gossip_metrics(out: &mut String, node: &str, m: &swarm_membership::Membership
         ),
     ];
     write_counters(out, node, &counters);
+}
+
+fn inference_metrics(out: &mut String, node: &str, inf: &crate::inference::Inference) {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    type Pick = fn(&swarm_gpu::EngineStats) -> u64;
+    let series: [(&str, &str, &str, Pick); 12] = [
+        ("swarm_inference_running", "gauge", "Sequences decoding now.", |s| s.running.load(Relaxed)),
+        ("swarm_inference_queue_depth", "gauge", "Requests waiting for admission.", |s| s.waiting.load(Relaxed)),
+        ("swarm_inference_kv_blocks_used", "gauge", "KV-cache blocks reserved.", |s| s.kv_used_blocks.load(Relaxed)),
+        ("swarm_inference_kv_blocks_total", "gauge", "KV-cache blocks in the budget.", |s| s.kv_total_blocks.load(Relaxed)),
+        ("swarm_inference_requests_total", "counter", "Requests admitted to the queue.", |s| s.requests.load(Relaxed)),
+        ("swarm_inference_refused_total", "counter", "Requests refused (queue full).", |s| s.refused.load(Relaxed)),
+        ("swarm_inference_cancelled_total", "counter", "Sequences cancelled by their client.", |s| s.cancelled.load(Relaxed)),
+        ("swarm_inference_failed_total", "counter", "Sequences ended by a failed batch.", |s| s.failed.load(Relaxed)),
+        ("swarm_inference_prompt_tokens_total", "counter", "Prompt tokens admitted.", |s| s.prompt_tokens.load(Relaxed)),
+        ("swarm_inference_generated_tokens_total", "counter", "Tokens generated (rate: tokens/s).", |s| s.generated_tokens.load(Relaxed)),
+        ("swarm_inference_steps_total", "counter", "Engine steps (batched forwards).", |s| s.steps.load(Relaxed)),
+        ("swarm_inference_engine_restarts_total", "counter", "Engine crashes followed by a restart.", |s| s.restarts.load(Relaxed)),
+    ];
+    let engines: Vec<(String, swarm_gpu::EngineHandle)> = inf
+        .local()
+        .filter_map(|m| m.engine().map(|e| (m.name.clone(), e)))
+        .collect();
+    if engines.is_empty() {
+        return;
+    }
+    for (name, kind, help, pick) in series {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (model, e) in &engines {
+            let _ = writeln!(out, "{name}{{node=\"{node}\",model=\"{model}\"}} {}", pick(e.stats()));
+        }
+    }
+    type PickH = fn(&swarm_gpu::EngineStats) -> &swarm_gpu::Histogram;
+    let hists: [(&str, &str, PickH); 3] = [
+        ("swarm_inference_time_to_first_token_seconds", "Time from submission to the first token.", |s| &s.time_to_first_token),
+        ("swarm_inference_inter_token_seconds", "Time between consecutive tokens of a sequence.", |s| &s.inter_token_latency),
+        ("swarm_inference_batch_size", "Sequences per engine step.", |s| &s.batch_size),
+    ];
+    for (name, help, pick) in hists {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for (model, e) in &engines {
+            let (buckets, sum, count) = pick(e.stats()).snapshot();
+            let labels = format!("node=\"{node}\",model=\"{model}\"");
+            for (le, n) in buckets {
+                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {n}");
+            }
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+            let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+            let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        }
+    }
 }
 
 fn replication_metrics(out: &mut String, node: &str, r: &swarm_actors::Replicator) {

@@ -49,6 +49,7 @@ fn fixture_with(body_limit: usize, swarm: SwarmFile) -> Fixture {
         membership: None,
         actors: None,
         replicator: None,
+        inference: crate::inference::Inference::new("n1", Vec::new(), Default::default(), 16, None),
     })
     .expect("gateway state");
     Fixture { state, key }
