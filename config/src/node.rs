@@ -422,7 +422,10 @@ impl NodeConfig {
             if !ok {
                 return Err(invalid(
                     &format!("inference.models[{i}].name"),
-                    format!("`{}`: use 1-64 letters, digits, `-`, `_`, `.` or `:`", m.name),
+                    format!(
+                        "`{}`: use 1-64 letters, digits, `-`, `_`, `.` or `:`",
+                        m.name
+                    ),
                 ));
             }
             if !names.insert(m.name.as_str()) {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use swarm_gpu::testmodel::{TinySpec, write_gguf};
 use swarm_gpu::{
-    BatchItem, EngineConfig, EngineHandle, Event, FinishReason, LanguageModel, Llama, SamplingParams,
-    SchedulerConfig, TextTokenizer,
+    BatchItem, EngineConfig, EngineHandle, Event, FinishReason, LanguageModel, Llama,
+    SamplingParams, SchedulerConfig, TextTokenizer,
 };
 
 fn tiny() -> (tempfile::TempDir, Arc<Llama>, Arc<TextTokenizer>) {
@@ -19,7 +19,12 @@ fn tiny() -> (tempfile::TempDir, Arc<Llama>, Arc<TextTokenizer>) {
 }
 
 fn greedy(max_tokens: usize) -> SamplingParams {
-    SamplingParams { max_tokens, temperature: 0.0, ignore_eos: true, ..Default::default() }
+    SamplingParams {
+        max_tokens,
+        temperature: 0.0,
+        ignore_eos: true,
+        ..Default::default()
+    }
 }
 
 /// Reads a generation to its end: (text, finish reason, completion tokens), or None if the stream
@@ -29,7 +34,11 @@ async fn collect(mut g: swarm_gpu::Generation) -> Option<(String, FinishReason, 
     while let Some(e) = g.events.recv().await {
         match e {
             Event::Text(t) => text.push_str(&t),
-            Event::Done { reason, completion_tokens, .. } => return Some((text, reason, completion_tokens)),
+            Event::Done {
+                reason,
+                completion_tokens,
+                ..
+            } => return Some((text, reason, completion_tokens)),
             Event::Failed(e) => panic!("failed: {e}"),
         }
     }
@@ -39,7 +48,10 @@ async fn collect(mut g: swarm_gpu::Generation) -> Option<(String, FinishReason, 
 async fn wait_for(what: &str, f: impl Fn() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(t.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -48,19 +60,31 @@ async fn wait_for(what: &str, f: impl Fn() -> bool) {
 async fn concurrent_requests_get_what_they_get_alone() {
     let (_d, m, t) = tiny();
     let engine = EngineHandle::start(m, t.clone(), EngineConfig::default()).unwrap();
-    let prompts = ["hello there", "a much longer prompt with many more bytes in it", "x", "<|im_start|>user\nhi"];
+    let prompts = [
+        "hello there",
+        "a much longer prompt with many more bytes in it",
+        "x",
+        "<|im_start|>user\nhi",
+    ];
     let mut alone = Vec::new();
     for p in prompts {
         let g = engine.submit(t.encode(p).unwrap(), greedy(20)).unwrap();
         alone.push(collect(g).await.unwrap());
     }
-    let gens: Vec<_> = prompts.iter().map(|p| engine.submit(t.encode(p).unwrap(), greedy(20)).unwrap()).collect();
+    let gens: Vec<_> = prompts
+        .iter()
+        .map(|p| engine.submit(t.encode(p).unwrap(), greedy(20)).unwrap())
+        .collect();
     let mut together = Vec::new();
     for g in gens {
         together.push(collect(g).await.unwrap());
     }
     assert_eq!(together, alone);
-    assert!(alone.iter().all(|(_, r, n)| *r == FinishReason::Length && *n == 20));
+    assert!(
+        alone
+            .iter()
+            .all(|(_, r, n)| *r == FinishReason::Length && *n == 20)
+    );
     let (buckets, _, steps) = engine.stats().batch_size.snapshot();
     assert!(buckets[0].1 < steps, "some step ran more than one sequence");
 }
@@ -69,13 +93,18 @@ async fn concurrent_requests_get_what_they_get_alone() {
 async fn a_dropped_stream_frees_its_kv() {
     let (_d, m, t) = tiny();
     let engine = EngineHandle::start(m, t.clone(), EngineConfig::default()).unwrap();
-    let mut g = engine.submit(t.encode("tell me everything").unwrap(), greedy(400)).unwrap();
+    let mut g = engine
+        .submit(t.encode("tell me everything").unwrap(), greedy(400))
+        .unwrap();
     let first = g.events.recv().await;
     assert!(matches!(first, Some(Event::Text(_))));
     let stats = engine.stats().clone();
     assert!(stats.kv_used_blocks.load(Relaxed) > 0);
     drop(g);
-    wait_for("the KV to be free", || stats.kv_used_blocks.load(Relaxed) == 0 && stats.running.load(Relaxed) == 0).await;
+    wait_for("the KV to be free", || {
+        stats.kv_used_blocks.load(Relaxed) == 0 && stats.running.load(Relaxed) == 0
+    })
+    .await;
     assert_eq!(stats.cancelled.load(Relaxed), 1);
 }
 
@@ -83,19 +112,37 @@ async fn a_dropped_stream_frees_its_kv() {
 async fn limits_are_clear_errors() {
     let (_d, m, t) = tiny();
     let config = EngineConfig {
-        scheduler: SchedulerConfig { max_waiting: 2, max_running: 1, prefill_tokens: 64 },
+        scheduler: SchedulerConfig {
+            max_waiting: 2,
+            max_running: 1,
+            prefill_tokens: 64,
+        },
         kv_tokens: 256,
         ..EngineConfig::default()
     };
     let engine = EngineHandle::start(m, t.clone(), config).unwrap();
     let e = engine.submit(vec![5; 300], greedy(1)).unwrap_err();
-    assert_eq!((e.kind(), e.field()), ("context_length_exceeded", Some("prompt")));
+    assert_eq!(
+        (e.kind(), e.field()),
+        ("context_length_exceeded", Some("prompt"))
+    );
     assert!(e.to_string().contains("256"), "{e}");
     let e = engine.submit(vec![5; 10], greedy(1_000_000)).unwrap_err();
-    assert_eq!((e.kind(), e.field()), ("context_length_exceeded", Some("max_tokens")));
+    assert_eq!(
+        (e.kind(), e.field()),
+        ("context_length_exceeded", Some("max_tokens"))
+    );
     let e = engine.submit(Vec::new(), greedy(1)).unwrap_err();
     assert_eq!(e.field(), Some("prompt"));
-    let e = engine.submit(vec![5], SamplingParams { temperature: 3.0, ..greedy(1) }).unwrap_err();
+    let e = engine
+        .submit(
+            vec![5],
+            SamplingParams {
+                temperature: 3.0,
+                ..greedy(1)
+            },
+        )
+        .unwrap_err();
     assert_eq!(e.field(), Some("temperature"));
     // One long request holds the only running slot; the queue takes two more, then refuses.
     let mut held = vec![engine.submit(vec![5; 10], greedy(200)).unwrap()];
@@ -116,7 +163,10 @@ async fn limits_are_clear_errors() {
             failed_overloaded += 1;
         }
     }
-    assert!(overloaded + failed_overloaded >= 17, "{overloaded} + {failed_overloaded}");
+    assert!(
+        overloaded + failed_overloaded >= 17,
+        "{overloaded} + {failed_overloaded}"
+    );
 }
 
 /// The tiny model, except that a batch holding token 7 panics.
@@ -129,8 +179,14 @@ impl LanguageModel for Poisoned {
     fn new_cache(&self, capacity: usize) -> Self::Cache {
         self.0.new_cache(capacity)
     }
-    fn forward(&self, items: &mut [BatchItem<'_, Self::Cache>]) -> Result<Vec<Vec<f32>>, swarm_gpu::InferError> {
-        assert!(!items.iter().any(|i| i.tokens.contains(&POISON)), "poisoned batch");
+    fn forward(
+        &self,
+        items: &mut [BatchItem<'_, Self::Cache>],
+    ) -> Result<Vec<Vec<f32>>, swarm_gpu::InferError> {
+        assert!(
+            !items.iter().any(|i| i.tokens.contains(&POISON)),
+            "poisoned batch"
+        );
         self.0.forward(items)
     }
     fn context_length(&self) -> usize {
@@ -147,16 +203,32 @@ async fn a_crash_restarts_the_engine_within_its_budget() {
     let path = write_gguf(dir.path(), &TinySpec::default()).unwrap();
     let (m, t) = swarm_gpu::load(&path).unwrap();
     let t = Arc::new(t);
-    let config = EngineConfig { restart_budget: 1, ..EngineConfig::default() };
+    let config = EngineConfig {
+        restart_budget: 1,
+        ..EngineConfig::default()
+    };
     let engine = EngineHandle::start(Arc::new(Poisoned(m)), t.clone(), config).unwrap();
     let healthy = engine.submit(vec![1, 5, 6], greedy(300)).unwrap();
     let poisoned = engine.submit(vec![1, POISON], greedy(5)).unwrap();
-    assert_eq!(collect(poisoned).await, None, "a crashed run closes its streams");
-    assert_eq!(collect(healthy).await, None, "every sequence of the crashed run ends");
+    assert_eq!(
+        collect(poisoned).await,
+        None,
+        "a crashed run closes its streams"
+    );
+    assert_eq!(
+        collect(healthy).await,
+        None,
+        "every sequence of the crashed run ends"
+    );
     assert_eq!(engine.stats().restarts.load(Relaxed), 1);
-    let after = collect(engine.submit(vec![1, 5, 6], greedy(5)).unwrap()).await.unwrap();
+    let after = collect(engine.submit(vec![1, 5, 6], greedy(5)).unwrap())
+        .await
+        .unwrap();
     assert_eq!(after.2, 5, "the restarted engine serves");
-    assert_eq!(collect(engine.submit(vec![POISON], greedy(5)).unwrap()).await, None);
+    assert_eq!(
+        collect(engine.submit(vec![POISON], greedy(5)).unwrap()).await,
+        None
+    );
     wait_for("the engine to stop", || engine.stopped_reason().is_some()).await;
     let e = engine.submit(vec![1, 5, 6], greedy(5)).unwrap_err();
     assert_eq!(e.kind(), "engine_stopped");

@@ -157,10 +157,7 @@ pub fn decode_frame<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Fail
     serde_json::from_slice(body).map_err(|e| Failure::new("internal", format!("bad frame: {e}")))
 }
 
-async fn write_frame<T: Serialize>(
-    send: &mut quinn::SendStream,
-    value: &T,
-) -> Result<(), Failure> {
+async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, value: &T) -> Result<(), Failure> {
     let body = serde_json::to_vec(value).map_err(|e| Failure::new("internal", e.to_string()))?;
     let len = u32::try_from(body.len()).map_err(|_| Failure::new("internal", "frame too large"))?;
     send.write_all(&len.to_be_bytes())
@@ -180,7 +177,10 @@ async fn read_frame<T: for<'de> Deserialize<'de>>(
         .map_err(|e| Failure::new("model_unavailable", format!("peer stream: {e}")))?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
-        return Err(Failure::new("internal", format!("frame of {len} bytes is too large")));
+        return Err(Failure::new(
+            "internal",
+            format!("frame of {len} bytes is too large"),
+        ));
     }
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body)
@@ -331,7 +331,13 @@ impl Inference {
             .iter()
             .map(|m| (m.name.clone(), resolve_model(cfg, m)))
             .collect();
-        Self::new(&cfg.node.name, models, engine, inf.default_max_tokens, membership)
+        Self::new(
+            &cfg.node.name,
+            models,
+            engine,
+            inf.default_max_tokens,
+            membership,
+        )
     }
 
     /// Serves `models` (name, file or folder) with engines of `engine`'s limits.
@@ -398,7 +404,10 @@ impl Inference {
         let mut by_model: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for m in self.local.values() {
             if m.engine().is_some() {
-                by_model.entry(m.name.clone()).or_default().push(self.node.clone());
+                by_model
+                    .entry(m.name.clone())
+                    .or_default()
+                    .push(self.node.clone());
             }
         }
         if let Some(ms) = &self.membership {
@@ -407,7 +416,10 @@ impl Inference {
                     continue;
                 }
                 for model in member.meta.map(|m| m.models).unwrap_or_default() {
-                    by_model.entry(model.name).or_default().push(member.name.clone());
+                    by_model
+                        .entry(model.name)
+                        .or_default()
+                        .push(member.name.clone());
                 }
             }
         }
@@ -455,16 +467,22 @@ impl Inference {
     /// Routes and starts a generation; fails before any token when it cannot run.
     pub async fn generate(self: &Arc<Self>, req: WireRequest) -> Result<Started, Failure> {
         match self.route(&req.model)? {
-            Target::Local(m) => start_local(&m, req.input, req.params.into()).map(|(n, rx)| Started {
-                prompt_tokens: n,
-                chunks: rx,
-                node: self.node.clone(),
-            }),
+            Target::Local(m) => {
+                start_local(&m, req.input, req.params.into()).map(|(n, rx)| Started {
+                    prompt_tokens: n,
+                    chunks: rx,
+                    node: self.node.clone(),
+                })
+            }
             Target::Remote(peer) => self.start_remote(peer, req).await,
         }
     }
 
-    async fn start_remote(self: &Arc<Self>, peer: String, req: WireRequest) -> Result<Started, Failure> {
+    async fn start_remote(
+        self: &Arc<Self>,
+        peer: String,
+        req: WireRequest,
+    ) -> Result<Started, Failure> {
         let ms = self
             .membership
             .as_ref()
@@ -481,7 +499,10 @@ impl Inference {
             Chunk::Accepted { prompt_tokens } => prompt_tokens,
             Chunk::Failed(f) => return Err(f),
             other => {
-                return Err(Failure::new("internal", format!("{peer} answered {other:?} first")));
+                return Err(Failure::new(
+                    "internal",
+                    format!("{peer} answered {other:?} first"),
+                ));
             }
         };
         let counter = {
@@ -513,10 +534,20 @@ impl Inference {
     }
 
     /// Serves a peer's request on this node's own models (never forwarded again).
-    pub fn serve_peer(self: &Arc<Self>, peer: String, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    pub fn serve_peer(
+        self: &Arc<Self>,
+        peer: String,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
         let me = self.clone();
         tokio::spawn(async move {
-            let req = match tokio::time::timeout(ACCEPT_TIMEOUT, read_frame::<WireRequest>(&mut recv)).await {
+            let req = match tokio::time::timeout(
+                ACCEPT_TIMEOUT,
+                read_frame::<WireRequest>(&mut recv),
+            )
+            .await
+            {
                 Ok(Ok(r)) => r,
                 Ok(Err(f)) => {
                     tracing::debug!(%peer, error = %f.message, "bad inference request from a peer");
@@ -540,7 +571,10 @@ impl Inference {
                     return;
                 }
             };
-            if write_frame(&mut send, &Chunk::Accepted { prompt_tokens }).await.is_err() {
+            if write_frame(&mut send, &Chunk::Accepted { prompt_tokens })
+                .await
+                .is_err()
+            {
                 return;
             }
             loop {

@@ -231,7 +231,7 @@ mod tests {
                 host: "127.0.0.1".parse().expect("ip"),
                 gossip_port: 1,
                 http_port: 1,
-            models: Vec::new(),
+                models: Vec::new(),
             })
             .is_err()
         );

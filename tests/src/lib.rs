@@ -255,6 +255,65 @@ impl Client {
     pub fn put_json(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
         self.request("PUT", path, Some(body.to_string().as_bytes()))
     }
+
+    pub fn post_json(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
+        self.request("POST", path, Some(body.to_string().as_bytes()))
+    }
+
+    /// POST `body` and return the raw response (status, headers, a reader over the body).
+    pub fn post_raw(&self, path: &str, body: &Value) -> Result<ureq::Response> {
+        let mut req = self.agent.post(&format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        match req
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string())
+        {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => Ok(r),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Write the tiny test model into `dir` and make the node config at `config` serve `models`
+/// (`(name, path)`; the tiny model's path when `None`). Returns the tiny model's path.
+pub fn serve_models(
+    config: &Path,
+    models: &[(&str, Option<&Path>)],
+    extra: &str,
+) -> Result<PathBuf> {
+    let dir = config.parent().context("config folder")?;
+    let tiny = swarm_gpu::testmodel::write_gguf(dir, &swarm_gpu::testmodel::TinySpec::default())?;
+    let list: Vec<String> = models
+        .iter()
+        .map(|(name, path)| {
+            let p = path.map_or(tiny.clone(), Path::to_path_buf);
+            format!("{{ name = \"{name}\", path = \"{}\" }}", p.display())
+        })
+        .collect();
+    let text = std::fs::read_to_string(config)?;
+    let text = text.replace(
+        "models = []",
+        &format!("models = [{}]\n{extra}", list.join(", ")),
+    );
+    std::fs::write(config, text)?;
+    Ok(tiny)
+}
+
+/// Poll `/health` until `services.inference` is `want`.
+pub fn wait_inference(c: &Client, want: &str) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, h) = c.get("/health")?;
+        if h["services"]["inference"] == want {
+            return Ok(h);
+        }
+        if Instant::now() > deadline {
+            bail!("inference never became {want}: {h}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Every file under `dir`.

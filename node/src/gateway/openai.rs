@@ -145,20 +145,28 @@ impl Sampling {
     }
 
     fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
     }
 }
 
 fn messages(input: Vec<MessageIn>) -> Result<Vec<ChatMessage>, AppError> {
     if input.is_empty() {
-        return Err(AppError::invalid_field("messages", "must hold at least one message"));
+        return Err(AppError::invalid_field(
+            "messages",
+            "must hold at least one message",
+        ));
     }
     let mut out = Vec::with_capacity(input.len());
     for (i, m) in input.into_iter().enumerate() {
         if !["system", "developer", "user", "assistant", "tool"].contains(&m.role.as_str()) {
             return Err(AppError::invalid_field(
                 format!("messages[{i}].role"),
-                format!("`{}` is not a role (system, developer, user, assistant, tool)", m.role),
+                format!(
+                    "`{}` is not a role (system, developer, user, assistant, tool)",
+                    m.role
+                ),
             ));
         }
         let content = match m.content {
@@ -180,7 +188,11 @@ fn messages(input: Vec<MessageIn>) -> Result<Vec<ChatMessage>, AppError> {
                 text
             }
         };
-        let role = if m.role == "developer" { "system".into() } else { m.role };
+        let role = if m.role == "developer" {
+            "system".into()
+        } else {
+            m.role
+        };
         out.push(ChatMessage { role, content });
     }
     Ok(out)
@@ -218,7 +230,13 @@ pub(super) async fn chat_completions(
     body: Body,
 ) -> Result<Response, AppError> {
     let req: ChatRequest = json_body(body, s.body_limit).await?;
-    s.authorize(&ctx, &who, "inference.use", &format!("models/{}", req.model), None)?;
+    s.authorize(
+        &ctx,
+        &who,
+        "inference.use",
+        &format!("models/{}", req.model),
+        None,
+    )?;
     check_model(&req.model)?;
     let params = req.sampling.params(s.inference.default_max_tokens())?;
     let input = Input::Chat(messages(req.messages)?);
@@ -232,20 +250,37 @@ pub(super) async fn completions(
     body: Body,
 ) -> Result<Response, AppError> {
     let req: CompletionRequest = json_body(body, s.body_limit).await?;
-    s.authorize(&ctx, &who, "inference.use", &format!("models/{}", req.model), None)?;
+    s.authorize(
+        &ctx,
+        &who,
+        "inference.use",
+        &format!("models/{}", req.model),
+        None,
+    )?;
     check_model(&req.model)?;
     let prompt = match req.prompt {
         PromptIn::One(p) => p,
         PromptIn::Many(mut v) if v.len() == 1 => v.remove(0),
         PromptIn::Many(_) => {
-            return Err(AppError::invalid_field("prompt", "give one prompt (batches of prompts are not supported)"));
+            return Err(AppError::invalid_field(
+                "prompt",
+                "give one prompt (batches of prompts are not supported)",
+            ));
         }
     };
     if prompt.is_empty() {
         return Err(AppError::invalid_field("prompt", "is empty"));
     }
     let params = req.sampling.params(s.inference.default_max_tokens())?;
-    run(&s, Kind::Completion, req.model, Input::Prompt(prompt), params, &req.sampling).await
+    run(
+        &s,
+        Kind::Completion,
+        req.model,
+        Input::Prompt(prompt),
+        params,
+        &req.sampling,
+    )
+    .await
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,11 +343,19 @@ async fn run(
 ) -> Result<Response, AppError> {
     let started = s
         .inference
-        .generate(WireRequest { model: model.clone(), input, params })
+        .generate(WireRequest {
+            model: model.clone(),
+            input,
+            params,
+        })
         .await?;
     let mut id = [0u8; 12];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id);
-    let prefix = if kind == Kind::Chat { "chatcmpl-" } else { "cmpl-" };
+    let prefix = if kind == Kind::Chat {
+        "chatcmpl-"
+    } else {
+        "cmpl-"
+    };
     let shape = Shape {
         kind,
         id: format!("{prefix}{}", hex::encode(id)),
@@ -343,12 +386,20 @@ async fn complete(shape: Shape, mut started: Started) -> Result<Response, AppErr
             }) => break (finish_reason, prompt_tokens, completion_tokens),
             Some(Chunk::Failed(f)) => return Err(f.into()),
             Some(Chunk::Accepted { .. }) => {}
-            None => return Err(AppError::ModelUnavailable("the generation ended early".into())),
+            None => {
+                return Err(AppError::ModelUnavailable(
+                    "the generation ended early".into(),
+                ));
+            }
         }
     };
     let choice = match shape.kind {
-        Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": null}),
-        Kind::Completion => json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null}),
+        Kind::Chat => {
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": null})
+        }
+        Kind::Completion => {
+            json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null})
+        }
     };
     Ok(Json(json!({
         "id": shape.id, "object": shape.object(false), "created": shape.created, "model": shape.model,
@@ -389,7 +440,9 @@ fn stream(shape: Shape, started: Started, include_usage: bool) -> Response {
             let data = |v: Value| SseEvent::default().data(v.to_string());
             match st.started.chunks.recv().await {
                 Some(Chunk::Text(t)) => {
-                    let c = st.shape.chunk(vec![st.shape.choice(Some(&t), None, st.first)]);
+                    let c = st
+                        .shape
+                        .chunk(vec![st.shape.choice(Some(&t), None, st.first)]);
                     st.first = false;
                     st.pending.push(data(c));
                 }
@@ -399,7 +452,9 @@ fn stream(shape: Shape, started: Started, include_usage: bool) -> Response {
                     completion_tokens,
                 }) => {
                     let text = (st.shape.kind == Kind::Chat && st.first).then_some("");
-                    let c = st.shape.chunk(vec![st.shape.choice(text, Some(&finish_reason), st.first)]);
+                    let c =
+                        st.shape
+                            .chunk(vec![st.shape.choice(text, Some(&finish_reason), st.first)]);
                     st.pending.push(data(c));
                     if st.include_usage {
                         let mut u = st.shape.chunk(Vec::new());

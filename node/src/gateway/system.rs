@@ -157,18 +157,78 @@ fn inference_metrics(out: &mut String, node: &str, inf: &crate::inference::Infer
     use std::sync::atomic::Ordering::Relaxed;
     type Pick = fn(&swarm_gpu::EngineStats) -> u64;
     let series: [(&str, &str, &str, Pick); 12] = [
-        ("swarm_inference_running", "gauge", "Sequences decoding now.", |s| s.running.load(Relaxed)),
-        ("swarm_inference_queue_depth", "gauge", "Requests waiting for admission.", |s| s.waiting.load(Relaxed)),
-        ("swarm_inference_kv_blocks_used", "gauge", "KV-cache blocks reserved.", |s| s.kv_used_blocks.load(Relaxed)),
-        ("swarm_inference_kv_blocks_total", "gauge", "KV-cache blocks in the budget.", |s| s.kv_total_blocks.load(Relaxed)),
-        ("swarm_inference_requests_total", "counter", "Requests admitted to the queue.", |s| s.requests.load(Relaxed)),
-        ("swarm_inference_refused_total", "counter", "Requests refused (queue full).", |s| s.refused.load(Relaxed)),
-        ("swarm_inference_cancelled_total", "counter", "Sequences cancelled by their client.", |s| s.cancelled.load(Relaxed)),
-        ("swarm_inference_failed_total", "counter", "Sequences ended by a failed batch.", |s| s.failed.load(Relaxed)),
-        ("swarm_inference_prompt_tokens_total", "counter", "Prompt tokens admitted.", |s| s.prompt_tokens.load(Relaxed)),
-        ("swarm_inference_generated_tokens_total", "counter", "Tokens generated (rate: tokens/s).", |s| s.generated_tokens.load(Relaxed)),
-        ("swarm_inference_steps_total", "counter", "Engine steps (batched forwards).", |s| s.steps.load(Relaxed)),
-        ("swarm_inference_engine_restarts_total", "counter", "Engine crashes followed by a restart.", |s| s.restarts.load(Relaxed)),
+        (
+            "swarm_inference_running",
+            "gauge",
+            "Sequences decoding now.",
+            |s| s.running.load(Relaxed),
+        ),
+        (
+            "swarm_inference_queue_depth",
+            "gauge",
+            "Requests waiting for admission.",
+            |s| s.waiting.load(Relaxed),
+        ),
+        (
+            "swarm_inference_kv_blocks_used",
+            "gauge",
+            "KV-cache blocks reserved.",
+            |s| s.kv_used_blocks.load(Relaxed),
+        ),
+        (
+            "swarm_inference_kv_blocks_total",
+            "gauge",
+            "KV-cache blocks in the budget.",
+            |s| s.kv_total_blocks.load(Relaxed),
+        ),
+        (
+            "swarm_inference_requests_total",
+            "counter",
+            "Requests admitted to the queue.",
+            |s| s.requests.load(Relaxed),
+        ),
+        (
+            "swarm_inference_refused_total",
+            "counter",
+            "Requests refused (queue full).",
+            |s| s.refused.load(Relaxed),
+        ),
+        (
+            "swarm_inference_cancelled_total",
+            "counter",
+            "Sequences cancelled by their client.",
+            |s| s.cancelled.load(Relaxed),
+        ),
+        (
+            "swarm_inference_failed_total",
+            "counter",
+            "Sequences ended by a failed batch.",
+            |s| s.failed.load(Relaxed),
+        ),
+        (
+            "swarm_inference_prompt_tokens_total",
+            "counter",
+            "Prompt tokens admitted.",
+            |s| s.prompt_tokens.load(Relaxed),
+        ),
+        (
+            "swarm_inference_generated_tokens_total",
+            "counter",
+            "Tokens generated (rate: tokens/s).",
+            |s| s.generated_tokens.load(Relaxed),
+        ),
+        (
+            "swarm_inference_steps_total",
+            "counter",
+            "Engine steps (batched forwards).",
+            |s| s.steps.load(Relaxed),
+        ),
+        (
+            "swarm_inference_engine_restarts_total",
+            "counter",
+            "Engine crashes followed by a restart.",
+            |s| s.restarts.load(Relaxed),
+        ),
     ];
     let engines: Vec<(String, swarm_gpu::EngineHandle)> = inf
         .local()
@@ -181,14 +241,30 @@ fn inference_metrics(out: &mut String, node: &str, inf: &crate::inference::Infer
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
         for (model, e) in &engines {
-            let _ = writeln!(out, "{name}{{node=\"{node}\",model=\"{model}\"}} {}", pick(e.stats()));
+            let _ = writeln!(
+                out,
+                "{name}{{node=\"{node}\",model=\"{model}\"}} {}",
+                pick(e.stats())
+            );
         }
     }
     type PickH = fn(&swarm_gpu::EngineStats) -> &swarm_gpu::Histogram;
     let hists: [(&str, &str, PickH); 3] = [
-        ("swarm_inference_time_to_first_token_seconds", "Time from submission to the first token.", |s| &s.time_to_first_token),
-        ("swarm_inference_inter_token_seconds", "Time between consecutive tokens of a sequence.", |s| &s.inter_token_latency),
-        ("swarm_inference_batch_size", "Sequences per engine step.", |s| &s.batch_size),
+        (
+            "swarm_inference_time_to_first_token_seconds",
+            "Time from submission to the first token.",
+            |s| &s.time_to_first_token,
+        ),
+        (
+            "swarm_inference_inter_token_seconds",
+            "Time between consecutive tokens of a sequence.",
+            |s| &s.inter_token_latency,
+        ),
+        (
+            "swarm_inference_batch_size",
+            "Sequences per engine step.",
+            |s| &s.batch_size,
+        ),
     ];
     for (name, help, pick) in hists {
         let _ = writeln!(out, "# HELP {name} {help}");
