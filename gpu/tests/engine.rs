@@ -1,6 +1,8 @@
 //! The engine thread end to end on the tiny model: batching does not change greedy output,
 //! cancelled streams free their KV, limits are clear errors, and a crash is a supervised restart.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};

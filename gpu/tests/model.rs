@@ -1,6 +1,8 @@
 //! Our batched forward against candle-transformers on the same tiny random weights, and batch
 //! invariance: each sequence of a mixed batch gets exactly the tokens it gets alone.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
