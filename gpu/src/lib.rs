@@ -11,6 +11,8 @@
 //! - `stats`: counters and histograms for `/metrics`.
 
 pub mod catalog;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod engine;
 mod error;
 mod model;
@@ -61,10 +63,15 @@ pub enum Device {
     },
 }
 
-/// The devices of this machine. Without the `cuda` feature only the CPU is reported.
+/// The devices of this machine: the CPU first, then (with the `cuda` feature) one entry per CUDA
+/// GPU. Without the feature, without a CUDA driver, or on any driver error only the CPU is reported.
 pub fn discover() -> Vec<Device> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    vec![Device::Cpu { cores }]
+    #[cfg(feature = "cuda")]
+    let gpus = cuda::discover();
+    #[cfg(not(feature = "cuda"))]
+    let gpus = Vec::new();
+    std::iter::once(Device::Cpu { cores }).chain(gpus).collect()
 }
 
 #[cfg(test)]
