@@ -24,7 +24,7 @@ mod tokenizer;
 
 pub use engine::{EngineConfig, EngineHandle, Event, FinishReason, Generation};
 pub use error::InferError;
-pub use model::{BatchItem, LanguageModel, Llama, LlamaCache, LlamaConfig, argmax};
+pub use model::{BatchItem, LanguageModel, Llama, LlamaCache, LlamaConfig, WeightMode, argmax};
 pub use sampling::{MAX_STOP_STRINGS, Sampler, SamplingParams, StopCheck, StopStrings};
 pub use scheduler::{BlockBudget, KvAccounting, Plan, Refused, Scheduler, SchedulerConfig, SeqId};
 pub use stats::{EngineStats, Histogram};

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::quantized::{QMatMul, QTensor, gguf_file};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::kv_cache::KvCache;
 
@@ -143,9 +143,49 @@ fn unavailable(what: &str) -> impl FnOnce(candle_core::Error) -> InferError + '_
     move |e| InferError::ModelUnavailable(format!("{what}: {e}"))
 }
 
+/// How GGUF block weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightMode {
+    /// Quantized where this build has a fast kernel for the type (CUDA; on CPU the SIMD kernels
+    /// candle compiles in with AVX2), f32 otherwise: candle's portable quantized CPU kernels are
+    /// scalar, so a matrix product over dequantized f32 weights (gemm, SIMD chosen at run time,
+    /// all cores) is several times faster, and batching then pays off.
+    Auto,
+    /// Keep every quantized tensor quantized.
+    Quantized,
+    /// Dequantize everything to f32.
+    F32,
+}
+
+fn keep_quantized(mode: WeightMode, dtype: GgmlDType, device: &Device) -> bool {
+    match mode {
+        WeightMode::Quantized => true,
+        WeightMode::F32 => false,
+        WeightMode::Auto if !device.is_cpu() => true,
+        WeightMode::Auto => {
+            cfg!(target_feature = "avx2")
+                && matches!(
+                    dtype,
+                    GgmlDType::Q4_0
+                        | GgmlDType::Q8_0
+                        | GgmlDType::Q2K
+                        | GgmlDType::Q3K
+                        | GgmlDType::Q4K
+                        | GgmlDType::Q5K
+                        | GgmlDType::Q6K
+                )
+        }
+    }
+}
+
 impl Llama {
-    /// Loads a llama.cpp GGUF file (architecture `llama`).
+    /// Loads a llama.cpp GGUF file (architecture `llama`), weights held as [`WeightMode::Auto`].
     pub fn from_gguf(path: &Path, device: &Device) -> Result<Self> {
+        Self::from_gguf_with(path, device, WeightMode::Auto)
+    }
+
+    /// Loads a llama.cpp GGUF file with the given weight mode.
+    pub fn from_gguf_with(path: &Path, device: &Device, mode: WeightMode) -> Result<Self> {
         let mut file = std::fs::File::open(path)
             .map_err(|e| InferError::ModelUnavailable(format!("{}: {e}", path.display())))?;
         let ct = gguf_file::Content::read(&mut file).map_err(unavailable("reading the GGUF"))?;
@@ -174,6 +214,13 @@ impl Llama {
             ct.tensor(&mut file, name, device)
                 .map_err(unavailable(name))
         };
+        let linear = |q: QTensor| -> Result<QMatMul> {
+            if keep_quantized(mode, q.dtype(), device) {
+                Ok(QMatMul::from_qtensor(q)?)
+            } else {
+                Ok(QMatMul::Tensor(q.dequantize(device)?))
+            }
+        };
         let embed_q = tensor("token_embd.weight")?;
         let embed = embed_q.dequantize(device)?;
         let config = LlamaConfig {
@@ -183,8 +230,8 @@ impl Llama {
         config.validate()?;
         let norm = tensor("output_norm.weight")?.dequantize(device)?;
         let output = match tensor("output.weight") {
-            Ok(q) => QMatMul::from_qtensor(q)?,
-            Err(_) => QMatMul::from_qtensor(embed_q)?,
+            Ok(q) => linear(q)?,
+            Err(_) => linear(embed_q)?,
         };
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
