@@ -19,12 +19,12 @@ swarm=$root/target/release/swarm
 
 # The model, through our own catalog (SHA-256 checked).
 models=$root/target/bench/models
-"$swarm" model pull SmolLM2-135M-Instruct --dir "$root/target/bench" >/dev/null
+"$swarm" model pull SmolLM2-135M-Instruct --dir "$root/target/bench" >/dev/null 2>&1
 gguf=$models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-# llama-server from the llama-cpp-python sdist.
+# llama-server from the llama-cpp-python sdist (SKIP_LLAMA=1: our engine only).
 llama=$root/target/bench/llama-server
-if [ ! -x "$llama" ]; then
+if [ -z "${SKIP_LLAMA:-}" ] && [ ! -x "$llama" ]; then
   command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake >/dev/null; }
   src=$root/target/bench/llama-src
   mkdir -p "$src"
@@ -70,5 +70,7 @@ run_llama() { # label slots
 echo "# $(date -u +%FT%TZ) $(nproc) cores, max_tokens=$max_tokens"
 run_swarm swarm-1 1
 run_swarm swarm-cb 32
-run_llama llama-1 1
-run_llama llama-8 8
+if [ -z "${SKIP_LLAMA:-}" ]; then
+  run_llama llama-1 1
+  run_llama llama-8 8
+fi
