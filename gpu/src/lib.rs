@@ -9,7 +9,9 @@
 //! - `scheduler`: continuous batching as a state machine, KV accounting in blocks.
 //! - `engine`: the engine thread that runs the scheduler's plans, with supervised restarts.
 //! - `stats`: counters and histograms for `/metrics`.
+//! - `actor`: one supervised ractor actor per served model, owning its engine.
 
+mod actor;
 pub mod catalog;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -22,6 +24,7 @@ mod stats;
 pub mod testmodel;
 mod tokenizer;
 
+pub use actor::{EngineStarter, InferenceMsg, InferenceSupervisor, Served, starter, submit};
 pub use engine::{EngineConfig, EngineHandle, Event, FinishReason, Generation};
 pub use error::InferError;
 pub use model::{BatchItem, LanguageModel, Llama, LlamaCache, LlamaConfig, WeightMode, argmax};

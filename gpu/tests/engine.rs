@@ -12,6 +12,7 @@ use swarm_gpu::{
     BatchItem, EngineConfig, EngineHandle, Event, FinishReason, LanguageModel, Llama,
     SamplingParams, SchedulerConfig, TextTokenizer,
 };
+use swarm_gpu::{InferenceSupervisor, Served};
 
 fn tiny() -> (tempfile::TempDir, Arc<Llama>, Arc<TextTokenizer>) {
     let dir = tempfile::tempdir().unwrap();
@@ -234,4 +235,109 @@ async fn a_crash_restarts_the_engine_within_its_budget() {
     wait_for("the engine to stop", || engine.stopped_reason().is_some()).await;
     let e = engine.submit(vec![1, 5, 6], greedy(5)).unwrap_err();
     assert_eq!(e.kind(), "engine_stopped");
+}
+
+/// Waits until the model's actor runs a fresh engine (or is down); returns it.
+async fn running(rx: &mut tokio::sync::watch::Receiver<Served>) -> Served {
+    let t = Instant::now();
+    loop {
+        let now = rx.borrow_and_update().clone();
+        match now {
+            Served::Starting => {}
+            other => return other,
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the actor never started"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
+    }
+}
+
+#[tokio::test]
+async fn the_supervisor_restarts_a_failed_actor_with_a_fresh_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_gguf(dir.path(), &TinySpec::default()).unwrap();
+    let (m, t) = swarm_gpu::load(&path).unwrap();
+    // The engine gives up at its first crash; the supervisor restarts the actor once a minute.
+    let config = EngineConfig {
+        restart_budget: 0,
+        ..EngineConfig::default()
+    };
+    let sup = InferenceSupervisor::start(1).await.unwrap();
+    let mut rx = sup
+        .serve(
+            "tiny",
+            swarm_gpu::starter(Arc::new(Poisoned(m)), Arc::new(t), config),
+        )
+        .unwrap();
+    let Served::Running { actor, engine } = running(&mut rx).await else {
+        panic!("not running")
+    };
+    let ok = collect(
+        swarm_gpu::submit(&actor, vec![1, 5], greedy(3))
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.2, 3);
+    // Crash the engine: the actor notices, fails, and the supervisor starts a fresh one.
+    assert_eq!(
+        collect(
+            swarm_gpu::submit(&actor, vec![POISON], greedy(3))
+                .await
+                .unwrap()
+        )
+        .await,
+        None
+    );
+    wait_for("the first engine to stop", || {
+        engine.stopped_reason().is_some()
+    })
+    .await;
+    rx.mark_changed();
+    let t0 = Instant::now();
+    let (actor2, engine2) = loop {
+        if let Served::Running { actor, engine } = running(&mut rx).await
+            && engine.stopped_reason().is_none()
+        {
+            break (actor, engine);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no restart");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_ne!(actor2.get_id(), actor.get_id());
+    let ok = collect(
+        swarm_gpu::submit(&actor2, vec![1, 5], greedy(3))
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.2, 3, "the restarted actor serves");
+    // Past the supervisor's budget the model stays down, with the reason.
+    assert_eq!(
+        collect(
+            swarm_gpu::submit(&actor2, vec![POISON], greedy(3))
+                .await
+                .unwrap()
+        )
+        .await,
+        None
+    );
+    wait_for("the second engine to stop", || {
+        engine2.stopped_reason().is_some()
+    })
+    .await;
+    let t0 = Instant::now();
+    loop {
+        if let Served::Down(why) = rx.borrow_and_update().clone() {
+            assert!(why.contains("engine stopped"), "{why}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "never down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sup.stop();
 }
