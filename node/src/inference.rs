@@ -14,11 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
 use swarm_config::{ModelEntry, NodeConfig};
 use swarm_gpu::{
-    ChatMessage, EngineConfig, EngineHandle, Event, InferError, SamplingParams, SchedulerConfig,
-    TextTokenizer, catalog,
+    ChatMessage, EngineConfig, EngineHandle, Event, InferError, InferenceMsg, InferenceSupervisor,
+    SamplingParams, SchedulerConfig, Served, TextTokenizer, catalog,
 };
 use swarm_membership::{MemberState, Membership, ModelMeta};
 use tokio::sync::mpsc;
@@ -29,6 +30,8 @@ use crate::error::AppError;
 pub const STREAM_INFERENCE: u8 = 4;
 /// Largest frame on the inference stream.
 pub const MAX_FRAME: usize = 1 << 20;
+/// Restarts of a model's actor (each with a fresh engine) allowed per minute.
+const RESTARTS_PER_MINUTE: usize = 3;
 /// How long a peer may take to accept or refuse a request.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -200,8 +203,9 @@ pub struct LocalModel {
 #[derive(Debug, Clone)]
 enum ModelState {
     Loading,
-    Ready {
-        engine: EngineHandle,
+    /// Weights loaded; the supervised actor's current state is on `served`.
+    Loaded {
+        served: tokio::sync::watch::Receiver<Served>,
         tokenizer: Arc<TextTokenizer>,
     },
     Unavailable(String),
@@ -224,38 +228,57 @@ impl LocalModel {
     pub fn status(&self) -> String {
         match self.state() {
             ModelState::Loading => "loading".into(),
-            ModelState::Ready { engine, .. } => match engine.stopped_reason() {
-                None => "ready".into(),
-                Some(why) => format!("unavailable: {why}"),
+            ModelState::Loaded { served, .. } => match &*served.borrow() {
+                Served::Starting => "loading".into(),
+                Served::Running { engine, .. } => match engine.stopped_reason() {
+                    None => "ready".into(),
+                    Some(why) => format!("unavailable: {why}"),
+                },
+                Served::Down(why) => format!("unavailable: {why}"),
             },
             ModelState::Unavailable(why) => format!("unavailable: {why}"),
         }
     }
 
-    /// The engine, when the model is loaded and its engine runs.
-    pub fn engine(&self) -> Option<EngineHandle> {
+    /// The running actor and its engine.
+    fn running(&self) -> Option<(ActorRef<InferenceMsg>, EngineHandle)> {
         match self.state() {
-            ModelState::Ready { engine, .. } if engine.stopped_reason().is_none() => Some(engine),
+            ModelState::Loaded { served, .. } => match &*served.borrow() {
+                Served::Running { actor, engine } if engine.stopped_reason().is_none() => {
+                    Some((actor.clone(), engine.clone()))
+                }
+                _ => None,
+            },
             _ => None,
         }
     }
 
-    fn ready(&self) -> Result<(EngineHandle, Arc<TextTokenizer>), Failure> {
-        match self.state() {
-            ModelState::Ready { engine, tokenizer } => match engine.stopped_reason() {
-                None => Ok((engine, tokenizer)),
-                Some(why) => Err(Failure::new(
+    /// The engine, when the model is loaded and its engine runs.
+    pub fn engine(&self) -> Option<EngineHandle> {
+        self.running().map(|(_, e)| e)
+    }
+
+    fn ready(&self) -> Result<(ActorRef<InferenceMsg>, Arc<TextTokenizer>), Failure> {
+        let tokenizer = match self.state() {
+            ModelState::Loaded { tokenizer, .. } => tokenizer,
+            ModelState::Loading => {
+                return Err(Failure::new(
+                    "model_unavailable",
+                    format!("model {} is still loading", self.name),
+                ));
+            }
+            ModelState::Unavailable(why) => {
+                return Err(Failure::new(
                     "model_unavailable",
                     format!("model {} is unavailable: {why}", self.name),
-                )),
-            },
-            ModelState::Loading => Err(Failure::new(
+                ));
+            }
+        };
+        match self.running() {
+            Some((actor, _)) => Ok((actor, tokenizer)),
+            None => Err(Failure::new(
                 "model_unavailable",
-                format!("model {} is still loading", self.name),
-            )),
-            ModelState::Unavailable(why) => Err(Failure::new(
-                "model_unavailable",
-                format!("model {} is unavailable: {why}", self.name),
+                format!("model {} is unavailable: {}", self.name, self.status()),
             )),
         }
     }
@@ -314,7 +337,7 @@ pub fn resolve_model(cfg: &NodeConfig, m: &ModelEntry) -> Result<PathBuf, String
 impl Inference {
     /// Starts loading every configured model in the background (the node serves meanwhile;
     /// `/health` says `loading`).
-    pub fn start(cfg: &NodeConfig, membership: Option<Membership>) -> Arc<Self> {
+    pub async fn start(cfg: &NodeConfig, membership: Option<Membership>) -> Arc<Self> {
         let inf = &cfg.inference;
         let engine = EngineConfig {
             scheduler: SchedulerConfig {
@@ -331,12 +354,20 @@ impl Inference {
             .iter()
             .map(|m| (m.name.clone(), resolve_model(cfg, m)))
             .collect();
+        let supervisor = match InferenceSupervisor::start(RESTARTS_PER_MINUTE).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "no inference supervisor; models are unavailable");
+                None
+            }
+        };
         Self::new(
             &cfg.node.name,
             models,
             engine,
             inf.default_max_tokens,
             membership,
+            supervisor,
         )
     }
 
@@ -347,6 +378,7 @@ impl Inference {
         engine: EngineConfig,
         default_max_tokens: usize,
         membership: Option<Membership>,
+        supervisor: Option<InferenceSupervisor>,
     ) -> Arc<Self> {
         let mut local = HashMap::new();
         for (name, path) in models {
@@ -356,9 +388,10 @@ impl Inference {
                 slots: engine.scheduler.max_running,
             });
             local.insert(name.clone(), model.clone());
+            let sup = supervisor.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("load-{name}"))
-                .spawn(move || load(&model, path, engine));
+                .spawn(move || load(&model, path, engine, sup));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a model loader thread");
             }
@@ -468,7 +501,8 @@ impl Inference {
     pub async fn generate(self: &Arc<Self>, req: WireRequest) -> Result<Started, Failure> {
         match self.route(&req.model)? {
             Target::Local(m) => {
-                start_local(&m, req.input, req.params.into()).map(|(n, rx)| Started {
+                let (n, rx) = start_local(&m, req.input, req.params.into()).await?;
+                Ok(Started {
                     prompt_tokens: n,
                     chunks: rx,
                     node: self.node.clone(),
@@ -557,7 +591,7 @@ impl Inference {
                 Err(_) => return,
             };
             let started = match me.local.get(&req.model) {
-                Some(m) => start_local(m, req.input, req.params.into()),
+                Some(m) => start_local(m, req.input, req.params.into()).await,
                 None => Err(Failure::new(
                     "model_not_found",
                     format!("{} does not serve model `{}`", me.node, req.model),
@@ -593,18 +627,26 @@ impl Inference {
     }
 }
 
-fn load(model: &LocalModel, path: Result<PathBuf, String>, config: EngineConfig) {
+fn load(
+    model: &LocalModel,
+    path: Result<PathBuf, String>,
+    config: EngineConfig,
+    supervisor: Option<InferenceSupervisor>,
+) {
     let started = std::time::Instant::now();
     let result = path.map_err(InferError::ModelUnavailable).and_then(|path| {
+        let supervisor = supervisor
+            .ok_or_else(|| InferError::EngineStopped("no inference supervisor".into()))?;
         let (weights, tokenizer) = swarm_gpu::load(&path)?;
         let tokenizer = Arc::new(tokenizer);
-        let engine = EngineHandle::start(Arc::new(weights), tokenizer.clone(), config)?;
-        Ok((engine, tokenizer))
+        let start = swarm_gpu::starter(Arc::new(weights), tokenizer.clone(), config);
+        let served = supervisor.serve(&model.name, start)?;
+        Ok((served, tokenizer))
     });
     match result {
-        Ok((engine, tokenizer)) => {
-            tracing::info!(model = %model.name, secs = started.elapsed().as_secs_f32(), "model ready");
-            model.set(ModelState::Ready { engine, tokenizer });
+        Ok((served, tokenizer)) => {
+            tracing::info!(model = %model.name, secs = started.elapsed().as_secs_f32(), "model loaded");
+            model.set(ModelState::Loaded { served, tokenizer });
         }
         Err(e) => {
             tracing::error!(model = %model.name, error = %e, "model unavailable");
@@ -614,18 +656,18 @@ fn load(model: &LocalModel, path: Result<PathBuf, String>, config: EngineConfig)
 }
 
 /// Tokenizes and queues on this node's engine; a task forwards its events as chunks.
-fn start_local(
+async fn start_local(
     model: &LocalModel,
     input: Input,
     params: SamplingParams,
 ) -> Result<(usize, mpsc::Receiver<Chunk>), Failure> {
-    let (engine, tokenizer) = model.ready()?;
+    let (actor, tokenizer) = model.ready()?;
     let text = match input {
         Input::Chat(messages) => tokenizer.apply_chat_template(&messages)?,
         Input::Prompt(p) => p,
     };
     let ids = tokenizer.encode(&text)?;
-    let mut generation = engine.submit(ids, params)?;
+    let mut generation = swarm_gpu::submit(&actor, ids, params).await?;
     let prompt_tokens = generation.prompt_tokens;
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {

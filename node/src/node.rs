@@ -255,7 +255,7 @@ impl Node {
                 }
             }
         }
-        let inference = Inference::start(&cfg, Some(membership.clone()));
+        let inference = Inference::start(&cfg, Some(membership.clone())).await;
         let state = Inner::new(GatewayParts {
             node: cfg.node.name.clone(),
             storage,

@@ -49,7 +49,14 @@ fn fixture_with(body_limit: usize, swarm: SwarmFile) -> Fixture {
         membership: None,
         actors: None,
         replicator: None,
-        inference: crate::inference::Inference::new("n1", Vec::new(), Default::default(), 16, None),
+        inference: crate::inference::Inference::new(
+            "n1",
+            Vec::new(),
+            Default::default(),
+            16,
+            None,
+            None,
+        ),
     })
     .expect("gateway state");
     Fixture { state, key }
