@@ -235,11 +235,8 @@ impl Llama {
         };
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
-            let mut q = |n: &str| -> Result<QMatMul> {
-                Ok(QMatMul::from_qtensor(tensor(&format!(
-                    "blk.{i}.{n}.weight"
-                ))?)?)
-            };
+            let mut q =
+                |n: &str| -> Result<QMatMul> { linear(tensor(&format!("blk.{i}.{n}.weight"))?) };
             layers.push(Layer {
                 wq: q("attn_q")?,
                 wk: q("attn_k")?,

@@ -20,10 +20,6 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// Logits must agree within this on the same arithmetic (f32 accumulation order may differ).
 const TOLERANCE: f32 = 1e-4;
-/// Our f32 path over dequantized weights against candle's quantized kernels (which also quantize
-/// the activations to 8 bits): the same weights, a different rounding of the activations. Logits
-/// of the tiny model span about ±10; measured worst difference 0.089.
-const DEQUANTIZED_TOLERANCE: f32 = 0.2;
 
 fn prompt() -> Vec<u32> {
     vec![1, 40, 77, 120, 5, 9, 200, 33, 2, 14, 88]
@@ -31,15 +27,52 @@ fn prompt() -> Vec<u32> {
 
 #[test]
 fn gguf_forward_matches_candle_quantized_llama() {
-    compare_with_quantized_llama(WeightMode::Quantized, TOLERANCE);
-    compare_with_quantized_llama(WeightMode::F32, DEQUANTIZED_TOLERANCE);
-}
-
-fn compare_with_quantized_llama(mode: WeightMode, tolerance: f32) {
     let dir = tempfile::tempdir().unwrap();
     let path = write_gguf(dir.path(), &TinySpec::default()).unwrap();
-    let ours = Llama::from_gguf_with(&path, &Device::Cpu, mode).unwrap();
-    let mut file = std::fs::File::open(&path).unwrap();
+    // Quantized weights, multiplied by candle's quantized kernels in both.
+    compare_with_quantized_llama(&path, &path, WeightMode::Quantized, TOLERANCE);
+    // Our f32 mode dequantizes at load; candle gets the same dequantized values as an F32 GGUF.
+    let f32_path = dir.path().join("tiny-f32.gguf");
+    dequantized_copy(&path, &f32_path);
+    compare_with_quantized_llama(&path, &f32_path, WeightMode::F32, TOLERANCE);
+}
+
+/// The GGUF at `from` with every tensor dequantized and stored as F32.
+fn dequantized_copy(from: &Path, to: &Path) {
+    use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+    let mut file = std::fs::File::open(from).unwrap();
+    let ct = gguf_file::Content::read(&mut file).unwrap();
+    let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
+    names.sort();
+    let tensors: Vec<(String, QTensor)> = names
+        .iter()
+        .map(|n| {
+            let t = ct
+                .tensor(&mut file, n, &Device::Cpu)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap();
+            (
+                n.to_string(),
+                QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+            )
+        })
+        .collect();
+    let meta: Vec<(&str, &gguf_file::Value)> =
+        ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(to).unwrap(), &meta, &refs).unwrap();
+}
+
+fn compare_with_quantized_llama(
+    ours_from: &Path,
+    theirs_from: &Path,
+    mode: WeightMode,
+    tolerance: f32,
+) {
+    let ours = Llama::from_gguf_with(ours_from, &Device::Cpu, mode).unwrap();
+    let path = theirs_from;
+    let mut file = std::fs::File::open(path).unwrap();
     let ct = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
     let mut theirs = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
         ct,
