@@ -382,6 +382,7 @@ impl Llama {
         let sin = self.sin.index_select(&positions, 0)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         let scale = (hd as f64).sqrt();
+        let rep = heads / kv_heads;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
             let split = |w: &QMatMul, nh: usize| -> candle_core::Result<Tensor> {
@@ -398,18 +399,27 @@ impl Llama {
                 let qi = q.narrow(2, off, n)?.contiguous()?;
                 let ki = k.narrow(2, off, n)?.contiguous()?;
                 let vi = v.narrow(2, off, n)?.contiguous()?;
+                // The cache views are strided (the cache holds its full capacity); matmul takes
+                // them as they are. Grouped-query attention without copying K/V per head: the
+                // `rep` query heads that share a KV head form one (rep·n, hd) matrix.
                 let (kc, vc) = item.cache.layers[l].append(&ki, &vi)?;
-                let kc = repeat_kv(kc.contiguous()?, heads / kv_heads)?;
-                let vc = repeat_kv(vc.contiguous()?, heads / kv_heads)?;
-                let att = (qi.matmul(&kc.t()?)? / scale)?;
+                let total = start + n;
+                let qg = qi.reshape((kv_heads, rep * n, hd))?;
+                let att = (qg.matmul(&kc.squeeze(0)?.t()?)? / scale)?;
                 let att = if n > 1 {
-                    att.broadcast_add(&causal_mask(n, start, &self.device)?)?
+                    att.reshape((kv_heads, rep, n, total))?
+                        .broadcast_add(&causal_mask(n, start, &self.device)?)?
+                        .reshape((kv_heads, rep * n, total))?
                 } else {
                     att
                 };
                 let att = candle_nn::ops::softmax_last_dim(&att)?;
-                let y = att.matmul(&vc)?;
-                outs.push(y.transpose(1, 2)?.reshape((n, heads * hd))?);
+                let y = att.matmul(&vc.squeeze(0)?)?;
+                outs.push(
+                    y.reshape((1, heads, n, hd))?
+                        .transpose(1, 2)?
+                        .reshape((n, heads * hd))?,
+                );
             }
             let y = Tensor::cat(&outs, 0)?;
             x = (layer.wo.forward(&y)? + x)?;
@@ -481,14 +491,6 @@ fn truncate_cache(cache: &mut LlamaCache, len: usize) {
         l.reset();
     }
     cache.len = 0;
-}
-
-fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, n_kv, s, d) = x.dims4()?;
-    Tensor::cat(&vec![&x; n_rep], 2)?.reshape((b, n_kv * n_rep, s, d))
 }
 
 /// `(n, start + n)`: 0 where new token i may see position j (j ≤ start + i), −∞ elsewhere.
