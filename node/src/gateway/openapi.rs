@@ -27,7 +27,35 @@ fn with_body(mut v: Value, schema: Value) -> Value {
     v
 }
 
+fn message_schema() -> Value {
+    json!({"type": "object", "required": ["role"], "properties": {
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}
+    }})
+}
+
+fn chat_schema() -> Value {
+    let sampling = json!({
+        "max_tokens": {"type": "integer", "minimum": 1}, "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2}, "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": 0}, "seed": {"type": "integer"},
+        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "maxItems": 4, "items": {"type": "string"}}]},
+        "stream": {"type": "boolean"}, "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        "n": {"type": "integer", "const": 1}, "ignore_eos": {"type": "boolean"}
+    });
+    let mut props = sampling;
+    props["model"] = json!({"type": "string"});
+    props["messages"] = json!({"type": "array", "minItems": 1, "items": message_schema()});
+    json!({"type": "object", "required": ["model", "messages"], "properties": props})
+}
+
 pub(super) async fn openapi() -> Json<Value> {
+    let chat_schema = chat_schema();
+    let completion_schema = json!({
+        "type": "object", "required": ["model", "prompt"],
+        "properties": {"model": {"type": "string"}, "prompt": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 1},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 2}, "stream": {"type": "boolean"}}
+    });
     let ns_key = json!([
         {"name": "namespace", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9_:-][A-Za-z0-9._:-]*$", "maxLength": 128}},
         {"name": "key", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9_:-][A-Za-z0-9._:-]*$", "maxLength": 128}}
@@ -116,27 +144,8 @@ pub(super) async fn openapi() -> Json<Value> {
                 "properties": {"node": {"type": "string"}, "timeout_ms": {"type": "integer", "minimum": 1, "maximum": 10000}}
             }))},
             "/v1/models": {"get": op("Models served anywhere in the cluster (OpenAI list), with the nodes serving each", "inference.use")},
-            "/v1/chat/completions": {"post": with_body(op("OpenAI chat completion on the least-loaded node serving the model; `stream: true` answers server-sent events ending in [DONE]", "inference.use"), json!({
-                "type": "object", "required": ["model", "messages"],
-                "properties": {
-                    "model": {"type": "string"},
-                    "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role"], "properties": {
-                        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
-                        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}
-                    }}},
-                    "max_tokens": {"type": "integer", "minimum": 1}, "max_completion_tokens": {"type": "integer", "minimum": 1},
-                    "temperature": {"type": "number", "minimum": 0, "maximum": 2}, "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                    "top_k": {"type": "integer", "minimum": 0}, "seed": {"type": "integer"},
-                    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "maxItems": 4, "items": {"type": "string"}}]},
-                    "stream": {"type": "boolean"}, "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-                    "n": {"type": "integer", "const": 1}, "ignore_eos": {"type": "boolean"}
-                }
-            }))},
-            "/v1/completions": {"post": with_body(op("OpenAI text completion (one prompt); same sampling fields as chat", "inference.use"), json!({
-                "type": "object", "required": ["model", "prompt"],
-                "properties": {"model": {"type": "string"}, "prompt": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 1},
-                    "temperature": {"type": "number", "minimum": 0, "maximum": 2}, "stream": {"type": "boolean"}}
-            }))}
+            "/v1/chat/completions": {"post": with_body(op("OpenAI chat completion on the least-loaded node serving the model; `stream: true` answers server-sent events ending in [DONE]", "inference.use"), chat_schema)},
+            "/v1/completions": {"post": with_body(op("OpenAI text completion (one prompt); same sampling fields as chat", "inference.use"), completion_schema)}
         }
     }))
 }
