@@ -381,6 +381,7 @@ impl Llama {
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
         let mut x = self.embed.index_select(&ids, 0)?;
+        let decode = DecodeGroup::new(&spans, &self.device)?;
         let scale = (hd as f64).sqrt();
         let rep = heads / kv_heads;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -394,8 +395,11 @@ impl Llama {
             let q = self.rope(&split(&layer.wq, heads)?, &cos, &sin)?;
             let k = self.rope(&split(&layer.wk, kv_heads)?, &cos, &sin)?;
             let v = split(&layer.wv, kv_heads)?;
-            let mut outs = Vec::with_capacity(spans.len());
-            for (item, &(off, n, start)) in items.iter_mut().zip(&spans) {
+            let mut outs: Vec<Option<Tensor>> = vec![None; items.len()];
+            for (idx, (item, &(off, n, start))) in items.iter_mut().zip(&spans).enumerate() {
+                if decode.is_some() && n == 1 {
+                    continue;
+                }
                 let qi = q.narrow(2, off, n)?.contiguous()?;
                 let ki = k.narrow(2, off, n)?.contiguous()?;
                 let vi = v.narrow(2, off, n)?.contiguous()?;
@@ -415,12 +419,19 @@ impl Llama {
                 };
                 let att = candle_nn::ops::softmax_last_dim(&att)?;
                 let y = att.matmul(&vc.squeeze(0)?)?;
-                outs.push(
+                outs[idx] = Some(
                     y.reshape((1, heads, n, hd))?
                         .transpose(1, 2)?
                         .reshape((n, heads * hd))?,
                 );
             }
+            if let Some(d) = &decode {
+                let y = self.decode_attention(items, &spans, d, l, &q, &k, &v)?;
+                for (j, &i) in d.items.iter().enumerate() {
+                    outs[i] = Some(y.narrow(0, j, 1)?);
+                }
+            }
+            let outs: Vec<Tensor> = outs.into_iter().flatten().collect();
             let y = Tensor::cat(&outs, 0)?;
             x = (layer.wo.forward(&y)? + x)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps as f32)?;
@@ -438,6 +449,108 @@ impl Llama {
         let x = x.index_select(&last, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps as f32)?;
         Ok(self.output.forward(&x)?)
+    }
+}
+
+/// The sequences of a step that add one token each: their attention runs as one batched
+/// product over their caches, padded to the longest (padding masked out), instead of a dozen
+/// small tensor operations per sequence per layer.
+struct DecodeGroup {
+    /// Indices of the items, in batch order.
+    items: Vec<usize>,
+    /// Their rows in the stacked tokens.
+    rows: Tensor,
+    /// The longest of their attention spans.
+    longest: usize,
+    /// `(sequences, 1, longest)`: 0 where a sequence has a token, −∞ in its padding.
+    mask: Tensor,
+}
+
+impl DecodeGroup {
+    /// `None` unless at least two items decode (one alone takes the plain path).
+    fn new(spans: &[(usize, usize, usize)], device: &Device) -> candle_core::Result<Option<Self>> {
+        let items: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].1 == 1).collect();
+        if items.len() < 2 {
+            return Ok(None);
+        }
+        let longest = items.iter().map(|&i| spans[i].2 + 1).max().unwrap_or(1);
+        let rows: Vec<u32> = items.iter().map(|&i| spans[i].0 as u32).collect();
+        let mask: Vec<f32> = items
+            .iter()
+            .flat_map(|&i| {
+                let len = spans[i].2 + 1;
+                (0..longest).map(move |j| if j < len { 0.0 } else { f32::NEG_INFINITY })
+            })
+            .collect();
+        Ok(Some(Self {
+            rows: Tensor::new(rows.as_slice(), device)?,
+            mask: Tensor::from_vec(mask, (items.len(), 1, longest), device)?,
+            items,
+            longest,
+        }))
+    }
+}
+
+impl Llama {
+    /// Attention of layer `l` for a decode group; rows in the group's order, `(n, heads·hd)`.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_attention(
+        &self,
+        items: &mut [BatchItem<'_, LlamaCache>],
+        spans: &[(usize, usize, usize)],
+        d: &DecodeGroup,
+        l: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (hd, heads, kv_heads) = (c.head_dim(), c.heads, c.kv_heads);
+        let rep = heads / kv_heads;
+        let n = d.items.len();
+        let mut ks = Vec::with_capacity(n);
+        let mut vs = Vec::with_capacity(n);
+        // The group's new keys and values as (n, kv_heads, 1, hd): each sequence's slice is then
+        // a contiguous view, appended without a copy of its own.
+        let per_seq = |t: &Tensor| -> candle_core::Result<Tensor> {
+            t.index_select(&d.rows, 2)?
+                .squeeze(0)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((n, kv_heads, 1, hd))
+        };
+        let (kd, vd) = (per_seq(k)?, per_seq(v)?);
+        for (j, &i) in d.items.iter().enumerate() {
+            let start = spans[i].2;
+            let ki = kd.narrow(0, j, 1)?;
+            let vi = vd.narrow(0, j, 1)?;
+            let cache = &mut items[i].cache.layers[l];
+            let (kc, vc) = cache.append(&ki, &vi)?;
+            // The cache buffer past the sequence's length is zeros (or stale finite values after
+            // a failed step): a free view when it reaches `longest`; padded otherwise.
+            let pad = |all: &Option<Tensor>, cur: Tensor| -> candle_core::Result<Tensor> {
+                match all {
+                    Some(a) if a.dim(2)? >= d.longest => a.narrow(2, 0, d.longest),
+                    _ => cur.pad_with_zeros(2, 0, d.longest - (start + 1)),
+                }
+            };
+            ks.push(pad(cache.k_cache().all_data(), kc)?);
+            vs.push(pad(cache.v_cache().all_data(), vc)?);
+        }
+        let kb = Tensor::cat(&ks, 0)?.reshape((n * kv_heads, d.longest, hd))?;
+        let vb = Tensor::cat(&vs, 0)?.reshape((n * kv_heads, d.longest, hd))?;
+        let qd = q
+            .index_select(&d.rows, 2)?
+            .squeeze(0)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((n * kv_heads, rep, hd))?;
+        let att = (qd.matmul(&kb.t()?)? / (hd as f64).sqrt())?
+            .reshape((n, heads, d.longest))?
+            .broadcast_add(&d.mask)?;
+        let att =
+            candle_nn::ops::softmax_last_dim(&att)?.reshape((n * kv_heads, rep, d.longest))?;
+        att.matmul(&vb)?.reshape((n, heads * hd))
     }
 }
 
