@@ -8,8 +8,8 @@ use crate::error::{InferError, Result};
 /// Most stop strings a request may give (as OpenAI).
 pub const MAX_STOP_STRINGS: usize = 4;
 
-/// How one request's tokens are picked and when it ends.
-#[derive(Debug, Clone, PartialEq)]
+/// How one request's tokens are picked and when it ends (also the wire form between nodes).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
     /// Most new tokens.
     pub max_tokens: usize,

@@ -21,6 +21,27 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 /// Logits must agree within this on the same arithmetic (f32 accumulation order may differ).
 const TOLERANCE: f32 = 1e-4;
 
+/// Feeds the prompt, then 8 greedy tokens, to our model and to `theirs` (tokens, position →
+/// logits of the last); returns the largest logit difference seen.
+fn worst_diff(ours: &Llama, mut theirs: impl FnMut(&[u32], usize) -> Vec<f32>) -> f32 {
+    let mut cache = ours.new_cache(64);
+    let (mut tokens, mut pos, mut worst) = (prompt(), 0, 0f32);
+    for _ in 0..9 {
+        let t = theirs(&tokens, pos);
+        let o = ours
+            .forward(&mut [BatchItem {
+                tokens: &tokens,
+                cache: &mut cache,
+            }])
+            .unwrap()
+            .remove(0);
+        worst = worst.max(max_diff(&o, &t));
+        pos += tokens.len();
+        tokens = vec![argmax(&o)];
+    }
+    worst
+}
+
 fn prompt() -> Vec<u32> {
     vec![1, 40, 77, 120, 5, 9, 200, 33, 2, 14, 88]
 }
@@ -81,51 +102,19 @@ fn compare_with_quantized_llama(
     )
     .unwrap();
 
-    let mut cache = ours.new_cache(64);
-    let p = prompt();
-    let mut worst = 0f32;
-    let x = Tensor::new(p.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let t = theirs
-        .forward(&x, 0)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let o = ours
-        .forward(&mut [BatchItem {
-            tokens: &p,
-            cache: &mut cache,
-        }])
-        .unwrap()
-        .remove(0);
-    worst = worst.max(max_diff(&o, &t));
-    let mut next = argmax(&o);
-    for step in 0..8 {
-        let x = Tensor::new(&[next], &Device::Cpu)
+    let worst = worst_diff(&ours, |tokens, pos| {
+        let x = Tensor::new(tokens, &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let t = theirs
-            .forward(&x, p.len() + step)
+        theirs
+            .forward(&x, pos)
             .unwrap()
             .squeeze(0)
             .unwrap()
             .to_vec1::<f32>()
-            .unwrap();
-        let o = ours
-            .forward(&mut [BatchItem {
-                tokens: &[next],
-                cache: &mut cache,
-            }])
             .unwrap()
-            .remove(0);
-        worst = worst.max(max_diff(&o, &t));
-        next = argmax(&o);
-    }
+    });
     assert!(worst <= tolerance, "{mode:?}: max |Δlogit| {worst}");
     eprintln!("{mode:?}: max |Δlogit| {worst}");
 }
@@ -148,50 +137,19 @@ fn hf_forward_matches_candle_llama() {
     };
     let theirs = cl::Llama::load(vb, &cfg).unwrap();
     let mut their_cache = cl::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
-    let mut cache = ours.new_cache(64);
-    let p = prompt();
-    let x = Tensor::new(p.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let t = theirs
-        .forward(&x, 0, &mut their_cache)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let o = ours
-        .forward(&mut [BatchItem {
-            tokens: &p,
-            cache: &mut cache,
-        }])
-        .unwrap()
-        .remove(0);
-    let mut worst = max_diff(&o, &t);
-    let mut next = argmax(&o);
-    for step in 0..8 {
-        let x = Tensor::new(&[next], &Device::Cpu)
+    let worst = worst_diff(&ours, |tokens, pos| {
+        let x = Tensor::new(tokens, &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let t = theirs
-            .forward(&x, p.len() + step, &mut their_cache)
+        theirs
+            .forward(&x, pos, &mut their_cache)
             .unwrap()
             .squeeze(0)
             .unwrap()
             .to_vec1::<f32>()
-            .unwrap();
-        let o = ours
-            .forward(&mut [BatchItem {
-                tokens: &[next],
-                cache: &mut cache,
-            }])
             .unwrap()
-            .remove(0);
-        worst = worst.max(max_diff(&o, &t));
-        next = argmax(&o);
-    }
+    });
     assert!(worst <= TOLERANCE, "max |Δlogit| {worst}");
 }
 

@@ -105,38 +105,12 @@ pub enum Input {
     Prompt(String),
 }
 
-/// Sampling parameters as they travel.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GenParams {
-    pub max_tokens: usize,
-    pub temperature: f32,
-    pub top_k: usize,
-    pub top_p: f32,
-    pub seed: Option<u64>,
-    pub stop: Vec<String>,
-    pub ignore_eos: bool,
-}
-
-impl From<GenParams> for SamplingParams {
-    fn from(p: GenParams) -> Self {
-        SamplingParams {
-            max_tokens: p.max_tokens,
-            temperature: p.temperature,
-            top_k: p.top_k,
-            top_p: p.top_p,
-            seed: p.seed,
-            stop: p.stop,
-            ignore_eos: p.ignore_eos,
-        }
-    }
-}
-
 /// One request on the inference stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WireRequest {
     pub model: String,
     pub input: Input,
-    pub params: GenParams,
+    pub params: SamplingParams,
 }
 
 /// What comes back.
@@ -501,7 +475,7 @@ impl Inference {
     pub async fn generate(self: &Arc<Self>, req: WireRequest) -> Result<Started, Failure> {
         match self.route(&req.model)? {
             Target::Local(m) => {
-                let (n, rx) = start_local(&m, req.input, req.params.into()).await?;
+                let (n, rx) = start_local(&m, req.input, req.params).await?;
                 Ok(Started {
                     prompt_tokens: n,
                     chunks: rx,
@@ -591,7 +565,7 @@ impl Inference {
                 Err(_) => return,
             };
             let started = match me.local.get(&req.model) {
-                Some(m) => start_local(m, req.input, req.params.into()).await,
+                Some(m) => start_local(m, req.input, req.params).await,
                 None => Err(Failure::new(
                     "model_not_found",
                     format!("{} does not serve model `{}`", me.node, req.model),
@@ -715,7 +689,7 @@ mod tests {
                 role: "user".into(),
                 content: "hi".into(),
             }]),
-            params: GenParams {
+            params: SamplingParams {
                 max_tokens: 3,
                 temperature: 0.0,
                 top_k: 0,

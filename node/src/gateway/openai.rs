@@ -14,13 +14,13 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use swarm_gpu::ChatMessage;
+use swarm_gpu::{ChatMessage, SamplingParams};
 
 use super::extract::json_body;
 use super::{AppState, AuditCtx, now_s};
 use crate::auth::Principal;
 use crate::error::AppError;
-use crate::inference::{Chunk, GenParams, Input, Started, WireRequest};
+use crate::inference::{Chunk, Input, Started, WireRequest};
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -110,7 +110,7 @@ struct CompletionRequest {
 }
 
 impl Sampling {
-    fn params(&self, default_max_tokens: usize) -> Result<GenParams, AppError> {
+    fn params(&self, default_max_tokens: usize) -> Result<SamplingParams, AppError> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(AppError::invalid_field("n", "only n = 1 is supported"));
         }
@@ -133,7 +133,7 @@ impl Sampling {
             Some(Stop::One(s)) => vec![s.clone()],
             Some(Stop::Many(v)) => v.clone(),
         };
-        Ok(GenParams {
+        Ok(SamplingParams {
             max_tokens,
             temperature: self.temperature.unwrap_or(1.0),
             top_k,
@@ -198,7 +198,9 @@ fn messages(input: Vec<MessageIn>) -> Result<Vec<ChatMessage>, AppError> {
     Ok(out)
 }
 
-fn check_model(model: &str) -> Result<(), AppError> {
+/// RBAC for using `model`, and the model field present.
+fn admit(s: &AppState, ctx: &AuditCtx, who: &Principal, model: &str) -> Result<(), AppError> {
+    s.authorize(ctx, who, "inference.use", &format!("models/{model}"), None)?;
     if model.is_empty() {
         return Err(AppError::invalid_field("model", "is required"));
     }
@@ -230,14 +232,7 @@ pub(super) async fn chat_completions(
     body: Body,
 ) -> Result<Response, AppError> {
     let req: ChatRequest = json_body(body, s.body_limit).await?;
-    s.authorize(
-        &ctx,
-        &who,
-        "inference.use",
-        &format!("models/{}", req.model),
-        None,
-    )?;
-    check_model(&req.model)?;
+    admit(&s, &ctx, &who, &req.model)?;
     let params = req.sampling.params(s.inference.default_max_tokens())?;
     let input = Input::Chat(messages(req.messages)?);
     run(&s, Kind::Chat, req.model, input, params, &req.sampling).await
@@ -250,14 +245,7 @@ pub(super) async fn completions(
     body: Body,
 ) -> Result<Response, AppError> {
     let req: CompletionRequest = json_body(body, s.body_limit).await?;
-    s.authorize(
-        &ctx,
-        &who,
-        "inference.use",
-        &format!("models/{}", req.model),
-        None,
-    )?;
-    check_model(&req.model)?;
+    admit(&s, &ctx, &who, &req.model)?;
     let prompt = match req.prompt {
         PromptIn::One(p) => p,
         PromptIn::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -338,7 +326,7 @@ async fn run(
     kind: Kind,
     model: String,
     input: Input,
-    params: GenParams,
+    params: SamplingParams,
     sampling: &Sampling,
 ) -> Result<Response, AppError> {
     let started = s
