@@ -186,6 +186,7 @@ impl Llama {
 
     /// Loads a llama.cpp GGUF file with the given weight mode.
     pub fn from_gguf_with(path: &Path, device: &Device, mode: WeightMode) -> Result<Self> {
+        crate::gguf_check::check_file(path)?;
         let mut file = std::fs::File::open(path)
             .map_err(|e| InferError::ModelUnavailable(format!("{}: {e}", path.display())))?;
         let ct = gguf_file::Content::read(&mut file).map_err(unavailable("reading the GGUF"))?;
