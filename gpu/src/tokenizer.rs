@@ -31,7 +31,8 @@ pub struct ChatMessage {
 #[derive(Debug)]
 pub struct TextTokenizer {
     inner: Tokenizer,
-    template: String,
+    /// The chat template, compiled once at load.
+    env: minijinja::Environment<'static>,
     bos: String,
     eos: String,
     stop_ids: Vec<u32>,
@@ -206,14 +207,26 @@ impl TextTokenizer {
         }
         stop_ids.sort_unstable();
         stop_ids.dedup();
+        let mut env = minijinja::Environment::new();
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template_owned("chat", template.unwrap_or_else(|| CHATML.to_string()))
+            .map_err(|e| InferError::ModelUnavailable(format!("chat template: {e}")))?;
         let tokenizer = Self {
             inner,
-            template: template.unwrap_or_else(|| CHATML.to_string()),
+            env,
             bos,
             eos,
             stop_ids,
         };
-        // A template that does not compile is a broken model, found at load time.
+        // A template that does not compile or run is a broken model, found at load time.
         tokenizer.render(&[])?;
         Ok(tokenizer)
     }
@@ -248,19 +261,8 @@ impl TextTokenizer {
     }
 
     fn render(&self, messages: &[ChatMessage]) -> Result<String> {
-        let mut env = minijinja::Environment::new();
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", &self.template)
-            .map_err(|e| InferError::ModelUnavailable(format!("chat template: {e}")))?;
-        let tmpl = env
+        let tmpl = self
+            .env
             .get_template("chat")
             .map_err(|e| InferError::ModelUnavailable(format!("chat template: {e}")))?;
         tmpl.render(minijinja::context! {
