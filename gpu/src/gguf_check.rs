@@ -177,7 +177,7 @@ pub(crate) fn check<R: Read>(reader: R, file_len: u64) -> Result<()> {
 }
 
 /// Checks the GGUF file at `path`.
-pub(crate) fn check_file(path: &std::path::Path) -> Result<()> {
+fn check_file(path: &std::path::Path) -> Result<()> {
     let file = std::fs::File::open(path)
         .map_err(|e| InferError::ModelUnavailable(format!("{}: {e}", path.display())))?;
     let len = file
@@ -185,6 +185,19 @@ pub(crate) fn check_file(path: &std::path::Path) -> Result<()> {
         .map_err(|e| InferError::ModelUnavailable(format!("{}: {e}", path.display())))?
         .len();
     check(std::io::BufReader::new(file), len)
+}
+
+/// Checks the GGUF file at `path`, then opens it and reads its metadata and tensor index (once,
+/// for both the weights and the tokenizer).
+pub(crate) fn open(
+    path: &std::path::Path,
+) -> Result<(std::fs::File, candle_core::quantized::gguf_file::Content)> {
+    check_file(path)?;
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| InferError::ModelUnavailable(format!("{}: {e}", path.display())))?;
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut file)
+        .map_err(|e| InferError::ModelUnavailable(format!("reading the GGUF: {e}")))?;
+    Ok((file, ct))
 }
 
 /// Checks GGUF bytes (fuzzing).

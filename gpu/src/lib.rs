@@ -45,9 +45,10 @@ pub fn load(path: &std::path::Path) -> Result<(Llama, TextTokenizer), InferError
             TextTokenizer::from_hf_dir(path)?,
         ))
     } else {
+        let (mut file, ct) = gguf_check::open(path)?;
         Ok((
-            Llama::from_gguf(path, &device)?,
-            TextTokenizer::from_gguf(path)?,
+            Llama::from_gguf_content(&ct, &mut file, &device, WeightMode::Auto)?,
+            TextTokenizer::from_gguf_content(&ct)?,
         ))
     }
 }

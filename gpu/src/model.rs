@@ -186,34 +186,40 @@ impl Llama {
 
     /// Loads a llama.cpp GGUF file with the given weight mode.
     pub fn from_gguf_with(path: &Path, device: &Device, mode: WeightMode) -> Result<Self> {
-        crate::gguf_check::check_file(path)?;
-        let mut file = std::fs::File::open(path)
-            .map_err(|e| InferError::ModelUnavailable(format!("{}: {e}", path.display())))?;
-        let ct = gguf_file::Content::read(&mut file).map_err(unavailable("reading the GGUF"))?;
-        let arch = md(&ct, "general.architecture")?.to_string()?.clone();
+        let (mut file, ct) = crate::gguf_check::open(path)?;
+        Self::from_gguf_content(&ct, &mut file, device, mode)
+    }
+
+    /// Loads the weights of a GGUF whose header `ct` was read (and checked) from `file`.
+    pub(crate) fn from_gguf_content(
+        ct: &gguf_file::Content,
+        file: &mut std::fs::File,
+        device: &Device,
+        mode: WeightMode,
+    ) -> Result<Self> {
+        let arch = md(ct, "general.architecture")?.to_string()?.clone();
         if arch != "llama" {
             return Err(InferError::ModelUnavailable(format!(
                 "GGUF architecture {arch:?} is not llama"
             )));
         }
-        let heads = md_u32(&ct, "llama.attention.head_count")?;
-        let hidden = md_u32(&ct, "llama.embedding_length")?;
+        let heads = md_u32(ct, "llama.attention.head_count")?;
+        let hidden = md_u32(ct, "llama.embedding_length")?;
         let config = LlamaConfig {
             hidden,
-            intermediate: md_u32(&ct, "llama.feed_forward_length")?,
-            layers: md_u32(&ct, "llama.block_count")?,
+            intermediate: md_u32(ct, "llama.feed_forward_length")?,
+            layers: md_u32(ct, "llama.block_count")?,
             heads,
-            kv_heads: md_u32(&ct, "llama.attention.head_count_kv").unwrap_or(heads),
+            kv_heads: md_u32(ct, "llama.attention.head_count_kv").unwrap_or(heads),
             vocab: 0,
-            rms_eps: md(&ct, "llama.attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
-            rope_theta: md(&ct, "llama.rope.freq_base")
+            rms_eps: md(ct, "llama.attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
+            rope_theta: md(ct, "llama.rope.freq_base")
                 .and_then(|v| Ok(v.to_f32()?))
                 .unwrap_or(10_000.0),
-            context: md_u32(&ct, "llama.context_length").unwrap_or(4096),
+            context: md_u32(ct, "llama.context_length").unwrap_or(4096),
         };
         let mut tensor = |name: &str| -> Result<QTensor> {
-            ct.tensor(&mut file, name, device)
-                .map_err(unavailable(name))
+            ct.tensor(file, name, device).map_err(unavailable(name))
         };
         let linear = |q: QTensor| -> Result<QMatMul> {
             if keep_quantized(mode, q.dtype(), device) {

@@ -45,11 +45,12 @@ fn tok_err(e: impl std::fmt::Display) -> InferError {
 impl TextTokenizer {
     /// Rebuilds the byte-level BPE tokenizer stored in a GGUF file's `tokenizer.ggml.*` keys.
     pub fn from_gguf(path: &Path) -> Result<Self> {
-        crate::gguf_check::check_file(path)?;
-        let mut file = std::fs::File::open(path)
-            .map_err(|e| InferError::ModelUnavailable(format!("{}: {e}", path.display())))?;
-        let ct = gguf_file::Content::read(&mut file)
-            .map_err(|e| InferError::ModelUnavailable(format!("reading the GGUF: {e}")))?;
+        let (_, ct) = crate::gguf_check::open(path)?;
+        Self::from_gguf_content(&ct)
+    }
+
+    /// Rebuilds the tokenizer from a GGUF header already read.
+    pub(crate) fn from_gguf_content(ct: &gguf_file::Content) -> Result<Self> {
         let get = |k: &str| {
             ct.metadata
                 .get(k)
