@@ -119,6 +119,35 @@ impl AppError {
     }
 }
 
+impl AppError {
+    /// The JSON body clients get: OpenAI's error shape (`message`, `type`, `param`, `code`),
+    /// plus `field` when a request field is at fault. Also sent as the last event of a stream
+    /// that fails after it started.
+    pub fn body(&self) -> serde_json::Value {
+        let message = match self {
+            AppError::Internal(_) => "internal error".to_string(),
+            other => other.to_string(),
+        };
+        let kind = match self.status().as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        };
+        let mut body = json!({"error": {"code": self.code(), "message": message, "type": kind, "param": null}});
+        if let AppError::BadRequest {
+            field: Some(field), ..
+        } = self
+        {
+            body["error"]["field"] = json!(field);
+            body["error"]["param"] = json!(field);
+        }
+        body
+    }
+}
+
 impl From<StorageError> for AppError {
     fn from(e: StorageError) -> Self {
         match e {
@@ -155,28 +184,7 @@ pub struct ErrorCause(pub String);
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let message = match &self {
-            AppError::Internal(_) => "internal error".to_string(),
-            other => other.to_string(),
-        };
-        // OpenAI's error shape (`message`, `type`, `param`, `code`), plus `field` when a request
-        // field is at fault.
-        let kind = match status.as_u16() {
-            401 => "authentication_error",
-            403 => "permission_error",
-            404 => "not_found_error",
-            429 => "rate_limit_error",
-            400..=499 => "invalid_request_error",
-            _ => "server_error",
-        };
-        let mut body = json!({"error": {"code": self.code(), "message": message, "type": kind, "param": null}});
-        if let AppError::BadRequest {
-            field: Some(field), ..
-        } = &self
-        {
-            body["error"]["field"] = json!(field);
-            body["error"]["param"] = json!(field);
-        }
+        let body = self.body();
         let mut resp = (status, axum::Json(body)).into_response();
         match &self {
             AppError::Overloaded { retry_after_s, .. } => {

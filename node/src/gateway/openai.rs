@@ -405,7 +405,7 @@ fn stream(shape: Shape, started: Started, include_usage: bool) -> Response {
         started: Started,
         first: bool,
         include_usage: bool,
-        pending: Vec<SseEvent>,
+        pending: std::collections::VecDeque<SseEvent>,
         done: bool,
     }
     let st = St {
@@ -413,13 +413,12 @@ fn stream(shape: Shape, started: Started, include_usage: bool) -> Response {
         started,
         first: true,
         include_usage,
-        pending: Vec::new(),
+        pending: std::collections::VecDeque::new(),
         done: false,
     };
     let events = futures_util::stream::unfold(st, |mut st| async move {
         loop {
-            if !st.pending.is_empty() {
-                let ev = st.pending.remove(0);
+            if let Some(ev) = st.pending.pop_front() {
                 return Some((Ok::<_, Infallible>(ev), st));
             }
             if st.done {
@@ -432,7 +431,7 @@ fn stream(shape: Shape, started: Started, include_usage: bool) -> Response {
                         .shape
                         .chunk(vec![st.shape.choice(Some(&t), None, st.first)]);
                     st.first = false;
-                    st.pending.push(data(c));
+                    st.pending.push_back(data(c));
                 }
                 Some(Chunk::Done {
                     finish_reason,
@@ -443,23 +442,24 @@ fn stream(shape: Shape, started: Started, include_usage: bool) -> Response {
                     let c =
                         st.shape
                             .chunk(vec![st.shape.choice(text, Some(&finish_reason), st.first)]);
-                    st.pending.push(data(c));
+                    st.pending.push_back(data(c));
                     if st.include_usage {
                         let mut u = st.shape.chunk(Vec::new());
                         u["usage"] = usage(prompt_tokens, completion_tokens);
-                        st.pending.push(data(u));
+                        st.pending.push_back(data(u));
                     }
-                    st.pending.push(SseEvent::default().data("[DONE]"));
+                    st.pending.push_back(SseEvent::default().data("[DONE]"));
                     st.done = true;
                 }
                 Some(Chunk::Accepted { .. }) => {}
                 Some(Chunk::Failed(f)) => {
                     let e: AppError = f.into();
-                    st.pending.push(data(json!({"error": {"message": e.to_string(), "code": e.code(), "type": "server_error", "param": null}})));
+                    st.pending.push_back(data(e.body()));
                     st.done = true;
                 }
                 None => {
-                    st.pending.push(data(json!({"error": {"message": "the generation ended early", "code": "model_unavailable", "type": "server_error", "param": null}})));
+                    let e = AppError::ModelUnavailable("the generation ended early".into());
+                    st.pending.push_back(data(e.body()));
                     st.done = true;
                 }
             }
