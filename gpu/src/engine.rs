@@ -207,11 +207,6 @@ impl EngineHandle {
             .map(|g| g.clone())
             .unwrap_or_else(|p| p.into_inner().clone())
     }
-
-    /// The longest prompt plus `max_tokens` one request may ask for.
-    pub fn max_sequence(&self) -> usize {
-        self.max_reserve
-    }
 }
 
 fn supervise<M: LanguageModel>(

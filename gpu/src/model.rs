@@ -64,8 +64,6 @@ pub trait LanguageModel: Send + Sync + 'static {
     fn forward(&self, items: &mut [BatchItem<'_, Self::Cache>]) -> Result<Vec<Vec<f32>>>;
     /// The longest sequence the model can attend over.
     fn context_length(&self) -> usize;
-    /// Bytes of KV cache one token takes (for the KV budget).
-    fn kv_bytes_per_token(&self) -> usize;
 }
 
 /// One sequence in a batch: the tokens it adds this step and its cache.
@@ -594,10 +592,6 @@ impl LanguageModel for Llama {
 
     fn context_length(&self) -> usize {
         self.config.context
-    }
-
-    fn kv_bytes_per_token(&self) -> usize {
-        2 * self.config.layers * self.config.kv_heads * self.config.head_dim() * 4
     }
 }
 

@@ -204,10 +204,6 @@ impl<K: KvAccounting> Scheduler<K> {
     pub fn kv(&self) -> &K {
         &self.kv
     }
-
-    pub fn waiting_ids(&self) -> impl Iterator<Item = SeqId> + '_ {
-        self.waiting.iter().map(|w| w.id)
-    }
 }
 
 #[cfg(test)]

@@ -228,7 +228,7 @@ impl TextTokenizer {
             stop_ids,
         };
         // A template that does not compile or run is a broken model, found at load time.
-        tokenizer.render(&[])?;
+        tokenizer.apply_chat_template(&[])?;
         Ok(tokenizer)
     }
 
@@ -252,16 +252,8 @@ impl TextTokenizer {
         &self.stop_ids
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
     /// The prompt for `messages` in the model's chat format, ending where the assistant speaks.
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
-        self.render(messages)
-    }
-
-    fn render(&self, messages: &[ChatMessage]) -> Result<String> {
         let tmpl = self
             .env
             .get_template("chat")

@@ -195,9 +195,6 @@ impl LanguageModel for Poisoned {
     fn context_length(&self) -> usize {
         self.0.context_length()
     }
-    fn kv_bytes_per_token(&self) -> usize {
-        self.0.kv_bytes_per_token()
-    }
 }
 
 #[tokio::test]
