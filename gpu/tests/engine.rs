@@ -235,23 +235,6 @@ async fn a_crash_restarts_the_engine_within_its_budget() {
     assert_eq!(e.kind(), "engine_stopped");
 }
 
-/// Waits until the model's actor runs a fresh engine (or is down); returns it.
-async fn running(rx: &mut tokio::sync::watch::Receiver<Served>) -> Served {
-    let t = Instant::now();
-    loop {
-        let now = rx.borrow_and_update().clone();
-        match now {
-            Served::Starting => {}
-            other => return other,
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the actor never started"
-        );
-        let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
-    }
-}
-
 #[tokio::test]
 async fn the_supervisor_restarts_a_failed_actor_with_a_fresh_engine() {
     let dir = tempfile::tempdir().unwrap();
@@ -263,13 +246,17 @@ async fn the_supervisor_restarts_a_failed_actor_with_a_fresh_engine() {
         ..EngineConfig::default()
     };
     let sup = InferenceSupervisor::start(1).await.unwrap();
-    let mut rx = sup
+    let rx = sup
         .serve(
             "tiny",
             swarm_gpu::starter(Arc::new(Poisoned(m)), Arc::new(t), config),
         )
         .unwrap();
-    let Served::Running { actor, engine } = running(&mut rx).await else {
+    wait_for("the actor to run", || {
+        matches!(*rx.borrow(), Served::Running { .. })
+    })
+    .await;
+    let Served::Running { actor, engine } = rx.borrow().clone() else {
         panic!("not running")
     };
     let ok = collect(
@@ -294,16 +281,14 @@ async fn the_supervisor_restarts_a_failed_actor_with_a_fresh_engine() {
         engine.stopped_reason().is_some()
     })
     .await;
-    rx.mark_changed();
-    let t0 = Instant::now();
-    let (actor2, engine2) = loop {
-        if let Served::Running { actor, engine } = running(&mut rx).await
-            && engine.stopped_reason().is_none()
-        {
-            break (actor, engine);
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "no restart");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let fresh = |s: &Served| matches!(s, Served::Running { engine, .. } if engine.stopped_reason().is_none());
+    wait_for("a fresh actor and engine", || fresh(&rx.borrow())).await;
+    let Served::Running {
+        actor: actor2,
+        engine: engine2,
+    } = rx.borrow().clone()
+    else {
+        panic!("not running")
     };
     assert_ne!(actor2.get_id(), actor.get_id());
     let ok = collect(
@@ -328,14 +313,13 @@ async fn the_supervisor_restarts_a_failed_actor_with_a_fresh_engine() {
         engine2.stopped_reason().is_some()
     })
     .await;
-    let t0 = Instant::now();
-    loop {
-        if let Served::Down(why) = rx.borrow_and_update().clone() {
-            assert!(why.contains("engine stopped"), "{why}");
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "never down");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for("the model to be down", || {
+        matches!(*rx.borrow(), Served::Down(_))
+    })
+    .await;
+    let Served::Down(why) = rx.borrow().clone() else {
+        panic!("not down")
+    };
+    assert!(why.contains("engine stopped"), "{why}");
     sup.stop();
 }

@@ -85,6 +85,20 @@ fn dequantized_copy(from: &Path, to: &Path) {
     gguf_file::write(&mut std::fs::File::create(to).unwrap(), &meta, &refs).unwrap();
 }
 
+/// candle-transformers' quantized llama on the GGUF at `path`: the reference.
+fn candle_quantized_llama(
+    path: &Path,
+) -> candle_transformers::models::quantized_llama::ModelWeights {
+    let mut file = std::fs::File::open(path).unwrap();
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        ct,
+        &mut file,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
 fn compare_with_quantized_llama(
     ours_from: &Path,
     theirs_from: &Path,
@@ -92,15 +106,7 @@ fn compare_with_quantized_llama(
     tolerance: f32,
 ) {
     let ours = Llama::from_gguf_with(ours_from, &Device::Cpu, mode).unwrap();
-    let path = theirs_from;
-    let mut file = std::fs::File::open(path).unwrap();
-    let ct = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
-    let mut theirs = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
-        ct,
-        &mut file,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut theirs = candle_quantized_llama(theirs_from);
 
     let worst = worst_diff(&ours, |tokens, pos| {
         let x = Tensor::new(tokens, &Device::Cpu)
@@ -321,14 +327,7 @@ fn real_model_matches_quantized_llama() {
         }])
         .unwrap();
     let ids = tok.encode(&prompt).unwrap();
-    let mut file = std::fs::File::open(path).unwrap();
-    let ct = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
-    let mut theirs = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
-        ct,
-        &mut file,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut theirs = candle_quantized_llama(path);
     let x = Tensor::new(ids.as_slice(), &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
