@@ -74,16 +74,14 @@ impl From<InferError> for Failure {
 
 impl From<Failure> for AppError {
     fn from(f: Failure) -> Self {
+        let bad_request = |code| AppError::BadRequest {
+            code,
+            message: f.message.clone(),
+            field: f.field.clone(),
+        };
         match f.code.as_str() {
-            "invalid_field" | "context_length_exceeded" => AppError::BadRequest {
-                code: if f.code == "invalid_field" {
-                    "invalid_field"
-                } else {
-                    "context_length_exceeded"
-                },
-                message: f.message,
-                field: f.field,
-            },
+            "invalid_field" => bad_request("invalid_field"),
+            "context_length_exceeded" => bad_request("context_length_exceeded"),
             "overloaded" => AppError::Overloaded {
                 class: "inference",
                 retry_after_s: 1,
