@@ -56,35 +56,45 @@ pub async fn start_membership(
 
 /// This node's metadata: gateway address, roles, devices, load, version, served models.
 pub fn node_meta(gateway: SocketAddr, load: u32, models: Vec<ModelMeta>) -> NodeMeta {
-    let devices = swarm_gpu::discover()
-        .into_iter()
-        .map(|d| match d {
-            swarm_gpu::Device::Cpu { cores } => DeviceMeta {
-                kind: "cpu".into(),
-                name: format!("{cores} cores"),
-                memory_total: 0,
-                memory_free: 0,
-            },
-            swarm_gpu::Device::Cuda {
-                ordinal,
-                name,
-                total_mib,
-            } => DeviceMeta {
-                kind: "cuda".into(),
-                name: format!("{ordinal}: {name}"),
-                memory_total: total_mib * 1024 * 1024,
-                memory_free: 0,
-            },
-        })
-        .collect();
     NodeMeta {
         gateway: gateway.to_string(),
         roles: vec!["gateway".into(), "agents".into()],
-        devices,
+        devices: devices(),
         load,
         version: env!("CARGO_PKG_VERSION").into(),
         models,
     }
+}
+
+/// This machine's devices, discovered once (with `cuda`, discovery opens each GPU's context;
+/// metadata is republished every few seconds).
+fn devices() -> Vec<DeviceMeta> {
+    static DEVICES: std::sync::OnceLock<Vec<DeviceMeta>> = std::sync::OnceLock::new();
+    DEVICES
+        .get_or_init(|| {
+            swarm_gpu::discover()
+                .into_iter()
+                .map(|d| match d {
+                    swarm_gpu::Device::Cpu { cores } => DeviceMeta {
+                        kind: "cpu".into(),
+                        name: format!("{cores} cores"),
+                        memory_total: 0,
+                        memory_free: 0,
+                    },
+                    swarm_gpu::Device::Cuda {
+                        ordinal,
+                        name,
+                        total_mib,
+                    } => DeviceMeta {
+                        kind: "cuda".into(),
+                        name: format!("{ordinal}: {name}"),
+                        memory_total: total_mib * 1024 * 1024,
+                        memory_free: 0,
+                    },
+                })
+                .collect()
+        })
+        .clone()
 }
 
 /// Background duties while the node runs: audit refused peers, republish load when it changes.
