@@ -19,6 +19,7 @@ mod engine;
 mod error;
 mod gguf_check;
 mod model;
+pub mod packed;
 mod sampling;
 mod scheduler;
 mod stats;

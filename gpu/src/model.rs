@@ -10,11 +10,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::quantized::{QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::kv_cache::KvCache;
 
 use crate::error::{InferError, Result};
+use crate::packed::PackedMatrix;
 
 /// The hyperparameters of a Llama-family model.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,16 +74,31 @@ pub struct BatchItem<'a, C> {
     pub cache: &'a mut C,
 }
 
+/// A weight matrix: candle's (f32 or quantized, any device) or packed for our kernel (CPU).
+enum Linear {
+    Candle(QMatMul),
+    Packed(PackedMatrix),
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Candle(w) => w.forward(x),
+            Self::Packed(w) => x.contiguous()?.apply_op1_no_bwd(w),
+        }
+    }
+}
+
 struct Layer {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 /// A loaded Llama-family model.
@@ -91,7 +107,7 @@ pub struct Llama {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     cos: Tensor,
     sin: Tensor,
     /// GGUF files from llama.cpp store Q and K permuted for interleaved rotary embeddings.
@@ -144,35 +160,46 @@ fn unavailable(what: &str) -> impl FnOnce(candle_core::Error) -> InferError + '_
 /// How GGUF block weights are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightMode {
-    /// Quantized where this build has a fast kernel for the type (CUDA; on CPU the SIMD kernels
-    /// candle compiles in with AVX2), f32 otherwise: candle's portable quantized CPU kernels are
-    /// scalar, so a matrix product over dequantized f32 weights (gemm, SIMD chosen at run time,
-    /// all cores) is several times faster, and batching then pays off.
+    /// On CPU: [`WeightMode::Packed`] where the CPU has AVX2, FMA and F16C, else f32 (candle's
+    /// portable quantized kernels are scalar; a product over dequantized f32 weights is several
+    /// times faster). On other devices: quantized.
     Auto,
-    /// Keep every quantized tensor quantized.
+    /// candle's quantized tensors, every one kept as it is in the file (candle's kernels; the
+    /// numbers of candle-transformers' `quantized_llama`).
     Quantized,
-    /// Dequantize everything to f32.
+    /// Dequantize everything to f32 (candle's matrix product).
     F32,
+    /// CPU only: dequantized to half precision and packed once for our own matrix product
+    /// (`crate::packed`), which reads each weight once per step for the whole batch.
+    Packed,
 }
 
-fn keep_quantized(mode: WeightMode, dtype: GgmlDType, device: &Device) -> bool {
-    match mode {
-        WeightMode::Quantized => true,
-        WeightMode::F32 => false,
-        WeightMode::Auto if !device.is_cpu() => true,
-        WeightMode::Auto => {
-            cfg!(target_feature = "avx2")
-                && matches!(
-                    dtype,
-                    GgmlDType::Q4_0
-                        | GgmlDType::Q8_0
-                        | GgmlDType::Q2K
-                        | GgmlDType::Q3K
-                        | GgmlDType::Q4K
-                        | GgmlDType::Q5K
-                        | GgmlDType::Q6K
-                )
-        }
+impl WeightMode {
+    /// `Auto` made concrete for `device`.
+    fn resolve(self, device: &Device) -> Result<Self> {
+        Ok(match self {
+            Self::Auto if !device.is_cpu() => Self::Quantized,
+            Self::Auto if crate::packed::fast() => Self::Packed,
+            Self::Auto => Self::F32,
+            Self::Packed if !device.is_cpu() => {
+                return Err(InferError::ModelUnavailable(
+                    "packed weights (WeightMode::Packed) run on CPU only".into(),
+                ));
+            }
+            mode => mode,
+        })
+    }
+
+    fn linear(self, q: QTensor, device: &Device) -> Result<Linear> {
+        Ok(match self {
+            Self::Packed => {
+                let (rows, cols) = q.shape().dims2()?;
+                let w = q.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?;
+                Linear::Packed(PackedMatrix::new(&w, rows, cols))
+            }
+            Self::F32 => Linear::Candle(QMatMul::Tensor(q.dequantize(device)?)),
+            _ => Linear::Candle(QMatMul::from_qtensor(q)?),
+        })
     }
 }
 
@@ -219,15 +246,14 @@ impl Llama {
         let mut tensor = |name: &str| -> Result<QTensor> {
             ct.tensor(file, name, device).map_err(unavailable(name))
         };
-        let linear = |q: QTensor| -> Result<QMatMul> {
-            if keep_quantized(mode, q.dtype(), device) {
-                Ok(QMatMul::from_qtensor(q)?)
-            } else {
-                Ok(QMatMul::Tensor(q.dequantize(device)?))
-            }
-        };
+        let mode = mode.resolve(device)?;
+        let linear = |q: QTensor| mode.linear(q, device);
         let embed_q = tensor("token_embd.weight")?;
-        let embed = embed_q.dequantize(device)?;
+        let mut embed = embed_q.dequantize(device)?;
+        if mode == WeightMode::Packed {
+            // The same half-precision values as the (often tied) packed output matrix.
+            embed = embed.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+        }
         let config = LlamaConfig {
             vocab: embed.dim(0)?,
             ..config
@@ -241,7 +267,7 @@ impl Llama {
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let mut q =
-                |n: &str| -> Result<QMatMul> { linear(tensor(&format!("blk.{i}.{n}.weight"))?) };
+                |n: &str| -> Result<Linear> { linear(tensor(&format!("blk.{i}.{n}.weight"))?) };
             layers.push(Layer {
                 wq: q("attn_q")?,
                 wk: q("attn_k")?,
@@ -292,14 +318,16 @@ impl Llama {
         }
         let norm = take("model.norm.weight")?;
         let output = match take("lm_head.weight") {
-            Ok(w) => QMatMul::Tensor(w),
-            Err(_) => QMatMul::Tensor(embed.clone()),
+            Ok(w) => Linear::Candle(QMatMul::Tensor(w)),
+            Err(_) => Linear::Candle(QMatMul::Tensor(embed.clone())),
         };
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let p = format!("model.layers.{i}");
-            let mut lin = |n: &str| -> Result<QMatMul> {
-                Ok(QMatMul::Tensor(take(&format!("{p}.{n}.weight"))?))
+            let mut lin = |n: &str| -> Result<Linear> {
+                Ok(Linear::Candle(QMatMul::Tensor(take(&format!(
+                    "{p}.{n}.weight"
+                ))?)))
             };
             layers.push(Layer {
                 wq: lin("self_attn.q_proj")?,
@@ -321,7 +349,7 @@ impl Llama {
         embed: Tensor,
         layers: Vec<Layer>,
         norm: Tensor,
-        output: QMatMul,
+        output: Linear,
         interleaved_rope: bool,
         device: &Device,
     ) -> Result<Self> {
@@ -391,7 +419,7 @@ impl Llama {
         let rep = heads / kv_heads;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
-            let split = |w: &QMatMul, nh: usize| -> candle_core::Result<Tensor> {
+            let split = |w: &Linear, nh: usize| -> candle_core::Result<Tensor> {
                 w.forward(&h)?
                     .reshape((1, n_tokens, nh, hd))?
                     .transpose(1, 2)?
@@ -579,7 +607,10 @@ impl LanguageModel for Llama {
         }
         // A failed step must not leave a cache half-appended: remember and restore lengths.
         let lens: Vec<usize> = items.iter().map(|i| i.cache.len).collect();
-        match self.forward_tensor(items) {
+        // The step runs on a worker of rayon's pool, not on the calling (engine) thread: the
+        // pool's workers then never spin for work beside a third busy thread; on two cores that
+        // spinning took a quarter of the time.
+        match rayon::scope(|_| self.forward_tensor(items)) {
             Ok(logits) => Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?),
             Err(e) => {
                 for (item, len) in items.iter_mut().zip(lens) {

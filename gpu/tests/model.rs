@@ -54,12 +54,18 @@ fn gguf_forward_matches_candle_quantized_llama() {
     compare_with_quantized_llama(&path, &path, WeightMode::Quantized, TOLERANCE);
     // Our f32 mode dequantizes at load; candle gets the same dequantized values as an F32 GGUF.
     let f32_path = dir.path().join("tiny-f32.gguf");
-    dequantized_copy(&path, &f32_path);
+    dequantized_copy(&path, &f32_path, false);
     compare_with_quantized_llama(&path, &f32_path, WeightMode::F32, TOLERANCE);
+    // Our packed mode holds the dequantized values in half precision: candle gets the same
+    // half-precision values (as F32) and only the summation order differs.
+    let f16_path = dir.path().join("tiny-f16.gguf");
+    dequantized_copy(&path, &f16_path, true);
+    compare_with_quantized_llama(&path, &f16_path, WeightMode::Packed, TOLERANCE);
 }
 
-/// The GGUF at `from` with every tensor dequantized and stored as F32.
-fn dequantized_copy(from: &Path, to: &Path) {
+/// The GGUF at `from` with every tensor dequantized (rounded through half precision when
+/// `half` is set, as the packed weights are) and stored as F32.
+fn dequantized_copy(from: &Path, to: &Path, half: bool) {
     use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
     let mut file = std::fs::File::open(from).unwrap();
     let ct = gguf_file::Content::read(&mut file).unwrap();
@@ -73,6 +79,15 @@ fn dequantized_copy(from: &Path, to: &Path) {
                 .unwrap()
                 .dequantize(&Device::Cpu)
                 .unwrap();
+            // Matrices only: the packed mode keeps the norms in f32.
+            let t = if half && t.rank() == 2 {
+                t.to_dtype(DType::F16)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+            } else {
+                t
+            };
             (
                 n.to_string(),
                 QTensor::quantize(&t, GgmlDType::F32).unwrap(),
@@ -237,7 +252,7 @@ fn batch_equals_alone(model: &Llama) {
 fn mixed_batch_greedy_equals_each_alone_gguf() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_gguf(dir.path(), &TinySpec::default()).unwrap();
-    for mode in [WeightMode::Quantized, WeightMode::F32] {
+    for mode in [WeightMode::Quantized, WeightMode::F32, WeightMode::Packed] {
         batch_equals_alone(&Llama::from_gguf_with(&path, &Device::Cpu, mode).unwrap());
     }
 }
@@ -339,7 +354,7 @@ fn real_model_matches_quantized_llama() {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    for mode in [WeightMode::Quantized, WeightMode::F32] {
+    for mode in [WeightMode::Quantized, WeightMode::F32, WeightMode::Packed] {
         let ours = Llama::from_gguf_with(path, &Device::Cpu, mode).unwrap();
         let mut cache = ours.new_cache(ids.len() + 1);
         let o = ours
