@@ -228,6 +228,11 @@ pub struct InferenceConfig {
     /// Tokens per KV block.
     #[serde(default = "default_kv_block")]
     pub kv_block_tokens: usize,
+    /// Prompt tokens whose KV is kept after their prefill, so later prompts sharing a prefix (a
+    /// system prompt, a conversation so far) skip computing it; held besides `kv_tokens`
+    /// (0: off).
+    #[serde(default = "default_prefix_cache_tokens")]
+    pub prefix_cache_tokens: usize,
     /// `max_tokens` when a request gives none.
     #[serde(default = "default_max_tokens")]
     pub default_max_tokens: usize,
@@ -253,6 +258,7 @@ impl Default for InferenceConfig {
             prefill_tokens: default_prefill_tokens(),
             kv_tokens: default_kv_tokens(),
             kv_block_tokens: default_kv_block(),
+            prefix_cache_tokens: default_prefix_cache_tokens(),
             default_max_tokens: default_max_tokens(),
         }
     }
@@ -275,6 +281,9 @@ fn default_kv_tokens() -> usize {
 }
 fn default_kv_block() -> usize {
     16
+}
+fn default_prefix_cache_tokens() -> usize {
+    4096
 }
 fn default_max_tokens() -> usize {
     256

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::error::{InferError, Result};
 use crate::model::{BatchItem, LanguageModel};
+use crate::prefix::PrefixCache;
 use crate::sampling::{Sampler, SamplingParams, StopCheck, StopStrings};
 use crate::scheduler::{
     BlockBudget, KvAccounting, Plan, Refused, Scheduler, SchedulerConfig, SeqId,
@@ -32,6 +33,9 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Crashes tolerated per minute before the engine stops.
     pub restart_budget: u32,
+    /// Prompt tokens whose KV is kept after their prefill for later prompts that share a prefix
+    /// (0: none kept). Held besides `kv_tokens`.
+    pub prefix_cache_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -45,6 +49,7 @@ impl Default for EngineConfig {
             kv_tokens: 65_536,
             block_size: 16,
             restart_budget: 5,
+            prefix_cache_tokens: 4096,
         }
     }
 }
@@ -269,6 +274,8 @@ struct Seq<C> {
     stops: StopStrings,
     events: mpsc::Sender<Event>,
     cache: Option<C>,
+    /// Tokens of `tokens` whose KV is in `cache`; the next step computes the rest.
+    cached: usize,
     submitted: Instant,
     last_token: Option<Instant>,
 }
@@ -281,6 +288,7 @@ struct Runner<'a, M: LanguageModel> {
     sched: Scheduler<BlockBudget>,
     seqs: HashMap<SeqId, Seq<M::Cache>>,
     next_id: SeqId,
+    prefixes: PrefixCache<M::Cache>,
 }
 
 impl<'a, M: LanguageModel> Runner<'a, M> {
@@ -294,6 +302,7 @@ impl<'a, M: LanguageModel> Runner<'a, M> {
         stats
             .kv_total_blocks
             .store(kv.total_blocks() as u64, Relaxed);
+        stats.prefix_cache_tokens.store(0, Relaxed);
         Self {
             model,
             tokenizer,
@@ -302,6 +311,7 @@ impl<'a, M: LanguageModel> Runner<'a, M> {
             sched: Scheduler::new(config.scheduler, kv),
             seqs: HashMap::new(),
             next_id: 0,
+            prefixes: PrefixCache::new(config.prefix_cache_tokens),
         }
     }
 
@@ -355,6 +365,7 @@ impl<'a, M: LanguageModel> Runner<'a, M> {
                         detok: Detokenizer::default(),
                         events: s.events,
                         cache: None,
+                        cached: 0,
                         submitted: s.at,
                         last_token: None,
                     },
@@ -418,20 +429,14 @@ impl<'a, M: LanguageModel> Runner<'a, M> {
         for id in &ids {
             if let Some(mut s) = self.seqs.remove(id) {
                 if s.cache.is_none() {
-                    s.cache = Some(self.model.new_cache(s.prompt_len + s.params.max_tokens));
+                    self.start_cache(&mut s);
                 }
                 batch.push((*id, s));
             }
         }
         let news: Vec<Vec<u32>> = batch
             .iter()
-            .map(|(_, s)| {
-                if s.tokens.len() == s.prompt_len {
-                    s.tokens.clone()
-                } else {
-                    s.tokens[s.tokens.len() - 1..].to_vec()
-                }
-            })
+            .map(|(_, s)| s.tokens[s.cached.min(s.tokens.len())..].to_vec())
             .collect();
         let mut items: Vec<BatchItem<'_, M::Cache>> = batch
             .iter_mut()
@@ -445,6 +450,17 @@ impl<'a, M: LanguageModel> Runner<'a, M> {
         match out {
             Ok(logits) if logits.len() == batch.len() => {
                 for ((id, mut s), logits) in batch.into_iter().zip(logits) {
+                    let prefilled = s.cached < s.prompt_len;
+                    s.cached = s.tokens.len();
+                    if prefilled && let Some(cache) = &s.cache {
+                        let model = self.model;
+                        let n = s.prompt_len;
+                        self.prefixes
+                            .insert(&s.tokens[..n], || model.fork(cache, n, n));
+                        self.stats
+                            .prefix_cache_tokens
+                            .store(self.prefixes.held() as u64, Relaxed);
+                    }
                     if self.advance(&mut s, &logits) {
                         self.sched.finish(id);
                     } else {
@@ -470,6 +486,30 @@ impl<'a, M: LanguageModel> Runner<'a, M> {
             }
         }
         self.publish();
+    }
+
+    /// A new sequence's cache: a copy of the longest cached prefix of its prompt when there is
+    /// one (only the rest is computed), else empty.
+    fn start_cache(&mut self, s: &mut Seq<M::Cache>) {
+        let capacity = s.prompt_len + s.params.max_tokens;
+        let model = self.model;
+        let reused = self
+            .prefixes
+            .lookup(&s.tokens[..s.prompt_len])
+            .and_then(|(len, from)| Some((len, model.fork(from, len, capacity)?)));
+        match reused {
+            Some((len, cache)) => {
+                self.stats
+                    .prompt_tokens_cached
+                    .fetch_add(len as u64, Relaxed);
+                s.cache = Some(cache);
+                s.cached = len;
+            }
+            None => {
+                s.cache = Some(model.new_cache(capacity));
+                s.cached = 0;
+            }
+        }
     }
 
     /// Samples the next token of `s`; true when the sequence is done (its events are sent).

@@ -20,6 +20,7 @@ mod error;
 mod gguf_check;
 mod model;
 pub mod packed;
+mod prefix;
 mod sampling;
 mod scheduler;
 mod stats;

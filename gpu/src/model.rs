@@ -65,6 +65,12 @@ pub trait LanguageModel: Send + Sync + 'static {
     fn forward(&self, items: &mut [BatchItem<'_, Self::Cache>]) -> Result<Vec<Vec<f32>>>;
     /// The longest sequence the model can attend over.
     fn context_length(&self) -> usize;
+    /// A new cache of `capacity` tokens holding a copy of the first `len` tokens of `cache`
+    /// (prefix reuse); `None` when the model cannot (the prompt is then computed whole).
+    fn fork(&self, cache: &Self::Cache, len: usize, capacity: usize) -> Option<Self::Cache> {
+        let _ = (cache, len, capacity);
+        None
+    }
 }
 
 /// One sequence in a batch: the tokens it adds this step and its cache.
@@ -623,6 +629,39 @@ impl LanguageModel for Llama {
 
     fn context_length(&self) -> usize {
         self.config.context
+    }
+
+    fn fork(&self, cache: &LlamaCache, len: usize, capacity: usize) -> Option<LlamaCache> {
+        if len > cache.len || len > capacity {
+            return None;
+        }
+        let mut copy = self.new_cache(capacity);
+        if len == 0 {
+            return Some(copy);
+        }
+        let copied: candle_core::Result<()> = cache
+            .layers
+            .iter()
+            .zip(copy.layers.iter_mut())
+            .try_for_each(|(from, to)| {
+                let (Some(k), Some(v)) = (from.k()?, from.v()?) else {
+                    candle_core::bail!("an empty layer cache")
+                };
+                let k = k.narrow(2, 0, len)?.contiguous()?;
+                let v = v.narrow(2, 0, len)?.contiguous()?;
+                to.append(&k, &v)?;
+                Ok(())
+            });
+        match copied {
+            Ok(()) => {
+                copy.len = len;
+                Some(copy)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "prefix copy failed; the prompt is computed whole");
+                None
+            }
+        }
     }
 }
 

@@ -71,6 +71,10 @@ pub struct EngineStats {
     pub cancelled: AtomicU64,
     pub failed: AtomicU64,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens not computed: their KV was copied from the prefix cache.
+    pub prompt_tokens_cached: AtomicU64,
+    /// Tokens the prefix cache holds now.
+    pub prefix_cache_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub steps: AtomicU64,
     pub restarts: AtomicU64,
@@ -91,6 +95,8 @@ impl Default for EngineStats {
             cancelled: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
+            prompt_tokens_cached: AtomicU64::new(0),
+            prefix_cache_tokens: AtomicU64::new(0),
             generated_tokens: AtomicU64::new(0),
             steps: AtomicU64::new(0),
             restarts: AtomicU64::new(0),

@@ -60,6 +60,43 @@ async fn wait_for(what: &str, f: impl Fn() -> bool) {
 }
 
 #[tokio::test]
+async fn prompts_sharing_a_prefix_reuse_its_kv_and_get_the_same_tokens() {
+    let (_d, m, t) = tiny();
+    let system = "<|im_start|>system\nYou are a careful assistant.<|im_end|>\n<|im_start|>user\n";
+    let prompts: Vec<Vec<u32>> = ["first question", "second one", "first question"]
+        .iter()
+        .map(|q| t.encode(&format!("{system}{q}")).unwrap())
+        .collect();
+    let shared = t.encode(system).unwrap().len();
+    let run = |prefix_cache_tokens: usize| {
+        let (m, t, prompts) = (m.clone(), t.clone(), prompts.clone());
+        async move {
+            let config = EngineConfig {
+                prefix_cache_tokens,
+                ..EngineConfig::default()
+            };
+            let engine = EngineHandle::start(m, t, config).unwrap();
+            let mut out = Vec::new();
+            for p in prompts {
+                out.push(collect(engine.submit(p, greedy(12)).unwrap()).await.unwrap());
+            }
+            let cached = engine.stats().prompt_tokens_cached.load(Relaxed) as usize;
+            (out, cached, engine.stats().prefix_cache_tokens.load(Relaxed))
+        }
+    };
+    let (plain, none, held_none) = run(0).await;
+    let (reused, cached, held) = run(4096).await;
+    assert_eq!(reused, plain, "prefix reuse changed the greedy output");
+    assert_eq!((none, held_none), (0, 0));
+    // The second prompt reuses the shared system part; the third, all but its last token.
+    assert!(
+        cached >= shared - 1 + prompts[2].len() - 1,
+        "{cached} tokens reused"
+    );
+    assert!(held as usize >= prompts[0].len() + prompts[1].len() - 1);
+}
+
+#[tokio::test]
 async fn concurrent_requests_get_what_they_get_alone() {
     let (_d, m, t) = tiny();
     let engine = EngineHandle::start(m, t.clone(), EngineConfig::default()).unwrap();

@@ -319,6 +319,7 @@ impl Inference {
             },
             kv_tokens: inf.kv_tokens,
             block_size: inf.kv_block_tokens,
+            prefix_cache_tokens: inf.prefix_cache_tokens,
             ..EngineConfig::default()
         };
         let models = inf

@@ -156,7 +156,7 @@ fn inference_metrics(out: &mut String, node: &str, inf: &crate::inference::Infer
     use std::fmt::Write;
     use std::sync::atomic::Ordering::Relaxed;
     type Pick = fn(&swarm_gpu::EngineStats) -> u64;
-    let series: [(&str, &str, &str, Pick); 12] = [
+    let series: [(&str, &str, &str, Pick); 14] = [
         (
             "swarm_inference_running",
             "gauge",
@@ -210,6 +210,18 @@ fn inference_metrics(out: &mut String, node: &str, inf: &crate::inference::Infer
             "counter",
             "Prompt tokens admitted.",
             |s| s.prompt_tokens.load(Relaxed),
+        ),
+        (
+            "swarm_inference_prompt_tokens_cached_total",
+            "counter",
+            "Prompt tokens whose KV was copied from the prefix cache instead of computed.",
+            |s| s.prompt_tokens_cached.load(Relaxed),
+        ),
+        (
+            "swarm_inference_prefix_cache_tokens",
+            "gauge",
+            "Prompt tokens the prefix cache holds.",
+            |s| s.prefix_cache_tokens.load(Relaxed),
         ),
         (
             "swarm_inference_generated_tokens_total",
