@@ -62,7 +62,11 @@ impl<C> PrefixCache<C> {
         if tokens.len() < MIN_SHARED || tokens.len() > self.capacity {
             return;
         }
-        if let Some(i) = self.entries.iter().position(|e| e.tokens.starts_with(tokens)) {
+        if let Some(i) = self
+            .entries
+            .iter()
+            .position(|e| e.tokens.starts_with(tokens))
+        {
             if let Some(e) = self.entries.remove(i) {
                 self.entries.push_back(e);
             }

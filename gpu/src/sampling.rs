@@ -111,26 +111,43 @@ impl Sampler {
         if cand.is_empty() {
             return crate::model::argmax(logits);
         }
-        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.top_k > 0 {
+        // Highest logit first, lower id first on ties. Only what top-k and top-p need is put in
+        // order (a full sort of a 50k vocabulary per token would cost more than the model step
+        // of a small model).
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if self.top_k > 0 && self.top_k < cand.len() {
+            cand.select_nth_unstable_by(self.top_k - 1, order);
             cand.truncate(self.top_k);
         }
-        let max = cand[0].1;
+        let max = cand.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.1));
         let mut probs: Vec<f32> = cand.iter().map(|(_, l)| (l - max).exp()).collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
         if self.top_p < 1.0 {
-            let mut acc = 0.0;
-            let mut keep = probs.len();
-            for (i, p) in probs.iter().enumerate() {
-                acc += p;
-                if acc >= self.top_p {
-                    keep = i + 1;
-                    break;
+            // The nucleus: the most likely tokens until their mass reaches top_p. Order a head
+            // of the candidates; widen it until it holds the nucleus (at worst, all of them).
+            let mut pairs: Vec<(u32, f32)> =
+                cand.iter().zip(&probs).map(|(c, &p)| (c.0, p)).collect();
+            let mut head = 64.min(pairs.len());
+            let keep = loop {
+                if head < pairs.len() {
+                    pairs.select_nth_unstable_by(head - 1, order);
                 }
-            }
-            probs.truncate(keep);
-            cand.truncate(keep);
+                pairs[..head].sort_unstable_by(order);
+                let mut acc = 0.0;
+                let found = pairs[..head].iter().position(|p| {
+                    acc += p.1;
+                    acc >= self.top_p
+                });
+                match found {
+                    Some(i) => break i + 1,
+                    None if head == pairs.len() => break head,
+                    None => head = (head * 4).min(pairs.len()),
+                }
+            };
+            pairs.truncate(keep);
+            cand = pairs.iter().map(|&(id, _)| (id, 0.0)).collect();
+            probs = pairs.iter().map(|p| p.1).collect();
         }
         let total: f32 = probs.iter().sum();
         let mut r = self.rng.r#gen::<f32>() * total;
@@ -251,6 +268,12 @@ mod tests {
         let mut s = Sampler::new(&p);
         // token 0 alone has probability > 0.5
         assert!((0..100).all(|_| s.sample(&[5.0, 1.0, 1.0, 1.0]) == 0));
+        // A flat distribution over 1000 tokens: the nucleus is the first 500 (ties go to the
+        // lower id), wider than the first ordered head of candidates.
+        let flat = vec![0.0f32; 1000];
+        let picks: Vec<u32> = (0..400).map(|_| s.sample(&flat)).collect();
+        assert!(picks.iter().all(|&t| t < 500), "outside the nucleus");
+        assert!(picks.iter().any(|&t| t >= 256), "the nucleus was cut short");
     }
 
     #[test]

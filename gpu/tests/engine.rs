@@ -78,10 +78,18 @@ async fn prompts_sharing_a_prefix_reuse_its_kv_and_get_the_same_tokens() {
             let engine = EngineHandle::start(m, t, config).unwrap();
             let mut out = Vec::new();
             for p in prompts {
-                out.push(collect(engine.submit(p, greedy(12)).unwrap()).await.unwrap());
+                out.push(
+                    collect(engine.submit(p, greedy(12)).unwrap())
+                        .await
+                        .unwrap(),
+                );
             }
             let cached = engine.stats().prompt_tokens_cached.load(Relaxed) as usize;
-            (out, cached, engine.stats().prefix_cache_tokens.load(Relaxed))
+            (
+                out,
+                cached,
+                engine.stats().prefix_cache_tokens.load(Relaxed),
+            )
         }
     };
     let (plain, none, held_none) = run(0).await;
