@@ -420,7 +420,10 @@ impl Llama {
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        let decode = DecodeGroup::new(&spans, &self.device)?;
+        // On CPU every decoding sequence takes our attention kernel, which reads the caches in
+        // place; elsewhere a lone one takes the plain path.
+        let min_group = if self.device.is_cpu() { 1 } else { 2 };
+        let decode = DecodeGroup::new(&spans, min_group, &self.device)?;
         let scale = (hd as f64).sqrt();
         let rep = heads / kv_heads;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -465,7 +468,11 @@ impl Llama {
                 );
             }
             if let Some(d) = &decode {
-                let y = self.decode_attention(items, &spans, d, l, &q, &k, &v)?;
+                let y = if self.device.is_cpu() {
+                    self.decode_attention_cpu(items, &spans, d, l, &q, &k, &v)?
+                } else {
+                    self.decode_attention(items, &spans, d, l, &q, &k, &v)?
+                };
                 for (j, &i) in d.items.iter().enumerate() {
                     outs[i] = Some(y.narrow(0, j, 1)?);
                 }
@@ -506,10 +513,14 @@ struct DecodeGroup {
 }
 
 impl DecodeGroup {
-    /// `None` unless at least two items decode (one alone takes the plain path).
-    fn new(spans: &[(usize, usize, usize)], device: &Device) -> candle_core::Result<Option<Self>> {
+    /// `None` unless at least `min` items decode.
+    fn new(
+        spans: &[(usize, usize, usize)],
+        min: usize,
+        device: &Device,
+    ) -> candle_core::Result<Option<Self>> {
         let items: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].1 == 1).collect();
-        if items.len() < 2 {
+        if items.is_empty() || items.len() < min {
             return Ok(None);
         }
         let longest = items.iter().map(|&i| spans[i].2 + 1).max().unwrap_or(1);
@@ -593,6 +604,110 @@ impl Llama {
     }
 }
 
+impl Llama {
+    /// [`Llama::decode_attention`] on CPU: each new token's key and value are appended to its
+    /// cache, then every (sequence, head) attends over its cache where it lies (no padding, no
+    /// copies), the sequences spread over the rayon pool. Rows in the group's order,
+    /// `(n, heads·hd)`.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_attention_cpu(
+        &self,
+        items: &mut [BatchItem<'_, LlamaCache>],
+        spans: &[(usize, usize, usize)],
+        d: &DecodeGroup,
+        l: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        use rayon::prelude::*;
+        let c = &self.config;
+        let (hd, heads, kv_heads) = (c.head_dim(), c.heads, c.kv_heads);
+        let rep = heads / kv_heads;
+        let n = d.items.len();
+        let per_seq = |t: &Tensor| -> candle_core::Result<Tensor> {
+            t.index_select(&d.rows, 2)?
+                .squeeze(0)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((n, kv_heads, 1, hd))
+        };
+        let (kd, vd) = (per_seq(k)?, per_seq(v)?);
+        // Per sequence: its cache buffers `(1, kv_heads, capacity, hd)` and its length now.
+        let mut caches = Vec::with_capacity(n);
+        for (j, &i) in d.items.iter().enumerate() {
+            let cache = &mut items[i].cache.layers[l];
+            cache.append(&kd.narrow(0, j, 1)?, &vd.narrow(0, j, 1)?)?;
+            let (Some(kc), Some(vc)) = (cache.k_cache().all_data(), cache.v_cache().all_data())
+            else {
+                candle_core::bail!("a layer cache without data after an append")
+            };
+            if !kc.is_contiguous() || !vc.is_contiguous() {
+                candle_core::bail!("a layer cache that is not contiguous");
+            }
+            caches.push((kc.clone(), vc.clone(), spans[i].2 + 1));
+        }
+        let q = q
+            .index_select(&d.rows, 2)?
+            .squeeze(0)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let guards: Vec<_> = caches
+            .iter()
+            .map(|(k, v, _)| (k.storage_and_layout(), v.storage_and_layout()))
+            .collect();
+        let qg = q.storage_and_layout();
+        let slice = cpu_f32;
+        let qs = slice(&qg)?;
+        let mut views = Vec::with_capacity(n);
+        for ((kg, vg), (kc, _, len)) in guards.iter().zip(&caches) {
+            let capacity = kc.dim(2)?;
+            views.push((slice(kg)?, slice(vg)?, capacity, *len));
+        }
+        if qs.len() < n * heads * hd {
+            candle_core::bail!("CPU attention: short query buffer");
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![0f32; n * heads * hd];
+        out.par_chunks_mut(heads * hd)
+            .zip(views.par_iter())
+            .enumerate()
+            .for_each(|(j, (out, &(ks, vs, capacity, len)))| {
+                let mut scores = vec![0f32; len];
+                for h in 0..heads {
+                    let g = h / rep;
+                    let qh = &qs[(j * heads + h) * hd..][..hd];
+                    let base = g * capacity * hd;
+                    let (Some(kh), Some(vh)) =
+                        (ks.get(base..base + len * hd), vs.get(base..base + len * hd))
+                    else {
+                        continue;
+                    };
+                    let mut max = f32::NEG_INFINITY;
+                    for (s, key) in scores.iter_mut().zip(kh.chunks_exact(hd)) {
+                        *s = qh.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let y = &mut out[h * hd..][..hd];
+                    for (p, value) in scores.iter().zip(vh.chunks_exact(hd)) {
+                        let p = p / sum;
+                        for (y, x) in y.iter_mut().zip(value) {
+                            *y += p * x;
+                        }
+                    }
+                }
+            });
+        drop(qg);
+        drop(guards);
+        Tensor::from_vec(out, (n, heads * hd), &self.device)
+    }
+}
+
 impl LanguageModel for Llama {
     type Cache = LlamaCache;
 
@@ -662,6 +777,19 @@ impl LanguageModel for Llama {
                 None
             }
         }
+    }
+}
+
+type StorageGuard<'a> = (
+    std::sync::RwLockReadGuard<'a, candle_core::Storage>,
+    &'a candle_core::Layout,
+);
+
+/// The f32 values of a CPU tensor from its first element on (its layout says where they lie).
+fn cpu_f32<'a>((storage, layout): &'a StorageGuard<'_>) -> candle_core::Result<&'a [f32]> {
+    match &**storage {
+        candle_core::Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[layout.start_offset()..]),
+        _ => candle_core::bail!("CPU attention on a tensor that is not on the CPU"),
     }
 }
 
