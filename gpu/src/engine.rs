@@ -445,6 +445,7 @@ impl<'a, M: LanguageModel> Runner<'a, M> {
             .collect();
         self.stats.steps.fetch_add(1, Relaxed);
         self.stats.batch_size.observe(items.len() as f64);
+        let started = Instant::now();
         let out = self.model.forward(&mut items);
         drop(items);
         match out {
@@ -467,8 +468,10 @@ impl<'a, M: LanguageModel> Runner<'a, M> {
                         self.seqs.insert(id, s);
                     }
                 }
+                self.stats.step_seconds.observe_duration(started.elapsed());
             }
             other => {
+                self.stats.step_seconds.observe_duration(started.elapsed());
                 let e = match other {
                     Err(e) => e,
                     Ok(_) => InferError::EngineStopped(

@@ -420,10 +420,17 @@ impl Llama {
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        // On CPU every decoding sequence takes our attention kernel, which reads the caches in
-        // place; elsewhere a lone one takes the plain path.
-        let min_group = if self.device.is_cpu() { 1 } else { 2 };
-        let decode = DecodeGroup::new(&spans, min_group, &self.device)?;
+        // On CPU every sequence adding at most `CPU_ATTENTION_MAX_NEW` tokens (every decode, short
+        // prompts) takes our attention kernel, which reads the caches in place; elsewhere
+        // decoding sequences attend in one padded batched product.
+        let small = match self.device.is_cpu() {
+            true => SmallGroup::new(&spans, &self.device)?,
+            false => None,
+        };
+        let decode = match small {
+            None => DecodeGroup::new(&spans, &self.device)?,
+            Some(_) => None,
+        };
         let scale = (hd as f64).sqrt();
         let rep = heads / kv_heads;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -439,7 +446,7 @@ impl Llama {
             let v = split(&layer.wv, kv_heads)?;
             let mut outs: Vec<Option<Tensor>> = vec![None; items.len()];
             for (idx, (item, &(off, n, start))) in items.iter_mut().zip(&spans).enumerate() {
-                if decode.is_some() && n == 1 {
+                if (decode.is_some() && n == 1) || small.as_ref().is_some_and(|g| g.has(idx)) {
                     continue;
                 }
                 let qi = q.narrow(2, off, n)?.contiguous()?;
@@ -467,12 +474,17 @@ impl Llama {
                         .reshape((n, heads * hd))?,
                 );
             }
+            if let Some(g) = &small {
+                let y = self.attention_cpu(items, &spans, g, l, &q, &k, &v)?;
+                let mut row = 0;
+                for &i in &g.items {
+                    let n = spans[i].1;
+                    outs[i] = Some(y.narrow(0, row, n)?);
+                    row += n;
+                }
+            }
             if let Some(d) = &decode {
-                let y = if self.device.is_cpu() {
-                    self.decode_attention_cpu(items, &spans, d, l, &q, &k, &v)?
-                } else {
-                    self.decode_attention(items, &spans, d, l, &q, &k, &v)?
-                };
+                let y = self.decode_attention(items, &spans, d, l, &q, &k, &v)?;
                 for (j, &i) in d.items.iter().enumerate() {
                     outs[i] = Some(y.narrow(0, j, 1)?);
                 }
@@ -513,14 +525,10 @@ struct DecodeGroup {
 }
 
 impl DecodeGroup {
-    /// `None` unless at least `min` items decode.
-    fn new(
-        spans: &[(usize, usize, usize)],
-        min: usize,
-        device: &Device,
-    ) -> candle_core::Result<Option<Self>> {
+    /// `None` unless at least two items decode (one alone takes the plain path).
+    fn new(spans: &[(usize, usize, usize)], device: &Device) -> candle_core::Result<Option<Self>> {
         let items: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].1 == 1).collect();
-        if items.is_empty() || items.len() < min {
+        if items.len() < 2 {
             return Ok(None);
         }
         let longest = items.iter().map(|&i| spans[i].2 + 1).max().unwrap_or(1);
@@ -604,17 +612,55 @@ impl Llama {
     }
 }
 
+/// Longer runs of new tokens (long prompts) attend through candle's batched products.
+const CPU_ATTENTION_MAX_NEW: usize = 64;
+
+/// On CPU: the items of a step adding at most [`CPU_ATTENTION_MAX_NEW`] tokens each.
+struct SmallGroup {
+    /// Indices of the items, in batch order.
+    items: Vec<usize>,
+    /// Their token rows in the stacked tokens, item after item.
+    rows: Tensor,
+    member: Vec<bool>,
+}
+
+impl SmallGroup {
+    fn new(spans: &[(usize, usize, usize)], device: &Device) -> candle_core::Result<Option<Self>> {
+        let member: Vec<bool> = spans
+            .iter()
+            .map(|&(_, n, _)| n <= CPU_ATTENTION_MAX_NEW)
+            .collect();
+        let items: Vec<usize> = (0..spans.len()).filter(|&i| member[i]).collect();
+        if items.is_empty() {
+            return Ok(None);
+        }
+        let rows: Vec<u32> = items
+            .iter()
+            .flat_map(|&i| (spans[i].0..spans[i].0 + spans[i].1).map(|r| r as u32))
+            .collect();
+        Ok(Some(Self {
+            rows: Tensor::new(rows.as_slice(), device)?,
+            items,
+            member,
+        }))
+    }
+
+    fn has(&self, item: usize) -> bool {
+        self.member.get(item).copied().unwrap_or(false)
+    }
+}
+
 impl Llama {
-    /// [`Llama::decode_attention`] on CPU: each new token's key and value are appended to its
-    /// cache, then every (sequence, head) attends over its cache where it lies (no padding, no
-    /// copies), the sequences spread over the rayon pool. Rows in the group's order,
-    /// `(n, heads·hd)`.
+    /// Attention of layer `l` on CPU for a [`SmallGroup`]: each item's new keys and values are
+    /// appended to its cache, then every new token of every (sequence, head) attends over the
+    /// cache where it lies, causally (no padding, no copies), the sequences spread over the
+    /// rayon pool. Rows in the group's order, `(rows, heads·hd)`.
     #[allow(clippy::too_many_arguments)]
-    fn decode_attention_cpu(
+    fn attention_cpu(
         &self,
         items: &mut [BatchItem<'_, LlamaCache>],
         spans: &[(usize, usize, usize)],
-        d: &DecodeGroup,
+        g: &SmallGroup,
         l: usize,
         q: &Tensor,
         k: &Tensor,
@@ -624,20 +670,29 @@ impl Llama {
         let c = &self.config;
         let (hd, heads, kv_heads) = (c.head_dim(), c.heads, c.kv_heads);
         let rep = heads / kv_heads;
-        let n = d.items.len();
-        let per_seq = |t: &Tensor| -> candle_core::Result<Tensor> {
-            t.index_select(&d.rows, 2)?
+        let total = g.rows.dim(0)?;
+        // The group's rows as (rows, heads, hd).
+        let by_row = |t: &Tensor| -> candle_core::Result<Tensor> {
+            t.index_select(&g.rows, 2)?
                 .squeeze(0)?
                 .transpose(0, 1)?
-                .contiguous()?
-                .reshape((n, kv_heads, 1, hd))
+                .contiguous()
         };
-        let (kd, vd) = (per_seq(k)?, per_seq(v)?);
-        // Per sequence: its cache buffers `(1, kv_heads, capacity, hd)` and its length now.
-        let mut caches = Vec::with_capacity(n);
-        for (j, &i) in d.items.iter().enumerate() {
+        let (kr, vr) = (by_row(k)?, by_row(v)?);
+        // Per item: where its rows start in the group, how many, its cache buffers
+        // `(1, kv_heads, capacity, hd)` and where its new tokens start.
+        let mut work = Vec::with_capacity(g.items.len());
+        let mut row = 0;
+        for &i in &g.items {
+            let (_, n, start) = spans[i];
+            let new = |t: &Tensor| -> candle_core::Result<Tensor> {
+                t.narrow(0, row, n)?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .unsqueeze(0)
+            };
             let cache = &mut items[i].cache.layers[l];
-            cache.append(&kd.narrow(0, j, 1)?, &vd.narrow(0, j, 1)?)?;
+            cache.append(&new(&kr)?, &new(&vr)?)?;
             let (Some(kc), Some(vc)) = (cache.k_cache().all_data(), cache.v_cache().all_data())
             else {
                 candle_core::bail!("a layer cache without data after an append")
@@ -645,66 +700,72 @@ impl Llama {
             if !kc.is_contiguous() || !vc.is_contiguous() {
                 candle_core::bail!("a layer cache that is not contiguous");
             }
-            caches.push((kc.clone(), vc.clone(), spans[i].2 + 1));
+            work.push((row, n, kc.clone(), vc.clone(), start));
+            row += n;
         }
-        let q = q
-            .index_select(&d.rows, 2)?
-            .squeeze(0)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let guards: Vec<_> = caches
+        let q = by_row(q)?;
+        let guards: Vec<_> = work
             .iter()
-            .map(|(k, v, _)| (k.storage_and_layout(), v.storage_and_layout()))
+            .map(|(_, _, k, v, _)| (k.storage_and_layout(), v.storage_and_layout()))
             .collect();
         let qg = q.storage_and_layout();
-        let slice = cpu_f32;
-        let qs = slice(&qg)?;
-        let mut views = Vec::with_capacity(n);
-        for ((kg, vg), (kc, _, len)) in guards.iter().zip(&caches) {
-            let capacity = kc.dim(2)?;
-            views.push((slice(kg)?, slice(vg)?, capacity, *len));
-        }
-        if qs.len() < n * heads * hd {
+        let qs = cpu_f32(&qg)?;
+        if qs.len() < total * heads * hd {
             candle_core::bail!("CPU attention: short query buffer");
         }
+        let mut views = Vec::with_capacity(work.len());
+        for ((kg, vg), (row, n, kc, _, start)) in guards.iter().zip(&work) {
+            views.push((cpu_f32(kg)?, cpu_f32(vg)?, kc.dim(2)?, *row, *n, *start));
+        }
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut out = vec![0f32; n * heads * hd];
-        out.par_chunks_mut(heads * hd)
-            .zip(views.par_iter())
-            .enumerate()
-            .for_each(|(j, (out, &(ks, vs, capacity, len)))| {
-                let mut scores = vec![0f32; len];
-                for h in 0..heads {
-                    let g = h / rep;
-                    let qh = &qs[(j * heads + h) * hd..][..hd];
-                    let base = g * capacity * hd;
-                    let (Some(kh), Some(vh)) =
-                        (ks.get(base..base + len * hd), vs.get(base..base + len * hd))
-                    else {
-                        continue;
-                    };
-                    let mut max = f32::NEG_INFINITY;
-                    for (s, key) in scores.iter_mut().zip(kh.chunks_exact(hd)) {
-                        *s = qh.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
-                        max = max.max(*s);
-                    }
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let y = &mut out[h * hd..][..hd];
-                    for (p, value) in scores.iter().zip(vh.chunks_exact(hd)) {
-                        let p = p / sum;
-                        for (y, x) in y.iter_mut().zip(value) {
-                            *y += p * x;
+        let mut out = vec![0f32; total * heads * hd];
+        // Each item's output rows, split off in order so every task owns its own.
+        let mut parts = Vec::with_capacity(views.len());
+        let mut rest = out.as_mut_slice();
+        for &(_, _, _, _, n, _) in &views {
+            let (part, tail) = rest.split_at_mut(n * heads * hd);
+            parts.push(part);
+            rest = tail;
+        }
+        parts.into_par_iter().zip(views.par_iter()).for_each(
+            |(out, &(ks, vs, capacity, row, n, start))| {
+                let mut scores = vec![0f32; start + n];
+                for t in 0..n {
+                    // Token t of this item sees positions 0 ..= start + t.
+                    let len = start + t + 1;
+                    let scores = &mut scores[..len];
+                    for h in 0..heads {
+                        let base = (h / rep) * capacity * hd;
+                        let qh = &qs[((row + t) * heads + h) * hd..][..hd];
+                        let (Some(kh), Some(vh)) =
+                            (ks.get(base..base + len * hd), vs.get(base..base + len * hd))
+                        else {
+                            continue;
+                        };
+                        let mut max = f32::NEG_INFINITY;
+                        for (s, key) in scores.iter_mut().zip(kh.chunks_exact(hd)) {
+                            *s = qh.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                            max = max.max(*s);
+                        }
+                        let mut sum = 0f32;
+                        for s in scores.iter_mut() {
+                            *s = (*s - max).exp();
+                            sum += *s;
+                        }
+                        let y = &mut out[(t * heads + h) * hd..][..hd];
+                        for (p, value) in scores.iter().zip(vh.chunks_exact(hd)) {
+                            let p = p / sum;
+                            for (y, x) in y.iter_mut().zip(value) {
+                                *y += p * x;
+                            }
                         }
                     }
                 }
-            });
+            },
+        );
         drop(qg);
         drop(guards);
-        Tensor::from_vec(out, (n, heads * hd), &self.device)
+        Tensor::from_vec(out, (total, heads * hd), &self.device)
     }
 }
 

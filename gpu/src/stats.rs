@@ -81,6 +81,7 @@ pub struct EngineStats {
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
     pub batch_size: Histogram,
+    pub step_seconds: Histogram,
 }
 
 impl Default for EngineStats {
@@ -103,6 +104,7 @@ impl Default for EngineStats {
             time_to_first_token: Histogram::new(LATENCY_BOUNDS),
             inter_token_latency: Histogram::new(LATENCY_BOUNDS),
             batch_size: Histogram::new(BATCH_BOUNDS),
+            step_seconds: Histogram::new(LATENCY_BOUNDS),
         }
     }
 }

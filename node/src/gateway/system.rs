@@ -261,7 +261,7 @@ fn inference_metrics(out: &mut String, node: &str, inf: &crate::inference::Infer
         }
     }
     type PickH = fn(&swarm_gpu::EngineStats) -> &swarm_gpu::Histogram;
-    let hists: [(&str, &str, PickH); 3] = [
+    let hists: [(&str, &str, PickH); 4] = [
         (
             "swarm_inference_time_to_first_token_seconds",
             "Time from submission to the first token.",
@@ -276,6 +276,11 @@ fn inference_metrics(out: &mut String, node: &str, inf: &crate::inference::Infer
             "swarm_inference_batch_size",
             "Sequences per engine step.",
             |s| &s.batch_size,
+        ),
+        (
+            "swarm_inference_step_seconds",
+            "Duration of one engine step (a batched forward and its sampling).",
+            |s| &s.step_seconds,
         ),
     ];
     for (name, help, pick) in hists {
