@@ -5,9 +5,11 @@
 #   llama-1     llama.cpp's llama-server, 1 slot
 #   llama-8     llama-server, 8 slots
 # at concurrency 1, 4, 16, 32; each: 2×C requests (at least 4), streamed, temperature 0,
-# MAX_TOKENS output tokens (ignore_eos). llama-server is built here from the llama.cpp sources
+# MAX_TOKENS output tokens (ignore_eos). ROUNDS rounds (default 3), each starting every server
+# afresh and running all of them in turn, so drift of this shared machine hits them alike; the
+# summary gives the median of the rounds. llama-server is built here from the llama.cpp sources
 # vendored in the llama-cpp-python sdist from PyPI (needs cmake; not part of CI).
-# Usage: bench/inference.sh [max_tokens] [concurrencies]
+# Usage: [ROUNDS=3] [SKIP_LLAMA=1] bench/inference.sh [max_tokens] [concurrencies]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 max_tokens=${1:-32}
@@ -55,22 +57,28 @@ run_swarm() { # label max_running
   pid=$!
   for _ in $(seq 300); do curl -s http://127.0.0.1:18280/health | grep -q '"inference":"ready"' && break; sleep 0.2; done
   local tok; tok=$(cat "$dir/admin.token")
-  for c in $concs; do python3 bench/loadgen.py http://127.0.0.1:18280 "$tok" $((c * 2 > 4 ? c * 2 : 4)) "$c" "$max_tokens" "$1"; done
+  for c in $concs; do python3 bench/loadgen.py http://127.0.0.1:18280 "$tok" $((c * 2 > 4 ? c * 2 : 4)) "$c" "$max_tokens" "$1" | tee -a "$results"; done
   kill $pid; wait $pid 2>/dev/null || true; pid=""
+  rm -rf "$dir"
 }
 
 run_llama() { # label slots
   "$llama" -m "$gguf" --host 127.0.0.1 --port 18290 -np "$2" -c $((2048 * $2)) -t "$(nproc)" >"$work/llama-$2.log" 2>&1 &
   pid=$!
   wait_http http://127.0.0.1:18290/health
-  for c in $concs; do python3 bench/loadgen.py http://127.0.0.1:18290 none $((c * 2 > 4 ? c * 2 : 4)) "$c" "$max_tokens" "$1"; done
+  for c in $concs; do python3 bench/loadgen.py http://127.0.0.1:18290 none $((c * 2 > 4 ? c * 2 : 4)) "$c" "$max_tokens" "$1" | tee -a "$results"; done
   kill $pid; wait $pid 2>/dev/null || true; pid=""
 }
 
-echo "# $(date -u +%FT%TZ) $(nproc) cores, max_tokens=$max_tokens"
-run_swarm swarm-1 1
-run_swarm swarm-cb 32
-if [ -z "${SKIP_LLAMA:-}" ]; then
-  run_llama llama-1 1
-  run_llama llama-8 8
-fi
+results=$work/results.jsonl
+echo "# $(date -u +%FT%TZ) $(nproc) cores, max_tokens=$max_tokens, ${ROUNDS:-3} rounds"
+for round in $(seq "${ROUNDS:-3}"); do
+  echo "# round $round"
+  run_swarm swarm-1 1
+  run_swarm swarm-cb 32
+  if [ -z "${SKIP_LLAMA:-}" ]; then
+    run_llama llama-1 1
+    run_llama llama-8 8
+  fi
+done
+python3 bench/summary.py "$results"

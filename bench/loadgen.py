@@ -12,9 +12,12 @@ import urllib.request
 
 url, token, n, conc, max_tokens, label = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 
-# Fixed synthetic prompts: the same list on every run and every server.
+# Fixed synthetic prompts: the same list on every server; a list of its own per concurrency, so
+# no run finds prompts of an earlier run in a server's prompt cache (the shared opening, as a
+# system prompt would be, is in every prompt).
 TOPICS = ["a robot", "the sea", "a lighthouse", "bees", "a library", "the moon", "rain", "a clock"]
-PROMPTS = [f"Write a short story about {TOPICS[i % len(TOPICS)]}, number {i}." for i in range(n)]
+PROMPTS = [f"Write a short story about {TOPICS[i % len(TOPICS)]}, number {conc * 1000 + i}."
+           for i in range(n)]
 
 results, lock, nxt = [], threading.Lock(), [0]
 
