@@ -12,7 +12,6 @@ use std::path::Path;
 
 use candle_core::quantized::{QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::kv_cache::KvCache;
 
 use crate::error::{InferError, Result};
 use crate::packed::PackedMatrix;
@@ -130,12 +129,108 @@ impl std::fmt::Debug for Llama {
     }
 }
 
-/// A sequence's KV cache: one (k, v) pair per layer, each `(1, kv_heads, capacity, head_dim)`.
+/// A sequence's KV cache: per layer one buffer `(2, kv_heads, capacity, head_dim)` (keys, then
+/// values), allocated at its first write. Positions past `len` are stale (a failed step's
+/// writes) and never read.
 #[derive(Debug)]
 pub struct LlamaCache {
-    layers: Vec<KvCache>,
+    layers: Vec<Option<Tensor>>,
     len: usize,
     capacity: usize,
+}
+
+/// The buffer of one layer, allocated (zeros) when missing.
+fn layer_buffer<'a>(
+    slot: &'a mut Option<Tensor>,
+    kv_heads: usize,
+    capacity: usize,
+    hd: usize,
+    device: &Device,
+) -> candle_core::Result<&'a Tensor> {
+    if slot.is_none() {
+        *slot = Some(Tensor::zeros(
+            (2, kv_heads, capacity, hd),
+            DType::F32,
+            device,
+        )?);
+    }
+    match slot {
+        Some(t) => Ok(t),
+        None => candle_core::bail!("a layer cache could not be allocated"),
+    }
+}
+
+/// Writes `k` and `v` (`(1, kv_heads, n, hd)` each) at positions `start ..` of a layer's buffer
+/// and returns views of the keys and values `0 .. start + n` (`(1, kv_heads, start + n, hd)`,
+/// strided: the buffer holds its whole capacity).
+fn write_layer(
+    slot: &mut Option<Tensor>,
+    capacity: usize,
+    start: usize,
+    k: &Tensor,
+    v: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (_, kv_heads, n, hd) = k.dims4()?;
+    if start + n > capacity {
+        candle_core::bail!("{n} tokens at {start} overflow a cache of {capacity}");
+    }
+    let buffer = layer_buffer(slot, kv_heads, capacity, hd, k.device())?;
+    buffer.slice_set(&Tensor::cat(&[k, v], 0)?, 2, start)?;
+    Ok((
+        buffer.narrow(0, 0, 1)?.narrow(2, 0, start + n)?,
+        buffer.narrow(0, 1, 1)?.narrow(2, 0, start + n)?,
+    ))
+}
+
+/// Copies rows of the group's new keys and values (`(2, rows, kv_heads, hd)`, keys then values)
+/// into a sequence's layer buffer `(2, kv_heads, capacity, hd)`: rows `row .. row + n` to
+/// positions `start .. start + n`. One operation per sequence and layer, in place.
+struct WriteRows {
+    row: usize,
+    n: usize,
+    start: usize,
+}
+
+impl candle_core::InplaceOp2 for WriteRows {
+    fn name(&self) -> &'static str {
+        "kv-write-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let (_, kv_heads, capacity, hd) = l1.shape().dims4()?;
+        let (_, rows, src_heads, src_hd) = l2.shape().dims4()?;
+        let (Some((d0, d1)), Some((s0, s1_))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("kv write: buffers are not contiguous")
+        };
+        if (src_heads, src_hd) != (kv_heads, hd)
+            || self.row + self.n > rows
+            || self.start + self.n > capacity
+        {
+            candle_core::bail!("kv write: rows do not fit the cache");
+        }
+        let src = &s2.as_slice::<f32>()?[s0..s1_];
+        let dst = match s1 {
+            candle_core::CpuStorage::F32(d) => &mut d[d0..d1],
+            _ => candle_core::bail!("kv write: the cache is not f32"),
+        };
+        for part in 0..2 {
+            for t in 0..self.n {
+                for h in 0..kv_heads {
+                    let from = ((part * rows + self.row + t) * kv_heads + h) * hd;
+                    let to = ((part * kv_heads + h) * capacity + self.start + t) * hd;
+                    dst[to..to + hd].copy_from_slice(&src[from..from + hd]);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl LlamaCache {
@@ -455,7 +550,8 @@ impl Llama {
                 // The cache views are strided (the cache holds its full capacity); matmul takes
                 // them as they are. Grouped-query attention without copying K/V per head: the
                 // `rep` query heads that share a KV head form one (rep·n, hd) matrix.
-                let (kc, vc) = item.cache.layers[l].append(&ki, &vi)?;
+                let capacity = item.cache.capacity;
+                let (kc, vc) = write_layer(&mut item.cache.layers[l], capacity, start, &ki, &vi)?;
                 let total = start + n;
                 let qg = qi.reshape((kv_heads, rep * n, hd))?;
                 let att = (qg.matmul(&kc.squeeze(0)?.t()?)? / scale)?;
@@ -582,18 +678,22 @@ impl Llama {
             let start = spans[i].2;
             let ki = kd.narrow(0, j, 1)?;
             let vi = vd.narrow(0, j, 1)?;
-            let cache = &mut items[i].cache.layers[l];
-            let (kc, vc) = cache.append(&ki, &vi)?;
+            let capacity = items[i].cache.capacity;
+            let slot = &mut items[i].cache.layers[l];
+            let (kc, vc) = write_layer(slot, capacity, start, &ki, &vi)?;
             // The cache buffer past the sequence's length is zeros (or stale finite values after
             // a failed step): a free view when it reaches `longest`; padded otherwise.
-            let pad = |all: &Option<Tensor>, cur: Tensor| -> candle_core::Result<Tensor> {
-                match all {
-                    Some(a) if a.dim(2)? >= d.longest => a.narrow(2, 0, d.longest),
+            let slot = &*slot;
+            let pad = |part: usize, cur: Tensor| -> candle_core::Result<Tensor> {
+                match slot {
+                    Some(a) if capacity >= d.longest => {
+                        a.narrow(0, part, 1)?.narrow(2, 0, d.longest)
+                    }
                     _ => cur.pad_with_zeros(2, 0, d.longest - (start + 1)),
                 }
             };
-            ks.push(pad(cache.k_cache().all_data(), kc)?);
-            vs.push(pad(cache.v_cache().all_data(), vc)?);
+            ks.push(pad(0, kc)?);
+            vs.push(pad(1, vc)?);
         }
         let kb = Tensor::cat(&ks, 0)?.reshape((n * kv_heads, d.longest, hd))?;
         let vb = Tensor::cat(&vs, 0)?.reshape((n * kv_heads, d.longest, hd))?;
@@ -678,35 +778,31 @@ impl Llama {
                 .transpose(0, 1)?
                 .contiguous()
         };
-        let (kr, vr) = (by_row(k)?, by_row(v)?);
-        // Per item: where its rows start in the group, how many, its cache buffers
-        // `(1, kv_heads, capacity, hd)` and where its new tokens start.
+        // The group's new keys and values as (2, rows, kv_heads, hd), written into each
+        // sequence's buffer by one in-place copy.
+        let kvr = Tensor::stack(&[by_row(k)?, by_row(v)?], 0)?;
+        // Per item: where its rows start in the group, how many, its buffer and where its new
+        // tokens start.
         let mut work = Vec::with_capacity(g.items.len());
         let mut row = 0;
         for &i in &g.items {
             let (_, n, start) = spans[i];
-            let new = |t: &Tensor| -> candle_core::Result<Tensor> {
-                t.narrow(0, row, n)?
-                    .transpose(0, 1)?
-                    .contiguous()?
-                    .unsqueeze(0)
-            };
-            let cache = &mut items[i].cache.layers[l];
-            cache.append(&new(&kr)?, &new(&vr)?)?;
-            let (Some(kc), Some(vc)) = (cache.k_cache().all_data(), cache.v_cache().all_data())
-            else {
-                candle_core::bail!("a layer cache without data after an append")
-            };
-            if !kc.is_contiguous() || !vc.is_contiguous() {
-                candle_core::bail!("a layer cache that is not contiguous");
-            }
-            work.push((row, n, kc.clone(), vc.clone(), start));
+            let capacity = items[i].cache.capacity;
+            let buffer = layer_buffer(
+                &mut items[i].cache.layers[l],
+                kv_heads,
+                capacity,
+                hd,
+                &self.device,
+            )?;
+            buffer.inplace_op2(&kvr, &WriteRows { row, n, start })?;
+            work.push((row, n, buffer.clone(), start));
             row += n;
         }
         let q = by_row(q)?;
         let guards: Vec<_> = work
             .iter()
-            .map(|(_, _, k, v, _)| (k.storage_and_layout(), v.storage_and_layout()))
+            .map(|(_, _, b, _)| b.storage_and_layout())
             .collect();
         let qg = q.storage_and_layout();
         let qs = cpu_f32(&qg)?;
@@ -714,8 +810,15 @@ impl Llama {
             candle_core::bail!("CPU attention: short query buffer");
         }
         let mut views = Vec::with_capacity(work.len());
-        for ((kg, vg), (row, n, kc, _, start)) in guards.iter().zip(&work) {
-            views.push((cpu_f32(kg)?, cpu_f32(vg)?, kc.dim(2)?, *row, *n, *start));
+        for (guard, (row, n, buffer, start)) in guards.iter().zip(&work) {
+            let all = cpu_f32(guard)?;
+            let capacity = buffer.dim(2)?;
+            let half = kv_heads * capacity * hd;
+            if all.len() < 2 * half {
+                candle_core::bail!("CPU attention: short cache buffer");
+            }
+            let (ks, vs) = all.split_at(half);
+            views.push((ks, vs, capacity, *row, *n, *start));
         }
         let scale = 1.0 / (hd as f32).sqrt();
         let mut out = vec![0f32; total * heads * hd];
@@ -775,9 +878,7 @@ impl LanguageModel for Llama {
     fn new_cache(&self, capacity: usize) -> LlamaCache {
         let capacity = capacity.min(self.config.context);
         LlamaCache {
-            layers: (0..self.config.layers)
-                .map(|_| KvCache::new(2, capacity.max(1)))
-                .collect(),
+            layers: vec![None; self.config.layers],
             len: 0,
             capacity,
         }
@@ -787,7 +888,8 @@ impl LanguageModel for Llama {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        // A failed step must not leave a cache half-appended: remember and restore lengths.
+        // A failed step must not leave a cache longer: remember and restore lengths (what it
+        // wrote past them is stale and never read).
         let lens: Vec<usize> = items.iter().map(|i| i.cache.len).collect();
         // The step runs on a worker of rayon's pool, not on the calling (engine) thread: the
         // pool's workers then never spin for work beside a third busy thread; on two cores that
@@ -796,7 +898,7 @@ impl LanguageModel for Llama {
             Ok(logits) => Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?),
             Err(e) => {
                 for (item, len) in items.iter_mut().zip(lens) {
-                    truncate_cache(item.cache, len);
+                    item.cache.len = len;
                 }
                 Err(e)
             }
@@ -820,13 +922,12 @@ impl LanguageModel for Llama {
             .iter()
             .zip(copy.layers.iter_mut())
             .try_for_each(|(from, to)| {
-                let (Some(k), Some(v)) = (from.k()?, from.v()?) else {
+                let Some(from) = from else {
                     candle_core::bail!("an empty layer cache")
                 };
-                let k = k.narrow(2, 0, len)?.contiguous()?;
-                let v = v.narrow(2, 0, len)?.contiguous()?;
-                to.append(&k, &v)?;
-                Ok(())
+                let (_, kv_heads, _, hd) = from.dims4()?;
+                let buffer = layer_buffer(to, kv_heads, capacity, hd, from.device())?;
+                buffer.slice_set(&from.narrow(2, 0, len)?.contiguous()?, 2, 0)
             });
         match copied {
             Ok(()) => {
@@ -852,18 +953,6 @@ fn cpu_f32<'a>((storage, layout): &'a StorageGuard<'_>) -> candle_core::Result<&
         candle_core::Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[layout.start_offset()..]),
         _ => candle_core::bail!("CPU attention on a tensor that is not on the CPU"),
     }
-}
-
-/// Drops whatever a failed step appended (the cache becomes empty when it cannot be cut back).
-fn truncate_cache(cache: &mut LlamaCache, len: usize) {
-    if cache.layers.iter().all(|l| l.current_seq_len() == len) {
-        cache.len = len;
-        return;
-    }
-    for l in &mut cache.layers {
-        l.reset();
-    }
-    cache.len = 0;
 }
 
 /// `(n, start + n)`: 0 where new token i may see position j (j ≤ start + i), −∞ elsewhere.
