@@ -541,7 +541,7 @@ impl Llama {
             let v = split(&layer.wv, kv_heads)?;
             let mut outs: Vec<Option<Tensor>> = vec![None; items.len()];
             for (idx, (item, &(off, n, start))) in items.iter_mut().zip(&spans).enumerate() {
-                if (decode.is_some() && n == 1) || small.as_ref().is_some_and(|g| g.has(idx)) {
+                if (decode.is_some() && n == 1) || (small.is_some() && n <= CPU_ATTENTION_MAX_NEW) {
                     continue;
                 }
                 let qi = q.narrow(2, off, n)?.contiguous()?;
@@ -667,11 +667,7 @@ impl Llama {
         // The group's new keys and values as (n, kv_heads, 1, hd): each sequence's slice is then
         // a contiguous view, appended without a copy of its own.
         let per_seq = |t: &Tensor| -> candle_core::Result<Tensor> {
-            t.index_select(&d.rows, 2)?
-                .squeeze(0)?
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((n, kv_heads, 1, hd))
+            select_rows(t, &d.rows)?.reshape((n, kv_heads, 1, hd))
         };
         let (kd, vd) = (per_seq(k)?, per_seq(v)?);
         for (j, &i) in d.items.iter().enumerate() {
@@ -697,12 +693,7 @@ impl Llama {
         }
         let kb = Tensor::cat(&ks, 0)?.reshape((n * kv_heads, d.longest, hd))?;
         let vb = Tensor::cat(&vs, 0)?.reshape((n * kv_heads, d.longest, hd))?;
-        let qd = q
-            .index_select(&d.rows, 2)?
-            .squeeze(0)?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((n * kv_heads, rep, hd))?;
+        let qd = select_rows(q, &d.rows)?.reshape((n * kv_heads, rep, hd))?;
         let att = (qd.matmul(&kb.t()?)? / (hd as f64).sqrt())?
             .reshape((n, heads, d.longest))?
             .broadcast_add(&d.mask)?;
@@ -721,16 +712,13 @@ struct SmallGroup {
     items: Vec<usize>,
     /// Their token rows in the stacked tokens, item after item.
     rows: Tensor,
-    member: Vec<bool>,
 }
 
 impl SmallGroup {
     fn new(spans: &[(usize, usize, usize)], device: &Device) -> candle_core::Result<Option<Self>> {
-        let member: Vec<bool> = spans
-            .iter()
-            .map(|&(_, n, _)| n <= CPU_ATTENTION_MAX_NEW)
+        let items: Vec<usize> = (0..spans.len())
+            .filter(|&i| spans[i].1 <= CPU_ATTENTION_MAX_NEW)
             .collect();
-        let items: Vec<usize> = (0..spans.len()).filter(|&i| member[i]).collect();
         if items.is_empty() {
             return Ok(None);
         }
@@ -741,13 +729,16 @@ impl SmallGroup {
         Ok(Some(Self {
             rows: Tensor::new(rows.as_slice(), device)?,
             items,
-            member,
         }))
     }
+}
 
-    fn has(&self, item: usize) -> bool {
-        self.member.get(item).copied().unwrap_or(false)
-    }
+/// The given token rows of a `(1, heads, tokens, hd)` step tensor, as `(rows, heads, hd)`.
+fn select_rows(t: &Tensor, rows: &Tensor) -> candle_core::Result<Tensor> {
+    t.index_select(rows, 2)?
+        .squeeze(0)?
+        .transpose(0, 1)?
+        .contiguous()
 }
 
 impl Llama {
@@ -771,16 +762,9 @@ impl Llama {
         let (hd, heads, kv_heads) = (c.head_dim(), c.heads, c.kv_heads);
         let rep = heads / kv_heads;
         let total = g.rows.dim(0)?;
-        // The group's rows as (rows, heads, hd).
-        let by_row = |t: &Tensor| -> candle_core::Result<Tensor> {
-            t.index_select(&g.rows, 2)?
-                .squeeze(0)?
-                .transpose(0, 1)?
-                .contiguous()
-        };
         // The group's new keys and values as (2, rows, kv_heads, hd), written into each
         // sequence's buffer by one in-place copy.
-        let kvr = Tensor::stack(&[by_row(k)?, by_row(v)?], 0)?;
+        let kvr = Tensor::stack(&[select_rows(k, &g.rows)?, select_rows(v, &g.rows)?], 0)?;
         // Per item: where its rows start in the group, how many, its buffer and where its new
         // tokens start.
         let mut work = Vec::with_capacity(g.items.len());
@@ -799,7 +783,7 @@ impl Llama {
             work.push((row, n, buffer.clone(), start));
             row += n;
         }
-        let q = by_row(q)?;
+        let q = select_rows(q, &g.rows)?;
         let guards: Vec<_> = work
             .iter()
             .map(|(_, _, b, _)| b.storage_and_layout())
