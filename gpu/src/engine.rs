@@ -468,10 +468,8 @@ impl<'a, M: LanguageModel> Runner<'a, M> {
                         self.seqs.insert(id, s);
                     }
                 }
-                self.stats.step_seconds.observe_duration(started.elapsed());
             }
             other => {
-                self.stats.step_seconds.observe_duration(started.elapsed());
                 let e = match other {
                     Err(e) => e,
                     Ok(_) => InferError::EngineStopped(
@@ -488,6 +486,7 @@ impl<'a, M: LanguageModel> Runner<'a, M> {
                 }
             }
         }
+        self.stats.step_seconds.observe_duration(started.elapsed());
         self.publish();
     }
 
