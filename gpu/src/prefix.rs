@@ -75,15 +75,14 @@ impl<C> PrefixCache<C> {
         let Some(cache) = make() else {
             return;
         };
-        let mut kept = VecDeque::with_capacity(self.entries.len() + 1);
-        for e in self.entries.drain(..) {
-            if tokens.starts_with(&e.tokens) {
-                self.held -= e.tokens.len();
-            } else {
-                kept.push_back(e);
+        let held = &mut self.held;
+        self.entries.retain(|e| {
+            let replaced = tokens.starts_with(&e.tokens);
+            if replaced {
+                *held -= e.tokens.len();
             }
-        }
-        self.entries = kept;
+            !replaced
+        });
         while self.held + tokens.len() > self.capacity {
             match self.entries.pop_front() {
                 Some(e) => self.held -= e.tokens.len(),
