@@ -73,11 +73,6 @@ impl PackedMatrix {
         Self { rows, cols, panels }
     }
 
-    /// Output features.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// `x · selfᵀ` for `x` of `m` rows of `cols` values: `m` rows of `rows` values.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
