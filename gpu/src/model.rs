@@ -831,7 +831,7 @@ impl Llama {
                         };
                         let mut max = f32::NEG_INFINITY;
                         for (s, key) in scores.iter_mut().zip(kh.chunks_exact(hd)) {
-                            *s = qh.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                            *s = dot(qh, key) * scale;
                             max = max.max(*s);
                         }
                         let mut sum = 0f32;
@@ -932,6 +932,21 @@ type StorageGuard<'a> = (
 );
 
 /// The f32 values of a CPU tensor from its first element on (its layout says where they lie).
+/// `a · b` summed in sixteen independent lanes, which the compiler turns into vector
+/// instructions (one running sum is a chain of dependent additions, several times slower).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 fn cpu_f32<'a>((storage, layout): &'a StorageGuard<'_>) -> candle_core::Result<&'a [f32]> {
     match &**storage {
         candle_core::Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[layout.start_offset()..]),
