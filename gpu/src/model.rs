@@ -182,6 +182,51 @@ fn write_layer(
     ))
 }
 
+/// `silu(gate) · up`, element by element, in one pass spread over the rayon pool (candle's
+/// `silu` and product are two single-threaded passes, which at a batch's width leave the
+/// other cores waiting).
+struct SiluMul;
+
+impl candle_core::CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("silu-mul: inputs are not contiguous")
+        };
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "silu-mul: shapes {:?} and {:?} differ",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let (g, u) = (
+            &s1.as_slice::<f32>()?[a0..a1],
+            &s2.as_slice::<f32>()?[b0..b1],
+        );
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(4096)
+            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+            .for_each(|(out, (g, u))| {
+                for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
 /// Copies rows of the group's new keys and values (`(2, rows, kv_heads, hd)`, keys then values)
 /// into a sequence's layer buffer `(2, kv_heads, capacity, hd)`: rows `row .. row + n` to
 /// positions `start .. start + n`. One operation per sequence and layer, in place.
@@ -589,7 +634,11 @@ impl Llama {
             let y = Tensor::cat(&outs, 0)?;
             x = (layer.wo.forward(&y)? + x)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps as f32)?;
-            let mlp = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            let (gate, up) = (layer.gate.forward(&h)?, layer.up.forward(&h)?);
+            let mlp = match self.device.is_cpu() {
+                true => gate.apply_op2_no_bwd(&up, &SiluMul)?,
+                false => (candle_nn::ops::silu(&gate)? * up)?,
+            };
             x = (layer.down.forward(&mlp)? + x)?;
         }
         for (item, &(_, n, _)) in items.iter_mut().zip(&spans) {
@@ -938,7 +987,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 16;
     let mut acc = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..LANES {
             acc[i] += x[i] * y[i];
@@ -1032,4 +1086,30 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn silu_mul_matches_candle() {
+        let dev = Device::Cpu;
+        // Longer than one parallel chunk, and not a multiple of it.
+        for len in [1usize, 7, 4096, 9000] {
+            let g = (Tensor::randn(0f32, 3.0, (len,), &dev).unwrap())
+                .reshape((1, len))
+                .unwrap();
+            let u = Tensor::randn(0f32, 1.0, (1, len), &dev).unwrap();
+            let want = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
+            let got = g.apply_op2_no_bwd(&u, &SiluMul).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        }
+        let short = Tensor::zeros((1, 3), DType::F32, &dev).unwrap();
+        let long = Tensor::zeros((1, 4), DType::F32, &dev).unwrap();
+        assert!(short.apply_op2_no_bwd(&long, &SiluMul).is_err());
+    }
 }

@@ -27,6 +27,9 @@ const TILE: usize = 6;
 /// of the task multiplies it.
 const ROW_BLOCK: usize = 96;
 
+/// Multiply-adds a task of the product should at least hold.
+const MIN_TASK_WORK: usize = 1 << 16;
+
 /// A `(rows, cols)` weight matrix (`rows` output features of `cols` inputs each), packed.
 pub struct PackedMatrix {
     rows: usize,
@@ -82,23 +85,32 @@ impl PackedMatrix {
         }
         // The activations in tiles of six rows, interleaved input by input (`[tile][k][6]`), so
         // the kernel's six broadcasts per input read one cache line.
+        // (Every step below is spread over the rayon pool: at a batch's width, a copy done by
+        // one thread leaves the others waiting.)
         let tiles = m.div_ceil(TILE);
         let mut a = vec![0f32; tiles * k * TILE];
-        for (r, row) in x.chunks_exact(k).take(m).enumerate() {
-            let tile = &mut a[(r / TILE) * k * TILE..][..k * TILE];
-            for (dst, &v) in tile.iter_mut().skip(r % TILE).step_by(TILE).zip(row) {
-                *dst = v;
-            }
-        }
+        a.par_chunks_mut(k * TILE)
+            .zip(x[..m * k].par_chunks(k * TILE))
+            .for_each(|(tile, rows)| {
+                for (r, row) in rows.chunks_exact(k).enumerate() {
+                    for (dst, &v) in tile.iter_mut().skip(r).step_by(TILE).zip(row) {
+                        *dst = v;
+                    }
+                }
+            });
         let simd = fast();
-        // Results land panel-major (`[panel][row][16]`), so each task writes one contiguous run.
-        let mut out_p = vec![[0f32; PANEL]; count * m];
-        let per_task = (count / (rayon::current_num_threads() * 4)).clamp(1, 64);
-        out_p
-            .par_chunks_mut(per_task * m)
-            .enumerate()
-            .for_each(|(task, out)| {
+        // Each task's results land panel-major (`[panel][row][16]`) in a buffer of its own.
+        // Many small tasks, so that the threads finish together (with a few large ones, a
+        // thread that drew a slow one keeps the rest waiting), yet each worth at least
+        // `MIN_TASK_WORK` multiply-adds, so that handing tasks out stays cheap next to them.
+        let per_task = (count / (rayon::current_num_threads() * 16))
+            .max(MIN_TASK_WORK / (m * k * PANEL).max(1))
+            .clamp(1, 64);
+        let parts: Vec<Vec<[f32; PANEL]>> = (0..count.div_ceil(per_task))
+            .into_par_iter()
+            .map(|task| {
                 let first = task * per_task;
+                let mut out = vec![[0f32; PANEL]; (count - first).min(per_task) * m];
                 for r0 in (0..m).step_by(ROW_BLOCK) {
                     let r1 = (r0 + ROW_BLOCK).min(m);
                     for (i, out) in out.chunks_exact_mut(m).enumerate() {
@@ -111,15 +123,17 @@ impl PackedMatrix {
                         }
                     }
                 }
-            });
+                out
+            })
+            .collect();
+        // Back to row-major, a row per task.
         let mut y = vec![0f32; m * n];
-        for (p, rows) in out_p.chunks_exact(m).enumerate() {
-            let c0 = p * PANEL;
-            let width = PANEL.min(n - c0);
-            for (r, v) in rows.iter().enumerate() {
-                y[r * n + c0..r * n + c0 + width].copy_from_slice(&v[..width]);
+        y.par_chunks_mut(n).enumerate().for_each(|(r, y)| {
+            let panels = parts.iter().flat_map(|p| p.iter().skip(r).step_by(m));
+            for (y, p) in y.chunks_mut(PANEL).zip(panels) {
+                y.copy_from_slice(&p[..y.len()]);
             }
-        }
+        });
         y
     }
 }
@@ -296,6 +310,8 @@ mod tests {
         // Rows not a multiple of the panel, odd widths.
         check(37, 19);
         check(5, 1);
+        // Enough panels for the product to split into tasks, the last one short.
+        check(300, 40);
     }
 
     #[test]
