@@ -450,7 +450,17 @@ impl<'a, M: LanguageModel> Runner<'a, M> {
         drop(items);
         match out {
             Ok(logits) if logits.len() == batch.len() => {
-                for ((id, mut s), logits) in batch.into_iter().zip(logits) {
+                // Each sequence's next token, the sequences spread over the rayon pool (a pass
+                // over the vocabulary each; one after another they leave the other cores idle).
+                let tokens: Vec<u32> = {
+                    use rayon::prelude::*;
+                    batch
+                        .par_iter_mut()
+                        .zip(logits.par_iter())
+                        .map(|((_, s), logits)| s.sampler.sample(logits))
+                        .collect()
+                };
+                for ((id, mut s), token) in batch.into_iter().zip(tokens) {
                     let prefilled = s.cached < s.prompt_len;
                     s.cached = s.tokens.len();
                     if prefilled && let Some(cache) = &s.cache {
@@ -462,7 +472,7 @@ impl<'a, M: LanguageModel> Runner<'a, M> {
                             .prefix_cache_tokens
                             .store(self.prefixes.held() as u64, Relaxed);
                     }
-                    if self.advance(&mut s, &logits) {
+                    if self.advance(&mut s, token) {
                         self.sched.finish(id);
                     } else {
                         self.seqs.insert(id, s);
@@ -514,9 +524,8 @@ impl<'a, M: LanguageModel> Runner<'a, M> {
         }
     }
 
-    /// Samples the next token of `s`; true when the sequence is done (its events are sent).
-    fn advance(&self, s: &mut Seq<M::Cache>, logits: &[f32]) -> bool {
-        let token = s.sampler.sample(logits);
+    /// Appends the sampled `token` to `s`; true when the sequence is done (its events are sent).
+    fn advance(&self, s: &mut Seq<M::Cache>, token: u32) -> bool {
         s.tokens.push(token);
         let now = Instant::now();
         match s.last_token {

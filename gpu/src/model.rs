@@ -928,7 +928,7 @@ impl LanguageModel for Llama {
         // pool's workers then never spin for work beside a third busy thread; on two cores that
         // spinning took a quarter of the time.
         match rayon::scope(|_| self.forward_tensor(items)) {
-            Ok(logits) => Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?),
+            Ok(logits) => Ok(logits_rows(&logits.to_dtype(DType::F32)?.contiguous()?)?),
             Err(e) => {
                 for (item, len) in items.iter_mut().zip(lens) {
                     item.cache.len = len;
@@ -1001,10 +1001,29 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// The rows of a `(n, vocab)` logits matrix; on CPU copied out a row per task (a batch's
+/// logits are megabytes, which one thread copies while the others wait).
+fn logits_rows(logits: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+    use rayon::prelude::*;
+    let (n, vocab) = logits.dims2()?;
+    if !logits.device().is_cpu() || vocab == 0 {
+        return logits.to_vec2::<f32>();
+    }
+    let guard = logits.storage_and_layout();
+    let all = cpu_f32(&guard)?;
+    if all.len() < n * vocab {
+        candle_core::bail!("logits: short buffer");
+    }
+    Ok(all[..n * vocab]
+        .par_chunks(vocab)
+        .map(<[f32]>::to_vec)
+        .collect())
+}
+
 fn cpu_f32<'a>((storage, layout): &'a StorageGuard<'_>) -> candle_core::Result<&'a [f32]> {
     match &**storage {
         candle_core::Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[layout.start_offset()..]),
-        _ => candle_core::bail!("CPU attention on a tensor that is not on the CPU"),
+        _ => candle_core::bail!("a CPU kernel on a tensor that is not on the CPU"),
     }
 }
 
