@@ -980,7 +980,6 @@ type StorageGuard<'a> = (
     &'a candle_core::Layout,
 );
 
-/// The f32 values of a CPU tensor from its first element on (its layout says where they lie).
 /// `a · b` summed in sixteen independent lanes, which the compiler turns into vector
 /// instructions (one running sum is a chain of dependent additions, several times slower).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -1020,6 +1019,7 @@ fn logits_rows(logits: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
         .collect())
 }
 
+/// The f32 values of a CPU tensor from its first element on (its layout says where they lie).
 fn cpu_f32<'a>((storage, layout): &'a StorageGuard<'_>) -> candle_core::Result<&'a [f32]> {
     match &**storage {
         candle_core::Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[layout.start_offset()..]),

@@ -80,7 +80,7 @@ impl PackedMatrix {
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
         let count = n.div_ceil(PANEL);
-        if m == 0 || x.len() < m * k {
+        if m == 0 || k == 0 || x.len() < m * k {
             return vec![0.0; m * n];
         }
         // The activations in tiles of six rows, interleaved input by input (`[tile][k][6]`), so
