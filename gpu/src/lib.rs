@@ -26,6 +26,7 @@ mod scheduler;
 mod stats;
 pub mod testmodel;
 mod tokenizer;
+mod vector;
 
 pub use actor::{EngineStarter, InferenceMsg, InferenceSupervisor, Served, starter, submit};
 pub use engine::{EngineConfig, EngineHandle, Event, FinishReason, Generation};

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{InferError, Result};
 use crate::packed::PackedMatrix;
+use crate::vector;
 
 /// The hyperparameters of a Llama-family model.
 #[derive(Debug, Clone, PartialEq)]
@@ -219,9 +220,7 @@ impl candle_core::CustomOp2 for SiluMul {
         out.par_chunks_mut(4096)
             .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
             .for_each(|(out, (g, u))| {
-                for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
+                vector::silu_mul(out, g, u);
             });
         Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -809,7 +808,6 @@ impl Llama {
         use rayon::prelude::*;
         let c = &self.config;
         let (hd, heads, kv_heads) = (c.head_dim(), c.heads, c.kv_heads);
-        let rep = heads / kv_heads;
         let total = g.rows.dim(0)?;
         // The group's new keys and values as (2, rows, kv_heads, hd), written into each
         // sequence's buffer by one in-place copy.
@@ -853,7 +851,6 @@ impl Llama {
             let (ks, vs) = all.split_at(half);
             views.push((ks, vs, capacity, *row, *n, *start));
         }
-        let scale = 1.0 / (hd as f32).sqrt();
         let mut out = vec![0f32; total * heads * hd];
         // Each item's output rows, split off in order so every task owns its own.
         let mut parts = Vec::with_capacity(views.len());
@@ -865,38 +862,16 @@ impl Llama {
         }
         parts.into_par_iter().zip(views.par_iter()).for_each(
             |(out, &(ks, vs, capacity, row, n, start))| {
-                let mut scores = vec![0f32; start + n];
-                for t in 0..n {
-                    // Token t of this item sees positions 0 ..= start + t.
-                    let len = start + t + 1;
-                    let scores = &mut scores[..len];
-                    for h in 0..heads {
-                        let base = (h / rep) * capacity * hd;
-                        let qh = &qs[((row + t) * heads + h) * hd..][..hd];
-                        let (Some(kh), Some(vh)) =
-                            (ks.get(base..base + len * hd), vs.get(base..base + len * hd))
-                        else {
-                            continue;
-                        };
-                        let mut max = f32::NEG_INFINITY;
-                        for (s, key) in scores.iter_mut().zip(kh.chunks_exact(hd)) {
-                            *s = dot(qh, key) * scale;
-                            max = max.max(*s);
-                        }
-                        let mut sum = 0f32;
-                        for s in scores.iter_mut() {
-                            *s = (*s - max).exp();
-                            sum += *s;
-                        }
-                        let y = &mut out[(t * heads + h) * hd..][..hd];
-                        for (p, value) in scores.iter().zip(vh.chunks_exact(hd)) {
-                            let p = p / sum;
-                            for (y, x) in y.iter_mut().zip(value) {
-                                *y += p * x;
-                            }
-                        }
-                    }
-                }
+                let dims = vector::Heads {
+                    heads,
+                    kv_heads,
+                    head_dim: hd,
+                    capacity,
+                };
+                let q = qs
+                    .get(row * heads * hd..(row + n) * heads * hd)
+                    .unwrap_or(&[]);
+                vector::attend(out, q, ks, vs, dims, n, start);
             },
         );
         drop(qg);
@@ -979,26 +954,6 @@ type StorageGuard<'a> = (
     std::sync::RwLockReadGuard<'a, candle_core::Storage>,
     &'a candle_core::Layout,
 );
-
-/// `a · b` summed in sixteen independent lanes, which the compiler turns into vector
-/// instructions (one running sum is a chain of dependent additions, several times slower).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..LANES {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
 
 /// The rows of a `(n, vocab)` logits matrix; on CPU copied out a row per task (a batch's
 /// logits are megabytes, which one thread copies while the others wait).

@@ -30,6 +30,9 @@ const ROW_BLOCK: usize = 96;
 /// Multiply-adds a task of the product should at least hold.
 const MIN_TASK_WORK: usize = 1 << 16;
 
+/// Activation values from which the interleaving copy is spread over the rayon pool.
+const PARALLEL_COPY: usize = 1 << 16;
+
 /// A `(rows, cols)` weight matrix (`rows` output features of `cols` inputs each), packed.
 pub struct PackedMatrix {
     rows: usize,
@@ -84,57 +87,104 @@ impl PackedMatrix {
             return vec![0.0; m * n];
         }
         // The activations in tiles of six rows, interleaved input by input (`[tile][k][6]`), so
-        // the kernel's six broadcasts per input read one cache line.
-        // (Every step below is spread over the rayon pool: at a batch's width, a copy done by
-        // one thread leaves the others waiting.)
+        // the kernel's six broadcasts per input read one cache line. Copied across the rayon
+        // pool when large (a prefill's); a decode step's few rows are quicker copied here than
+        // handed out.
         let tiles = m.div_ceil(TILE);
         let mut a = vec![0f32; tiles * k * TILE];
-        a.par_chunks_mut(k * TILE)
-            .zip(x[..m * k].par_chunks(k * TILE))
-            .for_each(|(tile, rows)| {
-                for (r, row) in rows.chunks_exact(k).enumerate() {
-                    for (dst, &v) in tile.iter_mut().skip(r).step_by(TILE).zip(row) {
-                        *dst = v;
-                    }
+        let interleave = |(tile, rows): (&mut [f32], &[f32])| {
+            for (r, row) in rows.chunks_exact(k).enumerate() {
+                for (dst, &v) in tile.iter_mut().skip(r).step_by(TILE).zip(row) {
+                    *dst = v;
                 }
-            });
+            }
+        };
+        if tiles * k * TILE >= PARALLEL_COPY {
+            a.par_chunks_mut(k * TILE)
+                .zip(x[..m * k].par_chunks(k * TILE))
+                .for_each(interleave);
+        } else {
+            a.chunks_mut(k * TILE)
+                .zip(x[..m * k].chunks(k * TILE))
+                .for_each(interleave);
+        }
         let simd = fast();
-        // Each task's results land panel-major (`[panel][row][16]`) in a buffer of its own.
         // Many small tasks, so that the threads finish together (with a few large ones, a
         // thread that drew a slow one keeps the rest waiting), yet each worth at least
         // `MIN_TASK_WORK` multiply-adds, so that handing tasks out stays cheap next to them.
         let per_task = (count / (rayon::current_num_threads() * 16))
             .max(MIN_TASK_WORK / (m * k * PANEL).max(1))
             .clamp(1, 64);
-        let parts: Vec<Vec<[f32; PANEL]>> = (0..count.div_ceil(per_task))
+        // Each task writes the columns of its own panels, every row, straight into the result.
+        let mut y: Vec<f32> = Vec::with_capacity(m * n);
+        let out = Columns {
+            ptr: y.as_mut_ptr(),
+            rows: m,
+            cols: n,
+        };
+        (0..count.div_ceil(per_task))
             .into_par_iter()
-            .map(|task| {
+            .for_each(|task| {
                 let first = task * per_task;
-                let mut out = vec![[0f32; PANEL]; (count - first).min(per_task) * m];
+                let mut buf = [[0f32; PANEL]; ROW_BLOCK];
                 for r0 in (0..m).step_by(ROW_BLOCK) {
                     let r1 = (r0 + ROW_BLOCK).min(m);
-                    for (i, out) in out.chunks_exact_mut(m).enumerate() {
-                        let p = first + i;
+                    for p in first..(first + per_task).min(count) {
                         let panel = &self.panels[p * k..(p + 1) * k];
                         for t0 in (r0..r1).step_by(TILE) {
                             let t1 = (t0 + TILE).min(r1);
                             let a = &a[(t0 / TILE) * k * TILE..][..k * TILE];
-                            tile(a, k, panel, &mut out[t0..t1], simd);
+                            tile(a, k, panel, &mut buf[t0 - r0..t1 - r0], simd);
+                        }
+                        for (r, values) in (r0..r1).zip(&buf) {
+                            // SAFETY: this task alone writes the columns of panels
+                            // `first .. first + per_task`, and each (row, panel) once.
+                            #[allow(unsafe_code)]
+                            unsafe {
+                                out.write(r, p * PANEL, values)
+                            };
                         }
                     }
                 }
-                out
-            })
-            .collect();
-        // Back to row-major, a row per task.
-        let mut y = vec![0f32; m * n];
-        y.par_chunks_mut(n).enumerate().for_each(|(r, y)| {
-            let panels = parts.iter().flat_map(|p| p.iter().skip(r).step_by(m));
-            for (y, p) in y.chunks_mut(PANEL).zip(panels) {
-                y.copy_from_slice(&p[..y.len()]);
-            }
-        });
+            });
+        // SAFETY: the tasks wrote every element: rows `0..m` of panels `0..count`, whose
+        // columns cover `0..n`.
+        #[allow(unsafe_code)]
+        unsafe {
+            y.set_len(m * n)
+        };
         y
+    }
+}
+
+/// The product's result while tasks fill it in: each task writes the columns of its own
+/// panels, which no other task touches.
+struct Columns {
+    ptr: *mut f32,
+    rows: usize,
+    cols: usize,
+}
+
+// SAFETY: tasks share the pointer but write disjoint elements (see `write`); the buffer
+// outlives the parallel loop that uses it.
+#[allow(unsafe_code)]
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// Writes row `r`, columns `c ..` from `values` (cut at the last column).
+    ///
+    /// # Safety
+    /// No other thread may write or read those elements meanwhile.
+    #[allow(unsafe_code)]
+    unsafe fn write(&self, r: usize, c: usize, values: &[f32]) {
+        if r >= self.rows || c >= self.cols {
+            return;
+        }
+        let len = values.len().min(self.cols - c);
+        // SAFETY: `r·cols + c + len <= rows·cols`, the capacity the pointer was made with.
+        unsafe {
+            std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.add(r * self.cols + c), len)
+        };
     }
 }
 
