@@ -79,6 +79,24 @@ impl PackedMatrix {
         Self { rows, cols, panels }
     }
 
+    /// Matrices of the same width stacked into one, whose product is theirs side by side (one
+    /// pass over the input, one set of tasks): `None` for no matrices or differing widths. Each
+    /// part starts at a panel boundary; with its first column and width.
+    pub fn stack(parts: &[PackedMatrix]) -> Option<(PackedMatrix, Vec<(usize, usize)>)> {
+        let cols = parts.first()?.cols;
+        if parts.iter().any(|p| p.cols != cols) {
+            return None;
+        }
+        let mut panels = Vec::with_capacity(parts.iter().map(|p| p.panels.len()).sum());
+        let mut places = Vec::with_capacity(parts.len());
+        for p in parts {
+            places.push((panels.len() / cols.max(1) * PANEL, p.rows));
+            panels.extend_from_slice(&p.panels);
+        }
+        let rows = places.last().map_or(0, |&(first, rows)| first + rows);
+        Some((Self { rows, cols, panels }, places))
+    }
+
     /// `x · selfᵀ` for `x` of `m` rows of `cols` values: `m` rows of `rows` values.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
@@ -362,6 +380,34 @@ mod tests {
         check(5, 1);
         // Enough panels for the product to split into tasks, the last one short.
         check(300, 40);
+    }
+
+    #[test]
+    fn stacked_matrices_multiply_as_their_parts_side_by_side() {
+        // Heights off the panel size, so parts start on padded boundaries.
+        let parts: Vec<PackedMatrix> = [(37usize, 1u64), (16, 2), (5, 3)]
+            .iter()
+            .map(|&(rows, seed)| PackedMatrix::new(&random(rows * 24, seed), rows, 24))
+            .collect();
+        let (stack, places) = PackedMatrix::stack(&parts).unwrap();
+        assert_eq!(places, vec![(0, 37), (48, 16), (64, 5)]);
+        for m in [1, 7] {
+            let x = random(m * 24, 9);
+            let all = stack.matmul(&x, m);
+            for (part, &(first, width)) in parts.iter().zip(&places) {
+                let alone = part.matmul(&x, m);
+                for r in 0..m {
+                    assert_eq!(
+                        &all[r * stack.rows + first..][..width],
+                        &alone[r * width..][..width]
+                    );
+                }
+            }
+        }
+        let wide = PackedMatrix::new(&random(16 * 24, 4), 16, 24);
+        let narrow = PackedMatrix::new(&random(16 * 8, 5), 16, 8);
+        assert!(PackedMatrix::stack(&[wide, narrow]).is_none());
+        assert!(PackedMatrix::stack(&[]).is_none());
     }
 
     #[test]
