@@ -189,19 +189,26 @@ struct Columns {
 unsafe impl Sync for Columns {}
 
 impl Columns {
-    /// Writes row `r`, columns `c ..` from `values` (cut at the last column).
+    /// Writes row `r`, columns `c .. c + 16` from `values` (cut at the last column).
     ///
     /// # Safety
     /// No other thread may write or read those elements meanwhile.
     #[allow(unsafe_code)]
-    unsafe fn write(&self, r: usize, c: usize, values: &[f32]) {
+    unsafe fn write(&self, r: usize, c: usize, values: &[f32; PANEL]) {
         if r >= self.rows || c >= self.cols {
             return;
         }
-        let len = values.len().min(self.cols - c);
-        // SAFETY: `r·cols + c + len <= rows·cols`, the capacity the pointer was made with.
+        let len = PANEL.min(self.cols - c);
+        // SAFETY: `r·cols + c + len <= rows·cols`, the capacity the pointer was made with. A
+        // whole panel's sixteen values are one fixed-size store (two vector stores, where a
+        // copy of run-time length is a call to `memmove`).
         unsafe {
-            std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.add(r * self.cols + c), len)
+            let dst = self.ptr.add(r * self.cols + c);
+            if len == PANEL {
+                dst.cast::<[f32; PANEL]>().write_unaligned(*values);
+            } else {
+                std::ptr::copy_nonoverlapping(values.as_ptr(), dst, len);
+            }
         };
     }
 }
