@@ -942,16 +942,22 @@ impl Llama {
         }
         parts.into_par_iter().zip(views.par_iter()).for_each(
             |(out, &(ks, vs, capacity, row, n, start))| {
-                let dims = vector::Heads {
-                    heads,
-                    kv_heads,
-                    head_dim: hd,
-                    capacity,
+                let seq = vector::Sequence {
+                    q: qs
+                        .get(row * heads * hd..(row + n) * heads * hd)
+                        .unwrap_or(&[]),
+                    keys: ks,
+                    values: vs,
+                    dims: vector::Heads {
+                        heads,
+                        kv_heads,
+                        head_dim: hd,
+                        capacity,
+                    },
+                    n,
+                    start,
                 };
-                let q = qs
-                    .get(row * heads * hd..(row + n) * heads * hd)
-                    .unwrap_or(&[]);
-                vector::attend(out, q, ks, vs, dims, n, start);
+                vector::attend(out, &seq);
             },
         );
         drop(qg);

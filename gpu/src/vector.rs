@@ -144,45 +144,39 @@ pub(crate) struct Heads {
     pub(crate) capacity: usize,
 }
 
-/// One sequence's attention: its `n` new tokens (queries `q`, `(n, heads, head_dim)`; token `t`
-/// sits at position `start + t`) over the keys and values of its cache (`(kv_heads, capacity,
-/// head_dim)` each, already holding the new tokens), causally, into `out` (`(n, heads ·
-/// head_dim)`). The query heads sharing a KV head are taken together, so each key and value is
-/// read once for all of them. Slices too short for the dimensions leave `out` unwritten there.
-pub(crate) fn attend(
-    out: &mut [f32],
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    dims: Heads,
-    n: usize,
-    start: usize,
-) {
+/// One sequence's part of a step's attention: its `n` new tokens (queries `q`, `(n, heads,
+/// head_dim)`; token `t` sits at position `start + t`) and the keys and values of its cache
+/// (`(kv_heads, capacity, head_dim)` each, already holding the new tokens).
+pub(crate) struct Sequence<'a> {
+    pub(crate) q: &'a [f32],
+    pub(crate) keys: &'a [f32],
+    pub(crate) values: &'a [f32],
+    pub(crate) dims: Heads,
+    pub(crate) n: usize,
+    pub(crate) start: usize,
+}
+
+/// A sequence's attention, causally, into `out` (`(n, heads · head_dim)`). The query heads
+/// sharing a KV head are taken together, so each key and value is read once for all of them.
+/// Slices too short for the dimensions leave `out` unwritten there.
+pub(crate) fn attend(out: &mut [f32], s: &Sequence<'_>) {
     #[cfg(target_arch = "x86_64")]
     if fast() {
         #[allow(unsafe_code)]
         // SAFETY: `fast()` found AVX2 and FMA on this CPU.
         unsafe {
-            attend_avx2(out, q, keys, values, dims, n, start)
+            attend_avx2(out, s)
         };
         return;
     }
-    attend_in::<false>(out, q, keys, values, dims, n, start, dot::<false>);
+    attend_in::<false>(out, s, dot::<false>);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn attend_avx2(
-    out: &mut [f32],
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    dims: Heads,
-    n: usize,
-    start: usize,
-) {
+fn attend_avx2(out: &mut [f32], s: &Sequence<'_>) {
     // (The closure has this function's target features, so it may call `dot_avx2`.)
-    attend_in::<true>(out, q, keys, values, dims, n, start, |a, b| dot_avx2(a, b));
+    attend_in::<true>(out, s, |a, b| dot_avx2(a, b));
 }
 
 /// [`dot`] in AVX2 registers: two sums of eight lanes, reduced at the end. (The compiler's own
@@ -216,17 +210,19 @@ fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn attend_in<const FMA: bool>(
     out: &mut [f32],
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    dims: Heads,
-    n: usize,
-    start: usize,
+    seq: &Sequence<'_>,
     dot: impl Fn(&[f32], &[f32]) -> f32,
 ) {
+    let &Sequence {
+        q,
+        keys,
+        values,
+        dims,
+        n,
+        start,
+    } = seq;
     let Heads {
         heads,
         kv_heads,
