@@ -96,8 +96,8 @@ impl Linear {
 }
 
 /// Weight matrices that multiply the same input (Q, K and V; gate and up). Packed, they are
-/// stacked into one matrix: one pass over the input and one set of tasks instead of several,
-/// which at a decode step's few rows saves a tenth of the step.
+/// stacked into one matrix: one pass over the input and one set of tasks instead of several
+/// (measured: a prefill 6% quicker, a decode step 1-3%).
 enum Stack {
     Apart(Vec<Linear>),
     /// The stacked matrix, and each part's first column and width in its product.
@@ -226,7 +226,8 @@ fn write_layer(
 
 /// `silu(gate) · up`, element by element, in one pass spread over the rayon pool (candle's
 /// `silu` and product are two single-threaded passes, which at a batch's width leave the
-/// other cores waiting).
+/// other cores waiting). The inputs may be column slices of one wider matrix (the two halves
+/// of a stacked product), read in place.
 struct SiluMul;
 
 impl candle_core::CustomOp2 for SiluMul {
