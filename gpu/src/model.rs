@@ -253,12 +253,13 @@ impl candle_core::CustomOp2 for SiluMul {
         let (g, rows, width, gs) = row_view(s1, l1)?;
         let (u, _, _, us) = row_view(s2, l2)?;
         let mut out = vec![0f32; rows * width];
-        // Rows in tasks of at least 4096 values.
-        let per_task = (4096 / width.max(1)).max(1);
-        out.par_chunks_mut(per_task * width.max(1))
+        // Rows in tasks of at least 4096 values (a zero width is no rows to chunk).
+        let chunk = width.max(1);
+        let per_task = (4096 / chunk).max(1);
+        out.par_chunks_mut(per_task * chunk)
             .enumerate()
             .for_each(|(task, out)| {
-                for (i, out) in out.chunks_mut(width.max(1)).enumerate() {
+                for (i, out) in out.chunks_mut(chunk).enumerate() {
                     let r = task * per_task + i;
                     if let (Some(g), Some(u)) =
                         (g.get(r * gs..r * gs + width), u.get(r * us..r * us + width))
