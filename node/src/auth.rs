@@ -1,6 +1,6 @@
 //! Authentication: JWT bearer tokens and API keys, and the token revocation list.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use base64::Engine as _;
@@ -8,7 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use swarm_storage::{Engine, StorageError, trees};
+use swarm_storage::{Delta, Engine, MemoryStore, PutRequest, Storage, StorageError, trees};
 
 use crate::jwt::{Claims, JwtError, Verifier};
 
@@ -73,6 +73,21 @@ impl AuthError {
     }
 }
 
+/// The reserved memory namespace that holds the cluster's authentication state: API-key records
+/// (`apikey:ID`) and the revoked credentials (`revoked:HASH`). It replicates like any namespace
+/// (pushed at once, repaired by anti-entropy) and is sealed at rest like any namespace; clients can
+/// neither read nor write it. Nothing in it is ever deleted: a revocation is a grow-only set entry
+/// that lives until the credential it names has expired.
+pub const AUTH_NAMESPACE: &str = "_sys.auth";
+/// Namespaces starting with this are the node's own, never a client's.
+pub const RESERVED_NAMESPACE_PREFIX: &str = "_sys";
+
+/// Longest chain of credentials behind a key (a key made with a key made with a token ...).
+pub const MAX_KEY_CHAIN: usize = 8;
+/// Revocations and key records are kept this long past the expiry of what they name, so clock
+/// skew and verification leeway never see a credential without its revocation.
+const KEEP_PAST_EXPIRY_MS: u64 = 86_400_000;
+
 /// A stored API key: only the hash of its secret is kept.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiKeyRecord {
@@ -85,19 +100,69 @@ pub struct ApiKeyRecord {
     pub secret_hash: String,
     pub created_at: u64,
     pub expires_at: u64,
-    pub revoked: bool,
+    /// The credentials it was made with, parent first (`jwt:JTI`, `key:ID`): revoking any of them
+    /// revokes this key.
+    #[serde(default)]
+    pub parents: Vec<String>,
+}
+
+impl ApiKeyRecord {
+    /// This key as a credential (`key:ID`).
+    pub fn credential(&self) -> String {
+        format!("key:{}", self.id)
+    }
+}
+
+/// A revocation as stored (the sled key is a hash of the credential).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Revocation {
+    credential: String,
+    /// Seconds since the epoch; `u64::MAX` when unknown (a bare `jti`).
+    expires_at: u64,
+    revoked_at_ms: u64,
+}
+
+/// The credential a principal authenticated with (`jwt:JTI`, `key:ID`), for revocation.
+pub fn credential_of(p: &Principal) -> Option<String> {
+    match p.auth_type {
+        AuthType::Jwt => Some(format!("jwt:{}", p.credential_id)),
+        AuthType::ApiKey => Some(format!("key:{}", p.credential_id)),
+        AuthType::Disabled => None,
+    }
+}
+
+fn revocation_key(credential: &str) -> String {
+    format!(
+        "revoked:{}",
+        hex::encode(&Sha256::digest(credential.as_bytes())[..16])
+    )
+}
+
+fn api_key_key(id: &str) -> String {
+    format!("apikey:{id}")
+}
+
+/// A lifetime that ends `KEEP_PAST_EXPIRY_MS` after `expires_at_s`; `None` (kept for good) when
+/// the expiry is unknown.
+fn ttl_until(expires_at_s: u64, now_ms: u64) -> Option<u64> {
+    (expires_at_s != u64::MAX).then(|| {
+        expires_at_s
+            .saturating_mul(1000)
+            .saturating_add(KEEP_PAST_EXPIRY_MS)
+            .saturating_sub(now_ms)
+            .max(1)
+    })
 }
 
 const API_KEY_PREFIX: &str = "swk_";
 /// Most verified tokens remembered; past it the cache starts over.
 const TOKEN_CACHE_MAX: usize = 8192;
 
-/// Checks credentials. Cheap to clone.
+/// Checks credentials against the replicated authentication state. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Authenticator {
     verifier: Arc<Verifier>,
-    engine: Arc<dyn Engine>,
-    revoked: Arc<RwLock<HashSet<String>>>,
+    memory: Arc<MemoryStore>,
     /// Tokens whose signature, issuer and audience were verified, keyed by the exact token text:
     /// an Ed25519 verification costs more than the rest of a small request. Expiry and revocation
     /// are still checked on every request.
@@ -105,19 +170,57 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    /// Load the revocation list from the store.
-    pub fn new(verifier: Verifier, engine: Arc<dyn Engine>) -> Result<Self, StorageError> {
-        let mut revoked = HashSet::new();
-        engine.for_each(trees::REVOKED, b"", None, 1024, &mut |k, _| {
-            revoked.insert(String::from_utf8_lossy(&k).into_owned());
+    /// Over the node's store; moves what an older version kept in node-local trees (revoked token
+    /// ids, API-key records in plaintext) into the replicated, sealed namespace.
+    pub fn new(verifier: Verifier, storage: &Storage) -> Result<Self, StorageError> {
+        let a = Self {
+            verifier: Arc::new(verifier),
+            memory: storage.memory.clone(),
+            verified: Arc::new(RwLock::new(HashMap::new())),
+        };
+        a.migrate(&*storage.engine, now_ms())?;
+        Ok(a)
+    }
+
+    fn migrate(&self, engine: &dyn Engine, now_ms: u64) -> Result<(), StorageError> {
+        let mut revoked = Vec::new();
+        engine.for_each(trees::REVOKED, b"", None, 1024, &mut |k, v| {
+            let exp = <[u8; 8]>::try_from(v.as_slice())
+                .map(u64::from_be_bytes)
+                .unwrap_or(u64::MAX);
+            revoked.push((k.to_vec(), exp));
             Ok(true)
         })?;
-        Ok(Self {
-            verifier: Arc::new(verifier),
-            engine,
-            revoked: Arc::new(RwLock::new(revoked)),
-            verified: Arc::new(RwLock::new(HashMap::new())),
-        })
+        for (k, exp) in revoked {
+            let jti = String::from_utf8_lossy(&k).into_owned();
+            self.revoke(&format!("jwt:{jti}"), exp, now_ms)?;
+            engine.remove(trees::REVOKED, &k)?;
+        }
+        let mut keys = Vec::new();
+        engine.for_each(trees::API_KEYS, b"", None, 1024, &mut |k, v| {
+            keys.push((k.to_vec(), v.to_vec()));
+            Ok(true)
+        })?;
+        for (k, v) in keys {
+            #[derive(Deserialize)]
+            struct Old {
+                #[serde(flatten)]
+                rec: ApiKeyRecord,
+                #[serde(default)]
+                revoked: bool,
+            }
+            match serde_json::from_slice::<Old>(&v) {
+                Ok(old) => {
+                    self.put_api_key(&old.rec, now_ms)?;
+                    if old.revoked {
+                        self.revoke(&old.rec.credential(), old.rec.expires_at, now_ms)?;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "unreadable API-key record not migrated"),
+            }
+            engine.remove(trees::API_KEYS, &k)?;
+        }
+        Ok(())
     }
 
     /// Authenticate from the `Authorization` and `X-API-Key` header values.
@@ -142,7 +245,10 @@ impl Authenticator {
             return self.check_api_key(cred, now_s);
         }
         let claims = self.verify_cached(cred, now_s)?;
-        if self.is_revoked(&claims.jti) {
+        if self
+            .is_revoked(&format!("jwt:{}", claims.jti))
+            .map_err(|_| AuthError::Store)?
+        {
             return Err(AuthError::Revoked);
         }
         Ok(Principal {
@@ -184,18 +290,53 @@ impl Authenticator {
         self.verifier.verify(token, now_s).map_err(AuthError::Token)
     }
 
-    fn is_revoked(&self, jti: &str) -> bool {
-        self.revoked.read().map(|r| r.contains(jti)).unwrap_or(true)
+    /// Whether a credential (`jwt:JTI`, `key:ID`) is revoked here.
+    pub fn is_revoked(&self, credential: &str) -> Result<bool, StorageError> {
+        Ok(self
+            .memory
+            .get(AUTH_NAMESPACE, &revocation_key(credential), now_ms())?
+            .is_some())
     }
 
-    /// Add a token id to the revocation list (durable after the next sync).
-    pub fn revoke_token(&self, jti: &str, exp: u64) -> Result<(), StorageError> {
-        self.engine
-            .put(trees::REVOKED, jti.as_bytes(), &exp.to_be_bytes())?;
-        if let Ok(mut r) = self.revoked.write() {
-            r.insert(jti.to_string());
-        }
-        Ok(())
+    /// Revoke a credential until `expires_at` (seconds; `u64::MAX` for good). Returns the delta
+    /// to push to the peers; durable after the next sync.
+    pub fn revoke(
+        &self,
+        credential: &str,
+        expires_at: u64,
+        now_ms: u64,
+    ) -> Result<Delta, StorageError> {
+        let value = Revocation {
+            credential: credential.to_string(),
+            expires_at,
+            revoked_at_ms: now_ms,
+        };
+        self.put(
+            &revocation_key(credential),
+            &value,
+            ttl_until(expires_at, now_ms),
+            now_ms,
+        )
+    }
+
+    fn put<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Delta, StorageError> {
+        let value_json =
+            serde_json::to_string(value).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        let req = PutRequest {
+            value_json,
+            ttl_ms,
+            ..PutRequest::default()
+        };
+        let (_, delta) = self
+            .memory
+            .put_with_delta(AUTH_NAMESPACE, key, req, now_ms)?;
+        Ok(delta)
     }
 
     fn check_api_key(&self, key: &str, now_s: u64) -> Result<Principal, AuthError> {
@@ -214,7 +355,7 @@ impl Authenticator {
         if !constant_time_eq(hash.as_bytes(), rec.secret_hash.as_bytes()) {
             return Err(AuthError::ApiKeyInvalid);
         }
-        if rec.revoked {
+        if self.key_revoked(&rec).map_err(|_| AuthError::Store)? {
             return Err(AuthError::ApiKeyRevoked);
         }
         if rec.expires_at <= now_s {
@@ -229,15 +370,41 @@ impl Authenticator {
         })
     }
 
-    /// Create an API key; returns the record and the full key, which is never stored.
+    /// Whether the key, or any credential it was made with, is revoked.
+    pub fn key_revoked(&self, rec: &ApiKeyRecord) -> Result<bool, StorageError> {
+        if self.is_revoked(&rec.credential())? {
+            return Ok(true);
+        }
+        for p in &rec.parents {
+            if self.is_revoked(p)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The credentials a new key made by `who` descends from (its parent first), or why it may
+    /// not have one.
+    pub fn chain_of(&self, who: &Principal) -> Result<Vec<String>, StorageError> {
+        let mut chain: Vec<String> = credential_of(who).into_iter().collect();
+        if who.auth_type == AuthType::ApiKey
+            && let Some(parent) = self.get_api_key(&who.credential_id)?
+        {
+            chain.extend(parent.parents);
+        }
+        Ok(chain)
+    }
+
+    /// Create an API key; returns the record, the full key (never stored) and the delta to push.
     pub fn create_api_key(
         &self,
         name: &str,
         role: &str,
         owner: &str,
+        parents: Vec<String>,
         now_s: u64,
-        ttl_s: u64,
-    ) -> Result<(ApiKeyRecord, String), StorageError> {
+        expires_at: u64,
+    ) -> Result<(ApiKeyRecord, String, Delta), StorageError> {
         let mut id = [0u8; 8];
         let mut secret = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut id);
@@ -251,37 +418,52 @@ impl Authenticator {
             owner: owner.to_string(),
             secret_hash: hex::encode(Sha256::digest(secret.as_bytes())),
             created_at: now_s,
-            expires_at: now_s.saturating_add(ttl_s),
-            revoked: false,
+            expires_at,
+            parents,
         };
-        self.put_api_key(&rec)?;
-        Ok((rec, format!("{API_KEY_PREFIX}{id}_{secret}")))
+        let delta = self.put_api_key(&rec, now_ms())?;
+        Ok((rec, format!("{API_KEY_PREFIX}{id}_{secret}"), delta))
     }
 
     pub fn get_api_key(&self, id: &str) -> Result<Option<ApiKeyRecord>, StorageError> {
-        match self.engine.get(trees::API_KEYS, id.as_bytes())? {
-            Some(b) => serde_json::from_slice(&b)
+        if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Ok(None);
+        }
+        match self.memory.get(AUTH_NAMESPACE, &api_key_key(id), now_ms())? {
+            Some(item) => serde_json::from_str(&item.value_json)
                 .map(Some)
                 .map_err(|e| StorageError::Corrupt(format!("api key {id}: {e}"))),
             None => Ok(None),
         }
     }
 
-    pub fn put_api_key(&self, rec: &ApiKeyRecord) -> Result<(), StorageError> {
-        let bytes = serde_json::to_vec(rec).map_err(|e| StorageError::Corrupt(e.to_string()))?;
-        self.engine.put(trees::API_KEYS, rec.id.as_bytes(), &bytes)
+    fn put_api_key(&self, rec: &ApiKeyRecord, now_ms: u64) -> Result<Delta, StorageError> {
+        self.put(
+            &api_key_key(&rec.id),
+            rec,
+            ttl_until(rec.expires_at, now_ms),
+            now_ms,
+        )
     }
 
-    /// Every API key (most deployments hold a handful).
+    /// API keys in id order (most deployments hold a handful).
     pub fn list_api_keys(&self, limit: usize) -> Result<Vec<ApiKeyRecord>, StorageError> {
-        self.engine
-            .scan(trees::API_KEYS, b"", None, limit)?
+        self.memory
+            .list(AUTH_NAMESPACE, "apikey:", None, limit, now_ms())?
             .into_iter()
-            .map(|(_, v)| {
-                serde_json::from_slice(&v).map_err(|e| StorageError::Corrupt(e.to_string()))
+            .map(|item| {
+                serde_json::from_str(&item.value_json)
+                    .map_err(|e| StorageError::Corrupt(e.to_string()))
             })
             .collect()
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -293,16 +475,31 @@ mod tests {
     use super::*;
     use crate::jwt::sign;
     use ed25519_dalek::SigningKey;
-    use swarm_storage::MemEngine;
+    use swarm_storage::{MemEngine, SecretKey, StorageOptions};
+
+    fn storage() -> Storage {
+        Storage::with_engine(
+            Arc::new(MemEngine::new()),
+            SecretKey::generate(),
+            StorageOptions::new("node-1"),
+        )
+        .expect("storage")
+    }
 
     fn setup() -> (SigningKey, Authenticator) {
         let k = SigningKey::generate(&mut rand::rngs::OsRng);
-        let v = Verifier::new(vec![k.verifying_key()], "swarm".into(), "swarm".into(), 0);
-        let a = Authenticator::new(v, Arc::new(MemEngine::new())).expect("auth");
+        let v = Verifier::new(vec![k.verifying_key()], "swarm".into(), "swarm".into(), 0, 86_400);
+        let a = Authenticator::new(v, &storage()).expect("auth");
         (k, a)
     }
 
+    /// Now, in seconds: what is stored expires by the wall clock, so tests use real times.
+    fn now() -> u64 {
+        now_ms() / 1000
+    }
+
     fn token(k: &SigningKey, jti: &str) -> String {
+        let t0 = now();
         sign(
             k,
             &Claims {
@@ -310,8 +507,8 @@ mod tests {
                 role: "user".into(),
                 iss: "swarm".into(),
                 aud: "swarm".into(),
-                iat: 0,
-                exp: 1000,
+                iat: t0,
+                exp: t0 + 1000,
                 nbf: None,
                 jti: jti.into(),
             },
@@ -321,23 +518,24 @@ mod tests {
     #[test]
     fn bearer_token_and_revocation() {
         let (k, a) = setup();
+        let t0 = now();
         let t = token(&k, "j1");
         let p = a
-            .authenticate(Some(&format!("Bearer {t}")), None, 1)
+            .authenticate(Some(&format!("Bearer {t}")), None, t0 + 1)
             .expect("ok");
         assert_eq!((p.subject.as_str(), p.role.as_str()), ("alice", "user"));
         // A cached token still expires.
         assert!(
-            a.authenticate(Some(&format!("Bearer {t}")), None, 999)
+            a.authenticate(Some(&format!("Bearer {t}")), None, t0 + 999)
                 .is_ok()
         );
         assert_eq!(
-            a.authenticate(Some(&format!("Bearer {t}")), None, 1000),
+            a.authenticate(Some(&format!("Bearer {t}")), None, t0 + 1000),
             Err(AuthError::Token(JwtError::Expired))
         );
-        a.revoke_token("j1", 1000).expect("revoke");
+        a.revoke("jwt:j1", t0 + 1000, now_ms()).expect("revoke");
         assert_eq!(
-            a.authenticate(Some(&format!("Bearer {t}")), None, 1),
+            a.authenticate(Some(&format!("Bearer {t}")), None, t0 + 1),
             Err(AuthError::Revoked)
         );
         assert_eq!(a.authenticate(None, None, 1), Err(AuthError::Missing));
@@ -348,50 +546,122 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// API key records read back from disk: garbage is an error, never a panic or a principal.
+        /// API key records read back from the store: garbage is an error, never a panic or a
+        /// principal.
         #[test]
-        fn garbage_api_key_records_are_errors(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+        fn garbage_api_key_records_are_errors(text in ".{0,200}") {
             let (_, a) = setup();
-            a.engine.put(trees::API_KEYS, b"0123456789abcdef", &bytes).expect("put");
-            let looked_up = a.get_api_key("0123456789abcdef");
-            proptest::prop_assert!(looked_up.is_err() || looked_up.is_ok_and(|r| r.is_some()));
+            let req = PutRequest { value_json: serde_json::to_string(&text).expect("json"), ..PutRequest::default() };
+            a.memory.put(AUTH_NAMESPACE, "apikey:0123456789abcdef", req, now_ms()).expect("put");
+            proptest::prop_assert!(a.get_api_key("0123456789abcdef").is_err());
             proptest::prop_assert!(a.authenticate(None, Some("swk_0123456789abcdef_secret"), 1).is_err());
         }
+    }
+
+    fn key_for(a: &Authenticator, role: &str, parents: Vec<String>, now: u64, exp: u64) -> (ApiKeyRecord, String) {
+        let (rec, key, _) = a
+            .create_api_key("ci", role, "alice", parents, now, exp)
+            .expect("create");
+        (rec, key)
     }
 
     #[test]
     fn api_keys_hashed_expiring_revocable() {
         let (_, a) = setup();
-        let (rec, key) = a
-            .create_api_key("ci", "viewer", "alice", 100, 50)
-            .expect("create");
+        let t0 = now();
+        let (rec, key) = key_for(&a, "viewer", vec![], t0, t0 + 50);
         assert!(!rec.secret_hash.is_empty());
         let secret = key.rsplit_once('_').expect("secret").1;
         assert_ne!(rec.secret_hash, secret, "stored hashed");
-        let p = a.authenticate(None, Some(&key), 120).expect("valid");
+        let p = a.authenticate(None, Some(&key), t0 + 20).expect("valid");
         assert_eq!((p.role.as_str(), p.auth_type), ("viewer", AuthType::ApiKey));
         assert!(
-            a.authenticate(Some(&format!("Bearer {key}")), None, 120)
+            a.authenticate(Some(&format!("Bearer {key}")), None, t0 + 20)
                 .is_ok()
         );
         assert_eq!(
-            a.authenticate(None, Some(&key), 150),
+            a.authenticate(None, Some(&key), t0 + 50),
             Err(AuthError::ApiKeyExpired)
         );
-        let wrong = format!("{}x", &key[..key.len() - 1]);
+        // Flip one character of the secret (to another character of its alphabet).
+        let last = if key.ends_with('A') { "B" } else { "A" };
+        let wrong = format!("{}{last}", &key[..key.len() - 1]);
         assert_eq!(
-            a.authenticate(None, Some(&wrong), 120),
+            a.authenticate(None, Some(&wrong), t0 + 20),
             Err(AuthError::ApiKeyInvalid)
         );
-        let mut r = a.get_api_key(&rec.id).expect("get").expect("some");
-        r.revoked = true;
-        a.put_api_key(&r).expect("put");
+        a.revoke(&rec.credential(), rec.expires_at, now_ms()).expect("revoke");
         assert_eq!(
-            a.authenticate(None, Some(&key), 120),
+            a.authenticate(None, Some(&key), t0 + 20),
             Err(AuthError::ApiKeyRevoked)
         );
         for junk in ["", "swk_", "swk_zz_x", "swk_0123456789abcdef_", "nope"] {
-            assert!(a.authenticate(None, Some(junk), 120).is_err(), "{junk}");
+            assert!(a.authenticate(None, Some(junk), t0 + 20).is_err(), "{junk}");
         }
+    }
+
+    #[test]
+    fn revoking_a_token_revokes_the_keys_made_with_it() {
+        let (k, a) = setup();
+        let t0 = now();
+        let t = token(&k, "parent");
+        let who = a
+            .authenticate(Some(&format!("Bearer {t}")), None, t0)
+            .expect("token");
+        let chain = a.chain_of(&who).expect("chain");
+        assert_eq!(chain, vec!["jwt:parent".to_string()]);
+        let (_, child) = key_for(&a, "user", chain, t0, t0 + 900);
+        // A key made with that key descends from both.
+        let child_p = a.authenticate(None, Some(&child), t0).expect("child");
+        let chain2 = a.chain_of(&child_p).expect("chain");
+        assert_eq!(chain2.len(), 2);
+        let (_, grandchild) = key_for(&a, "user", chain2, t0, t0 + 900);
+        assert!(a.authenticate(None, Some(&grandchild), t0).is_ok());
+        a.revoke("jwt:parent", t0 + 1000, now_ms()).expect("revoke");
+        assert_eq!(
+            a.authenticate(None, Some(&child), t0),
+            Err(AuthError::ApiKeyRevoked)
+        );
+        assert_eq!(
+            a.authenticate(None, Some(&grandchild), t0),
+            Err(AuthError::ApiKeyRevoked)
+        );
+    }
+
+    #[test]
+    fn state_of_an_older_version_is_migrated_into_the_sealed_namespace() {
+        let st = storage();
+        st.engine
+            .put(trees::REVOKED, b"old-jti", &u64::MAX.to_be_bytes())
+            .expect("put");
+        let old = serde_json::json!({
+            "id": "0123456789abcdef", "name": "n", "role": "user", "owner": "bob",
+            "secret_hash": hex::encode(Sha256::digest(b"s")), "created_at": 1,
+            "expires_at": u64::MAX / 2000, "revoked": false,
+        });
+        st.engine
+            .put(trees::API_KEYS, b"0123456789abcdef", old.to_string().as_bytes())
+            .expect("put");
+        let k = SigningKey::generate(&mut rand::rngs::OsRng);
+        let v = Verifier::new(vec![k.verifying_key()], "swarm".into(), "swarm".into(), 0, 86_400);
+        let a = Authenticator::new(v, &st).expect("auth");
+        assert!(a.is_revoked("jwt:old-jti").expect("revoked"));
+        assert!(a.authenticate(None, Some("swk_0123456789abcdef_s"), now()).is_ok());
+        // Nothing left in the old plaintext trees.
+        assert!(st.engine.scan(trees::API_KEYS, b"", None, 10).expect("scan").is_empty());
+        assert!(st.engine.scan(trees::REVOKED, b"", None, 10).expect("scan").is_empty());
+        // The record is sealed: the owner's name is nowhere in the store's bytes.
+        let mut found = false;
+        for tree in [trees::MEMORY, trees::API_KEYS] {
+            st.engine
+                .for_each(tree, b"", None, 64, &mut |k, v| {
+                    found |= [k.as_slice(), v.as_slice()]
+                        .iter()
+                        .any(|b| b.windows(3).any(|w| w == b"bob"));
+                    Ok(true)
+                })
+                .expect("scan");
+        }
+        assert!(!found, "API-key record stored in plaintext");
     }
 }

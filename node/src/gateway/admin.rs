@@ -10,7 +10,7 @@ use swarm_storage::{AuditEntry, VerifyReport};
 
 use super::extract::{ApiPath, ApiQuery, json_body};
 use super::{AppState, AuditCtx, Class, blocking, now_ms, now_s};
-use crate::auth::{ApiKeyRecord, Principal};
+use crate::auth::{ApiKeyRecord, MAX_KEY_CHAIN, Principal};
 use crate::error::AppError;
 use crate::policy::Owner;
 
@@ -41,7 +41,7 @@ pub(super) async fn erase_subject(
         &format!("subjects/{id}"),
         None,
     )?;
-    let _permit = s.permit(Class::Security)?;
+    let _permit = s.permit(Class::Security, &who)?;
     let st = s.clone();
     s.timed(Class::Security, async move {
         let id2 = id.clone();
@@ -84,7 +84,7 @@ pub(super) async fn audit_list(
     ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> Result<Json<AuditPage>, AppError> {
     s.authorize(&ctx, &who, "audit.read", "audit", None)?;
-    let _permit = s.permit(Class::Security)?;
+    let _permit = s.permit(Class::Security, &who)?;
     let limit = s.list_limit(q.limit)?;
     let st = s.clone();
     s.timed(Class::Security, async move {
@@ -100,7 +100,7 @@ pub(super) async fn audit_verify(
     Extension(ctx): Extension<AuditCtx>,
 ) -> Result<Json<VerifyReport>, AppError> {
     s.authorize(&ctx, &who, "audit.read", "audit", None)?;
-    let _permit = s.permit(Class::Security)?;
+    let _permit = s.permit(Class::Security, &who)?;
     let st = s.clone();
     s.timed(Class::Security, async move {
         Ok(Json(
@@ -133,8 +133,8 @@ pub(super) struct KeyView {
     revoked: bool,
 }
 
-impl From<ApiKeyRecord> for KeyView {
-    fn from(r: ApiKeyRecord) -> Self {
+impl KeyView {
+    fn new(r: ApiKeyRecord, revoked: bool) -> Self {
         KeyView {
             id: r.id,
             name: r.name,
@@ -142,8 +142,18 @@ impl From<ApiKeyRecord> for KeyView {
             owner: r.owner,
             created_at: r.created_at,
             expires_at: r.expires_at,
-            revoked: r.revoked,
+            revoked,
         }
+    }
+}
+
+/// Push a change of the authentication state to every live peer at once (anti-entropy repairs
+/// what a push misses).
+async fn replicate(s: &AppState, delta: &swarm_storage::Delta) {
+    if let Some(r) = &s.replicator
+        && let Err(e) = r.push(delta, false).await
+    {
+        tracing::warn!(error = %e, "authentication change not pushed; anti-entropy will carry it");
     }
 }
 
@@ -154,8 +164,9 @@ pub(super) async fn create_key(
     body: Body,
 ) -> Result<Json<Value>, AppError> {
     s.authorize(&ctx, &who, "keys.manage", "keys", None)?;
-    let _permit = s.permit(Class::Security)?;
-    let b: CreateKey = json_body(body, s.body_limit).await?;
+    // The body first, within its deadline: a stalled upload holds no permit.
+    let b: CreateKey = json_body(body, s.body_limit, s.body_deadline(Class::Security)).await?;
+    let _permit = s.permit(Class::Security, &who)?;
     if b.name.is_empty() || b.name.len() > 64 {
         return Err(AppError::invalid_field("name", "1 to 64 characters"));
     }
@@ -169,24 +180,51 @@ pub(super) async fn create_key(
     if !s.policy.role_within(&role, &who.role) {
         return Err(AppError::Forbidden(format!("issuing role `{role}`")));
     }
-    let ttl_s = b.ttl.map(|d| d.0.as_secs()).unwrap_or(90 * 86_400);
-    if ttl_s == 0 || ttl_s > s.max_token_ttl_s {
-        return Err(AppError::invalid_field(
-            "ttl",
-            format!("must be between 1s and {}s", s.max_token_ttl_s),
-        ));
-    }
+    // A key never outlives the credential that makes it (nor exceeds its rights, above), and
+    // revoking that credential revokes the key (its chain of parents is checked on every use).
+    let now = now_s();
+    let parent_left = who.expires_at.saturating_sub(now);
+    let ttl_s = match b.ttl.map(|d| d.0.as_secs()) {
+        Some(t) if t == 0 || t > s.max_token_ttl_s => {
+            return Err(AppError::invalid_field(
+                "ttl",
+                format!("must be between 1s and {}s", s.max_token_ttl_s),
+            ));
+        }
+        Some(t) if t > parent_left => {
+            return Err(AppError::invalid_field(
+                "ttl",
+                format!(
+                    "a key may not outlive the credential that creates it (that one expires in {parent_left}s)"
+                ),
+            ));
+        }
+        Some(t) => t,
+        None => (90 * 86_400).min(s.max_token_ttl_s).min(parent_left),
+    };
     let st = s.clone();
     let owner = who.subject.clone();
-    let (rec, key) = blocking(move || {
-        let out = st
-            .auth
-            .create_api_key(&b.name, &role, &owner, now_s(), ttl_s)?;
+    let (rec, key, delta) = blocking(move || {
+        let parents = st.auth.chain_of(&who)?;
+        if parents.len() >= MAX_KEY_CHAIN {
+            return Err(AppError::Forbidden(format!(
+                "creating a key with a key that descends from {MAX_KEY_CHAIN} credentials"
+            )));
+        }
+        let out = st.auth.create_api_key(
+            &b.name,
+            &role,
+            &owner,
+            parents,
+            now,
+            now.saturating_add(ttl_s),
+        )?;
         ctx.set_action("keys.manage", &format!("keys/{}", out.0.id));
         st.commit_blocking(&ctx, 200)?;
         Ok(out)
     })
     .await?;
+    replicate(&s, &delta).await;
     Ok(Json(json!({
         "key": key,
         "note": "store this key now: it is shown once and kept only as a hash",
@@ -204,15 +242,20 @@ pub(super) async fn list_keys(
     Extension(ctx): Extension<AuditCtx>,
 ) -> Result<Json<Value>, AppError> {
     s.authorize(&ctx, &who, "keys.manage", "keys", None)?;
-    let _permit = s.permit(Class::Security)?;
+    let _permit = s.permit(Class::Security, &who)?;
     let admin = s.policy.is_admin(&who.role);
-    let keys: Vec<KeyView> = s
-        .auth
-        .list_api_keys(s.limits.max_list)?
-        .into_iter()
-        .filter(|k| admin || k.owner == who.subject)
-        .map(KeyView::from)
-        .collect();
+    let st = s.clone();
+    let keys = blocking(move || {
+        let mut keys = Vec::new();
+        for k in st.auth.list_api_keys(st.limits.max_list)? {
+            if admin || k.owner == who.subject {
+                let revoked = st.auth.key_revoked(&k)?;
+                keys.push(KeyView::new(k, revoked));
+            }
+        }
+        Ok(keys)
+    })
+    .await?;
     Ok(Json(json!({ "keys": keys })))
 }
 
@@ -223,8 +266,8 @@ pub(super) async fn revoke_key(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, AppError> {
     let resource = format!("keys/{id}");
-    let _permit = s.permit(Class::Security)?;
-    let Some(mut rec) = s.auth.get_api_key(&id)? else {
+    let _permit = s.permit(Class::Security, &who)?;
+    let Some(rec) = s.auth.get_api_key(&id)? else {
         s.authorize(&ctx, &who, "keys.manage", &resource, None)?;
         return Err(AppError::NotFound(resource));
     };
@@ -235,13 +278,16 @@ pub(super) async fn revoke_key(
         &resource,
         Some(Owner(&rec.owner)),
     )?;
-    rec.revoked = true;
     let st = s.clone();
-    blocking(move || {
-        st.auth.put_api_key(&rec)?;
-        st.commit_blocking(&ctx, 200)
+    let delta = blocking(move || {
+        let delta = st
+            .auth
+            .revoke(&rec.credential(), rec.expires_at, now_ms())?;
+        st.commit_blocking(&ctx, 200)?;
+        Ok(delta)
     })
     .await?;
+    replicate(&s, &delta).await;
     Ok(Json(json!({"id": id, "revoked": true})))
 }
 
@@ -262,12 +308,12 @@ pub(super) async fn revoke_token(
     Extension(ctx): Extension<AuditCtx>,
     body: Body,
 ) -> Result<Json<Value>, AppError> {
-    let b: RevokeToken = json_body(body, s.body_limit).await?;
+    let b: RevokeToken = json_body(body, s.body_limit, s.body_deadline(Class::Security)).await?;
     let (jti, exp, owner) = match (b.token, b.jti) {
         (Some(t), None) => {
             let c = s
                 .auth
-                .verify_token(&t, 0)
+                .verify_token(&t, now_s())
                 .map_err(|e| AppError::invalid_field("token", e.to_string()))?;
             (c.jti, c.exp, Some(c.sub))
         }
@@ -286,11 +332,13 @@ pub(super) async fn revoke_token(
         _ => s.authorize(&ctx, &who, "tokens.admin", &resource, None)?,
     }
     let st = s.clone();
-    let j = jti.clone();
-    blocking(move || {
-        st.auth.revoke_token(&j, exp)?;
-        st.commit_blocking(&ctx, 200)
+    let credential = format!("jwt:{jti}");
+    let delta = blocking(move || {
+        let delta = st.auth.revoke(&credential, exp, now_ms())?;
+        st.commit_blocking(&ctx, 200)?;
+        Ok(delta)
     })
     .await?;
+    replicate(&s, &delta).await;
     Ok(Json(json!({"jti": jti, "revoked": true})))
 }
