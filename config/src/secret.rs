@@ -30,13 +30,19 @@ pub fn read_secret(name: &str, env: &str, path: &Path) -> Result<String, ConfigE
     })
 }
 
-/// Read a secret file, refusing one that group or others can read.
+/// Largest secret file read (keys are a few hundred bytes; PEM chains a few KiB).
+pub const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// Read a secret file (master key, JWT signing key, TLS private keys), refusing one that group or
+/// others can read. The mode is checked on the opened file, so the file read is the one checked.
 pub fn read_secret_file(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
     let io = |source| ConfigError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let meta = std::fs::metadata(path).map_err(io)?;
+    let file = std::fs::File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -48,10 +54,29 @@ pub fn read_secret_file(path: &Path) -> Result<String, ConfigError> {
             });
         }
     }
-    #[cfg(not(unix))]
-    let _ = meta;
-    let text = std::fs::read_to_string(path).map_err(io)?;
+    if meta.len() > MAX_SECRET_FILE_BYTES {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_SECRET_FILE_BYTES} bytes; not a secret file"),
+        )));
+    }
+    let mut text = String::new();
+    file.take(MAX_SECRET_FILE_BYTES)
+        .read_to_string(&mut text)
+        .map_err(io)?;
     Ok(text.trim().to_string())
+}
+
+/// Create a directory (and its parents) that only its owner can enter (0700 on Unix), for
+/// directories that hold secrets or data.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// Write a secret file with mode 0600 (created that way, never briefly world-readable).
@@ -87,6 +112,29 @@ mod tests {
             let e = read_secret_file(&p).expect_err("insecure");
             assert_eq!(e.kind(), "insecure_secret");
         }
+    }
+
+    /// A world-readable key file (0644, as `cp` or an editor may leave it) is refused with an
+    /// error that names the file and the fix; a private directory is 0700.
+    #[cfg(unix)]
+    #[test]
+    fn refuses_world_readable_key_file_and_makes_private_dirs() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("node.key");
+        std::fs::write(&p, "-----BEGIN PRIVATE KEY-----").expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = read_secret_file(&p).expect_err("insecure");
+        assert_eq!(e.kind(), "insecure_secret");
+        let msg = e.to_string();
+        assert!(msg.contains("node.key") && msg.contains("644") && msg.contains("chmod 600"));
+        let big = dir.path().join("big.key");
+        write_secret_file(&big, &"a".repeat(70_000)).expect("write");
+        assert!(read_secret_file(&big).is_err(), "oversized secret refused");
+        let d = dir.path().join("a/b");
+        create_private_dir(&d).expect("mkdir");
+        let mode = std::fs::metadata(&d).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]

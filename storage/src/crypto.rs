@@ -1,6 +1,13 @@
 //! Envelope encryption: XChaCha20-Poly1305 with a random 24-byte nonce per value; per-namespace and
 //! per-subject data keys, each wrapped by the node's master key; a destroyed subject key can
 //! never be recreated (crypto-shredding).
+//!
+//! Subject names never reach the engine in plaintext: a subject's key, its destroyed mark and the
+//! records sealed under it are found by its keyed id (HMAC-SHA256 of the name under a key derived
+//! from the master key, see [`Keyring::subject_id`]); the destroyed set, which replicas exchange
+//! by name, keeps each name sealed (XChaCha20-Poly1305 under another master-derived key) in the
+//! mark's value. Stores written before keyed ids (`subject:NAME` keys) are rewritten by
+//! [`Keyring::migrate_legacy`] when they are opened.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -108,33 +115,82 @@ pub fn open(key: &SecretKey, aad: &[u8], sealed: &Sealed, what: &str) -> Result<
         .map_err(|_| StorageError::Decrypt(what.to_string()))
 }
 
-/// Identifies a data key: a namespace's or a subject's.
+/// Identifies a data key by name: a namespace's or a subject's.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum KeyId {
     Namespace(String),
     Subject(String),
 }
 
-impl KeyId {
-    fn storage_key(&self) -> Vec<u8> {
+/// A subject's keyed id: HMAC-SHA256 of its name under a key derived from the master key.
+pub type SubjectId = [u8; 32];
+
+/// How a stored record names the data key that sealed it: never by a subject's name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum KeyRef {
+    /// The namespace's key (the namespace is in the record's key anyway).
+    Namespace(String),
+    /// A subject by name, as stores before keyed ids wrote it; only read, and rewritten by
+    /// `MemoryStore::migrate_legacy` on open.
+    LegacySubject(String),
+    /// A subject by its keyed id.
+    Subject(SubjectId),
+}
+
+impl KeyRef {
+    /// The key of its data key in the `keys` tree (and of its mark in `destroyed`).
+    pub(crate) fn slot(&self) -> Vec<u8> {
         match self {
-            KeyId::Namespace(n) => format!("ns:{n}").into_bytes(),
-            KeyId::Subject(s) => format!("subject:{s}").into_bytes(),
+            KeyRef::Namespace(n) => [NS_SLOT, n.as_bytes()].concat(),
+            KeyRef::LegacySubject(s) => [LEGACY_SUBJECT_SLOT, s.as_bytes()].concat(),
+            KeyRef::Subject(h) => [SUBJECT_SLOT, h.as_slice()].concat(),
         }
     }
+
+    pub(crate) fn erased(&self) -> StorageError {
+        match self {
+            KeyRef::Namespace(n) => StorageError::Erased(format!("namespace {n}")),
+            KeyRef::LegacySubject(s) => StorageError::Erased(s.clone()),
+            // The name is not kept with the record: a short form of the keyed id stands for it.
+            KeyRef::Subject(h) => StorageError::Erased(format!("#{}", hex::encode(&h[..6]))),
+        }
+    }
+}
+
+const NS_SLOT: &[u8] = b"ns:";
+const LEGACY_SUBJECT_SLOT: &[u8] = b"subject:";
+const SUBJECT_SLOT: &[u8] = b"sid:";
+
+/// The value of a mark in the `destroyed` tree.
+#[derive(Debug, Serialize, Deserialize)]
+struct DestroyedMark {
+    at_ms: u64,
+    /// A subject's name, sealed (the destroyed set is exchanged by name).
+    name: Option<Sealed>,
 }
 
 /// Data keys, wrapped by the master key and cached unwrapped in memory.
 #[derive(Debug)]
 pub struct Keyring {
     master: SecretKey,
+    /// Keys subject ids (HMAC).
+    id_key: SecretKey,
+    /// Seals the names of destroyed subjects.
+    name_key: SecretKey,
     engine: Arc<dyn Engine>,
-    cache: RwLock<HashMap<KeyId, Arc<SecretKey>>>,
+    /// By slot.
+    cache: RwLock<HashMap<Vec<u8>, Arc<SecretKey>>>,
+}
+
+fn poisoned() -> StorageError {
+    StorageError::Engine("keyring lock poisoned".into())
 }
 
 impl Keyring {
     pub fn new(master: SecretKey, engine: Arc<dyn Engine>) -> Self {
         Self {
+            id_key: master.derive("subject-id"),
+            name_key: master.derive("subject-name"),
             master,
             engine,
             cache: RwLock::new(HashMap::new()),
@@ -145,76 +201,99 @@ impl Keyring {
         &self.master
     }
 
+    /// The keyed id of a subject.
+    pub fn subject_id(&self, subject: &str) -> SubjectId {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.id_key.bytes())
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        mac.update(b"swarm-subject-v1:");
+        mac.update(subject.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// How records refer to the key `id`.
+    pub fn key_ref(&self, id: &KeyId) -> KeyRef {
+        match id {
+            KeyId::Namespace(n) => KeyRef::Namespace(n.clone()),
+            KeyId::Subject(s) => KeyRef::Subject(self.subject_id(s)),
+        }
+    }
+
     /// Whether the key has been destroyed (a grow-only set).
     pub fn is_destroyed(&self, id: &KeyId) -> Result<bool> {
-        Ok(self
-            .engine
-            .get(DESTROYED_TREE, &id.storage_key())?
-            .is_some())
+        self.is_destroyed_slot(&self.key_ref(id).slot())
+    }
+
+    fn is_destroyed_slot(&self, slot: &[u8]) -> Result<bool> {
+        Ok(self.engine.get(DESTROYED_TREE, slot)?.is_some())
     }
 
     /// The data key, created (and wrapped and stored) on first use. Refuses a destroyed key.
     pub fn get_or_create(&self, id: &KeyId) -> Result<Arc<SecretKey>> {
-        if let Some(k) = self.cached(id) {
+        let slot = self.key_ref(id).slot();
+        if let Some(k) = self.cached(&slot) {
             return Ok(k);
         }
-        let mut cache = self
-            .cache
-            .write()
-            .map_err(|_| StorageError::Engine("keyring lock poisoned".into()))?;
-        if let Some(k) = cache.get(id) {
+        let mut cache = self.cache.write().map_err(|_| poisoned())?;
+        if let Some(k) = cache.get(&slot) {
             return Ok(k.clone());
         }
-        if self.is_destroyed(id)? {
+        if self.is_destroyed_slot(&slot)? {
             return Err(erased(id));
         }
-        let key = match self.load(id)? {
+        let key = match self.load(&slot)? {
             Some(k) => k,
             None => {
                 let k = SecretKey::generate();
-                let wrapped = seal(&self.master, &wrap_aad(id), k.bytes())?;
-                let bytes = postcard::to_stdvec(&wrapped)
-                    .map_err(|e| StorageError::Corrupt(e.to_string()))?;
-                self.engine.put(KEYS_TREE, &id.storage_key(), &bytes)?;
+                self.store_wrapped(&slot, &k)?;
                 k
             }
         };
         let key = Arc::new(key);
-        cache.insert(id.clone(), key.clone());
+        cache.insert(slot, key.clone());
         Ok(key)
     }
 
     /// The data key if it exists and is not destroyed.
     pub fn get(&self, id: &KeyId) -> Result<Arc<SecretKey>> {
-        if let Some(k) = self.cached(id) {
+        self.get_ref(&self.key_ref(id)).map_err(|e| match e {
+            StorageError::Erased(_) => erased(id),
+            other => other,
+        })
+    }
+
+    /// [`Keyring::get`] by the reference a record holds.
+    pub fn get_ref(&self, r: &KeyRef) -> Result<Arc<SecretKey>> {
+        let slot = r.slot();
+        if let Some(k) = self.cached(&slot) {
             return Ok(k);
         }
-        if self.is_destroyed(id)? {
-            return Err(erased(id));
+        if self.is_destroyed_slot(&slot)? {
+            return Err(r.erased());
         }
-        match self.load(id)? {
+        match self.load(&slot)? {
             Some(k) => {
                 let k = Arc::new(k);
-                let mut cache = self
-                    .cache
-                    .write()
-                    .map_err(|_| StorageError::Engine("keyring lock poisoned".into()))?;
+                let mut cache = self.cache.write().map_err(|_| poisoned())?;
                 // `destroy` marks before it takes this lock to forget: check again under it, so
                 // a key destroyed meanwhile is never cached again.
-                if self.is_destroyed(id)? {
-                    return Err(erased(id));
+                if self.is_destroyed_slot(&slot)? {
+                    return Err(r.erased());
                 }
-                cache.insert(id.clone(), k.clone());
+                cache.insert(slot, k.clone());
                 Ok(k)
             }
-            None => Err(StorageError::Decrypt(format!("no data key for {id:?}"))),
+            None => Err(StorageError::Decrypt(match r {
+                KeyRef::Namespace(n) => format!("no data key for namespace {n}"),
+                _ => "no data key for a subject".into(),
+            })),
         }
     }
 
     /// Refuses a destroyed key. Cheap for a key in use: a cached key is not destroyed, or is
     /// being destroyed by a call that has not yet returned.
     pub fn ensure_not_destroyed(&self, id: &KeyId) -> Result<()> {
-        if self.cached(id).is_some() || !self.is_destroyed(id)? {
+        let slot = self.key_ref(id).slot();
+        if self.cached(&slot).is_some() || !self.is_destroyed_slot(&slot)? {
             Ok(())
         } else {
             Err(erased(id))
@@ -225,24 +304,40 @@ impl Keyring {
     pub fn destroyed_subjects(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
         self.engine
-            .for_each(DESTROYED_TREE, b"subject:", None, 1024, &mut |k, _| {
-                out.push(String::from_utf8_lossy(&k[b"subject:".len()..]).into_owned());
+            .for_each(DESTROYED_TREE, SUBJECT_SLOT, None, 1024, &mut |k, v| {
+                let mark = decode_mark(&v)?;
+                let sealed = mark.name.ok_or_else(|| {
+                    StorageError::Corrupt("destroyed subject without its name".into())
+                })?;
+                let name = open(&self.name_key, &name_aad(&k), &sealed, "destroyed subject")?;
+                out.push(
+                    String::from_utf8(name)
+                        .map_err(|_| StorageError::Corrupt("destroyed subject name".into()))?,
+                );
                 Ok(true)
             })?;
+        out.sort_unstable();
         Ok(out)
     }
 
-    fn cached(&self, id: &KeyId) -> Option<Arc<SecretKey>> {
-        self.cache.read().ok().and_then(|c| c.get(id).cloned())
+    fn cached(&self, slot: &[u8]) -> Option<Arc<SecretKey>> {
+        self.cache.read().ok().and_then(|c| c.get(slot).cloned())
     }
 
-    fn load(&self, id: &KeyId) -> Result<Option<SecretKey>> {
-        let Some(bytes) = self.engine.get(KEYS_TREE, &id.storage_key())? else {
+    fn store_wrapped(&self, slot: &[u8], k: &SecretKey) -> Result<()> {
+        let wrapped = seal(&self.master, &wrap_aad(slot), k.bytes())?;
+        let bytes =
+            postcard::to_stdvec(&wrapped).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        self.engine.put(KEYS_TREE, slot, &bytes)
+    }
+
+    fn load(&self, slot: &[u8]) -> Result<Option<SecretKey>> {
+        let Some(bytes) = self.engine.get(KEYS_TREE, slot)? else {
             return Ok(None);
         };
         let wrapped: Sealed = postcard::from_bytes(&bytes)
             .map_err(|e| StorageError::Corrupt(format!("wrapped key: {e}")))?;
-        let mut plain = open(&self.master, &wrap_aad(id), &wrapped, "data key")?;
+        let mut plain = open(&self.master, &wrap_aad(slot), &wrapped, "data key")?;
         let arr: [u8; 32] = plain
             .as_slice()
             .try_into()
@@ -254,16 +349,99 @@ impl Keyring {
     /// Destroy a key for good: mark it destroyed first (so it can never be recreated), then delete
     /// the wrapped copy and forget the cached one. Returns whether a key existed.
     pub fn destroy(&self, id: &KeyId, now_ms: u64) -> Result<bool> {
-        let sk = id.storage_key();
-        self.engine
-            .put(DESTROYED_TREE, &sk, &now_ms.to_be_bytes())?;
-        let existed = self.engine.get(KEYS_TREE, &sk)?.is_some();
-        self.engine.remove(KEYS_TREE, &sk)?;
+        let slot = self.key_ref(id).slot();
+        self.mark_destroyed(&slot, id, now_ms)?;
+        let existed = self.engine.get(KEYS_TREE, &slot)?.is_some();
+        self.engine.remove(KEYS_TREE, &slot)?;
         if let Ok(mut cache) = self.cache.write() {
-            cache.remove(id);
+            cache.remove(&slot);
         }
         Ok(existed)
     }
+
+    fn mark_destroyed(&self, slot: &[u8], id: &KeyId, now_ms: u64) -> Result<()> {
+        let name = match id {
+            KeyId::Subject(s) => Some(seal(&self.name_key, &name_aad(slot), s.as_bytes())?),
+            KeyId::Namespace(_) => None,
+        };
+        let mark = DestroyedMark {
+            at_ms: now_ms,
+            name,
+        };
+        let bytes = postcard::to_stdvec(&mark).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        self.engine.put(DESTROYED_TREE, slot, &bytes)
+    }
+
+    /// Rewrite what a store from before keyed subject ids holds under `subject:NAME`: wrapped keys
+    /// move to their keyed slot (wrapped again, the slot is in the wrapping's AAD), destroyed marks
+    /// get the sealed name. Idempotent; an interrupted run is finished by the next. Returns how
+    /// many entries were rewritten. Memory records are `MemoryStore::migrate_legacy`'s.
+    pub fn migrate_legacy(&self) -> Result<usize> {
+        let mut done = 0;
+        // Each pass removes what it rewrote, so the next scan starts again at the front.
+        loop {
+            let batch = self
+                .engine
+                .scan(DESTROYED_TREE, LEGACY_SUBJECT_SLOT, None, 256)?;
+            if batch.is_empty() {
+                break;
+            }
+            for (old, v) in batch {
+                self.migrate_legacy_mark(&old, &v)?;
+                done += 1;
+            }
+        }
+        loop {
+            let batch = self
+                .engine
+                .scan(KEYS_TREE, LEGACY_SUBJECT_SLOT, None, 256)?;
+            if batch.is_empty() {
+                break;
+            }
+            for (old, _) in batch {
+                self.migrate_legacy_key(&old)?;
+                done += 1;
+            }
+        }
+        if done > 0 {
+            tracing::info!(
+                entries = done,
+                "keyring: subject ids rewritten as keyed ids"
+            );
+        }
+        Ok(done)
+    }
+
+    fn migrate_legacy_mark(&self, old: &[u8], v: &[u8]) -> Result<()> {
+        let id = KeyId::Subject(legacy_name(old)?);
+        let at_ms = v.try_into().map(u64::from_be_bytes).unwrap_or_default();
+        let slot = self.key_ref(&id).slot();
+        self.mark_destroyed(&slot, &id, at_ms)?;
+        self.engine.remove(KEYS_TREE, &slot)?;
+        self.engine.remove(KEYS_TREE, old)?;
+        self.engine.remove(DESTROYED_TREE, old)
+    }
+
+    fn migrate_legacy_key(&self, old: &[u8]) -> Result<()> {
+        let id = KeyId::Subject(legacy_name(old)?);
+        let slot = self.key_ref(&id).slot();
+        if self.engine.get(KEYS_TREE, &slot)?.is_none()
+            && !self.is_destroyed_slot(&slot)?
+            && let Some(k) = self.load(old)?
+        {
+            self.store_wrapped(&slot, &k)?;
+        }
+        self.engine.remove(KEYS_TREE, old)
+    }
+}
+
+fn legacy_name(slot: &[u8]) -> Result<String> {
+    String::from_utf8(slot[LEGACY_SUBJECT_SLOT.len()..].to_vec())
+        .map_err(|_| StorageError::Corrupt("legacy subject key".into()))
+}
+
+fn decode_mark(bytes: &[u8]) -> Result<DestroyedMark> {
+    postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt(format!("destroyed mark: {e}")))
 }
 
 fn erased(id: &KeyId) -> StorageError {
@@ -273,10 +451,12 @@ fn erased(id: &KeyId) -> StorageError {
     }
 }
 
-fn wrap_aad(id: &KeyId) -> Vec<u8> {
-    let mut aad = b"swarm-keywrap-v1:".to_vec();
-    aad.extend_from_slice(&id.storage_key());
-    aad
+fn wrap_aad(slot: &[u8]) -> Vec<u8> {
+    [b"swarm-keywrap-v1:".as_slice(), slot].concat()
+}
+
+fn name_aad(slot: &[u8]) -> Vec<u8> {
+    [b"swarm-subject-name-v1:".as_slice(), slot].concat()
 }
 
 #[cfg(test)]
@@ -320,7 +500,7 @@ mod tests {
         assert_eq!(ring.get(&id).expect("get").bytes(), k1.bytes());
         // The stored form is not the key.
         let stored = engine
-            .get(KEYS_TREE, b"subject:alice")
+            .get(KEYS_TREE, &ring.key_ref(&id).slot())
             .expect("get")
             .expect("stored");
         assert!(!stored.windows(32).any(|w| w == k1.bytes()));

@@ -60,6 +60,17 @@ impl MemEngine {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Whether `needle` occurs in any key or value of any tree (for tests of what is at rest).
+    #[cfg(test)]
+    pub(crate) fn contains_bytes(&self, needle: &[u8]) -> bool {
+        let has = |hay: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+        self.trees.read().is_ok_and(|trees| {
+            trees
+                .iter()
+                .any(|(name, t)| has(name.as_bytes()) || t.iter().any(|(k, v)| has(k) || has(v)))
+        })
+    }
 }
 
 fn poisoned() -> StorageError {

@@ -9,7 +9,8 @@
 //! - `memory`: namespaced agent memory ([`MemoryStore`]) on top of all of the above;
 //!   `memory/replica.rs`: its replication (apply peers' deltas, digests, tombstone GC, erasure
 //!   across replicas). `delta`: the replicated [`Delta`] and its codec; `digest`: the
-//!   anti-entropy [`NamespaceDigest`].
+//!   anti-entropy [`NamespaceDigest`]. `memory/legacy.rs`: rewrites stores from before keyed
+//!   subject ids.
 //! - `audit`: the hash-chained [`AuditLog`].
 //!
 //! [`Storage`] wires them together for one node.
@@ -34,15 +35,15 @@ pub use audit::{
     decode_audit_block,
 };
 pub use crdt::{LwwMap, Version, Versioned};
-pub use crypto::{KeyId, Keyring, Sealed, SecretKey, open, seal};
+pub use crypto::{KeyId, KeyRef, Keyring, Sealed, SecretKey, SubjectId, open, seal};
 pub use delta::{ApplyOutcome, Delta, DeltaValue, decode_delta, encode_delta};
 pub use digest::{BUCKETS, NamespaceDigest, bucket_of};
 pub use engine::{Engine, MemEngine, Pairs};
 pub use error::{Result, StorageError};
 pub use hlc::{Hlc, HlcClock};
 pub use memory::{
-    MemoryItem, MemoryLimits, MemoryStore, MemoryType, Protection, PutRequest, StoredRecord,
-    StoredValue, decode_record, validate_name,
+    DEFAULT_MAX_TAG_BYTES, DEFAULT_MAX_TAGS, ListPage, MemoryItem, MemoryLimits, MemoryStore,
+    MemoryType, Protection, PutRequest, StoredRecord, StoredValue, decode_record, validate_name,
 };
 pub use sled_engine::SledEngine;
 
@@ -88,10 +89,10 @@ pub struct Storage {
 }
 
 impl Storage {
-    /// Open (or create) the sled store in `dir`.
+    /// Open (or create) the sled store in `dir`; `dir` is made owner-only (0700), and so is
+    /// everything sled keeps in it (directories 0700, files 0600).
     pub fn open(dir: &Path, master: SecretKey, opts: StorageOptions) -> Result<Self> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StorageError::Engine(format!("create {}: {e}", dir.display())))?;
+        sled_engine::create_private_dir(dir)?;
         let engine: Arc<dyn Engine> = Arc::new(SledEngine::open(&dir.join("sled"))?);
         Self::with_engine(engine, master, opts)
     }
@@ -104,6 +105,7 @@ impl Storage {
     ) -> Result<Self> {
         let audit = Arc::new(AuditLog::open(engine.clone(), &master)?);
         let keyring = Arc::new(Keyring::new(master, engine.clone()));
+        keyring.migrate_legacy()?;
         let clock = Arc::new(HlcClock::new(opts.max_clock_skew_ms));
         let memory = Arc::new(MemoryStore::new(
             engine.clone(),
@@ -113,6 +115,7 @@ impl Storage {
             opts.limits,
             opts.protection,
         ));
+        memory.migrate_legacy()?;
         Ok(Self {
             engine,
             keyring,
@@ -128,6 +131,8 @@ impl Storage {
     }
 }
 
+#[cfg(test)]
+mod at_rest_tests;
 #[cfg(test)]
 mod replication_tests;
 #[cfg(test)]

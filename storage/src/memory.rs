@@ -4,6 +4,7 @@
 //! namespace's anti-entropy digest and record count in step. Replication (deltas, digests,
 //! tombstone collection, erasure across replicas) is in `memory/replica.rs`.
 
+mod legacy;
 mod replica;
 
 use std::collections::HashMap;
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::crdt::{Version, Versioned};
-use crate::crypto::{self, KeyId, Keyring, Sealed};
+use crate::crypto::{self, KeyId, KeyRef, Keyring, Sealed};
 use crate::delta::Delta;
 use crate::digest::{DigestState, Entry};
 use crate::engine::Engine;
@@ -52,10 +53,11 @@ impl MemoryType {
     }
 }
 
-/// What is stored for a live value: which key sealed it and the sealed JSON.
+/// What is stored for a live value: which key sealed it (a subject by its keyed id, never by
+/// name) and the sealed JSON.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct StoredValue {
-    pub key_id: KeyId,
+    pub key_id: KeyRef,
     pub memory_type: MemoryType,
     pub sealed: Sealed,
 }
@@ -89,6 +91,9 @@ pub(crate) struct Plain {
     /// The value as JSON text.
     value: String,
     tags: Vec<String>,
+    /// The data subject: kept here, sealed, as the record only has its keyed id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    subject: Option<String>,
 }
 
 /// A write.
@@ -128,12 +133,22 @@ pub enum Protection {
 /// Limits applied to writes.
 #[derive(Debug, Clone)]
 pub struct MemoryLimits {
+    /// Largest stored payload: the value's JSON text plus its tags.
     pub max_value_bytes: usize,
     pub max_name_len: usize,
     pub max_namespace_entries: usize,
     /// Decrypted values kept in memory for hot reads; 0 turns the cache off.
     pub read_cache_entries: usize,
+    /// Most tags on one value.
+    pub max_tags: usize,
+    /// Longest tag, in bytes.
+    pub max_tag_bytes: usize,
 }
+
+/// Default of [`MemoryLimits::max_tags`].
+pub const DEFAULT_MAX_TAGS: usize = 32;
+/// Default of [`MemoryLimits::max_tag_bytes`].
+pub const DEFAULT_MAX_TAG_BYTES: usize = 128;
 
 impl Default for MemoryLimits {
     fn default() -> Self {
@@ -142,7 +157,30 @@ impl Default for MemoryLimits {
             max_name_len: 128,
             max_namespace_entries: 1_000_000,
             read_cache_entries: 10_000,
+            max_tags: DEFAULT_MAX_TAGS,
+            max_tag_bytes: DEFAULT_MAX_TAG_BYTES,
         }
+    }
+}
+
+/// One page of [`MemoryStore::list_page`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListPage {
+    pub items: Vec<MemoryItem>,
+    /// The page stopped early, at its item limit or byte budget: more may follow the last key.
+    pub more: bool,
+    /// The page stopped because the next item would have taken it past the byte budget.
+    pub truncated: bool,
+}
+
+impl MemoryItem {
+    /// What the item weighs in a list page: its names, value and tags.
+    pub fn payload_bytes(&self) -> usize {
+        self.namespace.len()
+            + self.key.len()
+            + self.value_json.len()
+            + self.subject.as_ref().map_or(0, String::len)
+            + self.tags.iter().map(String::len).sum::<usize>()
     }
 }
 
@@ -203,6 +241,7 @@ impl MemoryStore {
         self.validate_value(&req.value_json, req.subject.as_deref(), &req.tags)?;
         let key_id = key_id_for(ns, req.subject.as_deref());
         let data_key = self.keyring.get_or_create(&key_id)?;
+        let key_ref = self.keyring.key_ref(&key_id);
         let ttl = req.ttl_ms.or(req.memory_type.default_ttl_ms());
         let expires_at = ttl.map(|t| now_ms.saturating_add(t));
 
@@ -224,11 +263,12 @@ impl MemoryStore {
         let plain = serde_json::to_vec(&Plain {
             value: req.value_json.clone(),
             tags: req.tags.clone(),
+            subject: req.subject.clone(),
         })
         .map_err(|e| StorageError::Corrupt(e.to_string()))?;
         let sealed = match self.protection {
             Protection::Encrypted => {
-                crypto::seal(&data_key, &value_aad(ns, key, &version, &key_id), &plain)?
+                crypto::seal(&data_key, &value_aad(ns, key, &version, &key_ref), &plain)?
             }
             Protection::PlaintextForBenchmarks => Sealed {
                 nonce: [0; 24],
@@ -238,7 +278,7 @@ impl MemoryStore {
         let rec = StoredRecord {
             version: version.clone(),
             value: Some(StoredValue {
-                key_id,
+                key_id: key_ref,
                 memory_type: req.memory_type,
                 sealed,
             }),
@@ -325,16 +365,38 @@ impl MemoryStore {
         limit: usize,
         now_ms: u64,
     ) -> Result<Vec<MemoryItem>> {
+        Ok(self
+            .list_page(ns, prefix, after, limit, usize::MAX, now_ms)?
+            .items)
+    }
+
+    /// [`MemoryStore::list`] within a byte budget: the page stops before the item that would take
+    /// the sum of [`MemoryItem::payload_bytes`] past `max_bytes` (the first item is always
+    /// returned, so a page always moves forward).
+    pub fn list_page(
+        &self,
+        ns: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        max_bytes: usize,
+        now_ms: u64,
+    ) -> Result<ListPage> {
         validate_name("namespace", ns, self.limits.max_name_len)?;
         if !prefix.is_empty() {
             validate_prefix(prefix, self.limits.max_name_len)?;
         }
         let scan_prefix = record_key(ns, prefix);
         let after = after.map(|a| record_key(ns, a));
-        let mut out = Vec::new();
+        let mut page = ListPage {
+            items: Vec::new(),
+            more: false,
+            truncated: false,
+        };
         if limit == 0 {
-            return Ok(out);
+            return Ok(page);
         }
+        let mut bytes = 0usize;
         self.engine.for_each(
             MEMORY_TREE,
             &scan_prefix,
@@ -345,15 +407,36 @@ impl MemoryStore {
                 let rec = decode_record(&v)?;
                 if rec.is_live(now_ms) {
                     match self.decode_item(ns, &key, k, rec) {
-                        Ok(item) => out.push(item),
+                        Ok(item) => {
+                            let size = item.payload_bytes();
+                            if !page.items.is_empty() && bytes.saturating_add(size) > max_bytes {
+                                page.more = true;
+                                page.truncated = true;
+                                return Ok(false);
+                            }
+                            bytes = bytes.saturating_add(size);
+                            page.items.push(item);
+                        }
                         Err(StorageError::Erased(_)) => {}
                         Err(e) => return Err(e),
                     }
                 }
-                Ok(out.len() < limit)
+                if page.items.len() >= limit {
+                    page.more = true;
+                    return Ok(false);
+                }
+                Ok(true)
             },
         )?;
-        Ok(out)
+        if page.truncated {
+            tracing::debug!(
+                namespace = ns,
+                items = page.items.len(),
+                bytes,
+                "list page cut at its byte budget"
+            );
+        }
+        Ok(page)
     }
 
     /// Crypto-shred a subject: its key is destroyed, its values can no longer be read (they read
@@ -363,7 +446,7 @@ impl MemoryStore {
         validate_name("subject", subject, self.limits.max_name_len)?;
         let id = KeyId::Subject(subject.to_string());
         let existed = self.keyring.destroy(&id, now_ms)?;
-        self.cache.purge(&id);
+        self.cache.purge(&self.keyring.key_ref(&id));
         // Again even when erased before: shredding is idempotent and repairs an interrupted erase.
         self.shred(&[subject.to_string()])?;
         Ok(existed)
@@ -386,10 +469,7 @@ impl MemoryStore {
             return Err(StorageError::Corrupt("tombstone has no value".into()));
         };
         if stored.is_shredded() {
-            return Err(match stored.key_id {
-                KeyId::Subject(s) => StorageError::Erased(s),
-                KeyId::Namespace(n) => StorageError::Erased(format!("namespace {n}")),
-            });
+            return Err(stored.key_id.erased());
         }
         let plain = match self.cache.get(&rkey, &rec.version) {
             Some(p) => p,
@@ -397,7 +477,7 @@ impl MemoryStore {
                 let epoch = self.cache.epoch();
                 let bytes = match self.protection {
                     Protection::Encrypted => {
-                        let data_key = self.keyring.get(&stored.key_id)?;
+                        let data_key = self.keyring.get_ref(&stored.key_id)?;
                         let aad = value_aad(ns, key, &rec.version, &stored.key_id);
                         crypto::open(&data_key, &aad, &stored.sealed, "memory value")?
                     }
@@ -427,8 +507,9 @@ impl MemoryStore {
             memory_type: stored.memory_type,
             expires_at: rec.expires_at,
             subject: match stored.key_id {
-                KeyId::Subject(s) => Some(s),
-                KeyId::Namespace(_) => None,
+                KeyRef::Namespace(_) => None,
+                KeyRef::LegacySubject(s) => Some(s),
+                KeyRef::Subject(_) => plain.subject.clone(),
             },
             tags: plain.tags.clone(),
         })
@@ -465,19 +546,39 @@ impl MemoryStore {
         if let Some(s) = subject {
             validate_name("subject", s, self.limits.max_name_len)?;
         }
-        if value_json.len() > self.limits.max_value_bytes {
+        let limit = self.limits.max_value_bytes;
+        if value_json.len() > limit {
             return Err(StorageError::TooLarge {
                 size: value_json.len(),
-                limit: self.limits.max_value_bytes,
+                limit,
             });
         }
+        let bad_tags = |message: String| StorageError::InvalidInput {
+            field: "tags",
+            message,
+        };
+        if tags.len() > self.limits.max_tags {
+            return Err(bad_tags(format!(
+                "{} tags, at most {} allowed",
+                tags.len(),
+                self.limits.max_tags
+            )));
+        }
+        let mut total = value_json.len();
         for t in tags {
-            if t.len() > self.limits.max_name_len {
-                return Err(StorageError::InvalidInput {
-                    field: "tags",
-                    message: format!("tag longer than {} bytes", self.limits.max_name_len),
-                });
+            if t.len() > self.limits.max_tag_bytes {
+                return Err(bad_tags(format!(
+                    "a tag is longer than {} bytes",
+                    self.limits.max_tag_bytes
+                )));
             }
+            total = total.saturating_add(t.len());
+        }
+        // Tags are stored with the value: together they stay within the value limit.
+        if total > limit {
+            return Err(bad_tags(format!(
+                "value and tags take {total} bytes, more than the limit of {limit}"
+            )));
         }
         Ok(())
     }
@@ -576,11 +677,12 @@ fn record_key(ns: &str, key: &str) -> Vec<u8> {
     k
 }
 
-/// Authenticated data: binds the ciphertext to its namespace, key, version and key id.
-fn value_aad(ns: &str, key: &str, v: &Version, key_id: &KeyId) -> Vec<u8> {
-    let (kind, id): (&[u8], &str) = match key_id {
-        KeyId::Namespace(n) => (b"ns:", n),
-        KeyId::Subject(s) => (b"subject:", s),
+/// Authenticated data: binds the ciphertext to its namespace, key, version and key reference.
+pub(crate) fn value_aad(ns: &str, key: &str, v: &Version, key_ref: &KeyRef) -> Vec<u8> {
+    let (kind, id): (&[u8], &[u8]) = match key_ref {
+        KeyRef::Namespace(n) => (b"ns:", n.as_bytes()),
+        KeyRef::LegacySubject(s) => (b"subject:", s.as_bytes()),
+        KeyRef::Subject(h) => (b"sid:", h.as_slice()),
     };
     let mut aad = Vec::with_capacity(64 + ns.len() + key.len() + v.origin.len() + id.len());
     aad.extend_from_slice(b"swarm-mem-v1");
@@ -590,7 +692,7 @@ fn value_aad(ns: &str, key: &str, v: &Version, key_id: &KeyId) -> Vec<u8> {
     }
     aad.extend_from_slice(&v.hlc.0.to_be_bytes());
     aad.extend_from_slice(kind);
-    aad.extend_from_slice(id.as_bytes());
+    aad.extend_from_slice(id);
     aad
 }
 

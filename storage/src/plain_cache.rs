@@ -10,12 +10,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use crate::crdt::Version;
-use crate::crypto::KeyId;
+use crate::crypto::KeyRef;
 
 #[derive(Debug)]
 struct Entry<T> {
     version: Version,
-    key_id: KeyId,
+    key_id: KeyRef,
     value: Arc<T>,
     size: usize,
 }
@@ -80,7 +80,7 @@ impl<T> PlainCache<T> {
         epoch: u64,
         key: Vec<u8>,
         version: Version,
-        key_id: KeyId,
+        key_id: KeyRef,
         value: Arc<T>,
         size: usize,
     ) {
@@ -131,7 +131,7 @@ impl<T> PlainCache<T> {
     }
 
     /// Drop every value sealed under `key_id` and invalidate decryptions in flight.
-    pub(crate) fn purge(&self, key_id: &KeyId) {
+    pub(crate) fn purge(&self, key_id: &KeyRef) {
         let mut g = self.lock();
         g.epoch += 1;
         let mut freed = 0;
@@ -166,7 +166,7 @@ mod tests {
     #[test]
     fn version_bound_bounded_and_purged() {
         let c = PlainCache::new(2, 1000);
-        let alice = KeyId::Subject("alice".into());
+        let alice = KeyRef::LegacySubject("alice".into());
         let e = c.epoch();
         c.insert(e, b"a".to_vec(), v(1), alice.clone(), Arc::new(1), 1);
         assert_eq!(c.get(b"a", &v(1)).as_deref(), Some(&1));
@@ -175,7 +175,7 @@ mod tests {
             e,
             b"b".to_vec(),
             v(1),
-            KeyId::Namespace("ns".into()),
+            KeyRef::Namespace("ns".into()),
             Arc::new(2),
             1,
         );
@@ -183,7 +183,7 @@ mod tests {
             e,
             b"c".to_vec(),
             v(1),
-            KeyId::Namespace("ns".into()),
+            KeyRef::Namespace("ns".into()),
             Arc::new(3),
             1,
         );
@@ -199,7 +199,7 @@ mod tests {
     #[test]
     fn byte_budget_is_kept() {
         let c = PlainCache::new(100, 10);
-        let ns = KeyId::Namespace("ns".into());
+        let ns = KeyRef::Namespace("ns".into());
         for i in 0..20u8 {
             c.insert(c.epoch(), vec![i], v(1), ns.clone(), Arc::new(i), 4);
         }

@@ -43,7 +43,12 @@ impl SledEngine {
     /// Open (or create) the database at `path`. While another handle still holds the file lock
     /// (a process that is exiting, or a handle whose background flusher has not stopped yet), it
     /// retries for up to three seconds before giving up.
+    ///
+    /// The directory is made owner-only (0700) before sled opens it, and what sled created in it
+    /// owner-only after (files 0600), without touching the process's umask; files sled adds later
+    /// sit inside the 0700 directory.
     pub fn open(path: &Path) -> Result<Self> {
+        create_private_dir(path)?;
         let mut tries = 0;
         let db = loop {
             match sled::Config::new()
@@ -59,6 +64,7 @@ impl SledEngine {
                 Err(e) => return Err(e.into()),
             }
         };
+        restrict_tree(path, 0)?;
         Ok(Self {
             db,
             trees: RwLock::new(HashMap::new()),
@@ -77,6 +83,49 @@ impl SledEngine {
             .insert(name.to_string(), t.clone());
         Ok(t)
     }
+}
+
+fn io_error(what: &str, path: &Path, e: std::io::Error) -> StorageError {
+    StorageError::Engine(format!("{what} {}: {e}", path.display()))
+}
+
+/// Create `dir` (and its parents) and make it owner-only (0700 on Unix).
+pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| io_error("create", dir, e))?;
+    set_mode(dir, 0o700)
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io_error("chmod", path, e))
+}
+
+#[cfg(not(unix))]
+fn set_mode(_path: &Path, _mode: u32) -> Result<()> {
+    Ok(())
+}
+
+/// Make everything under `dir` owner-only: directories 0700, files 0600 (links are left alone).
+fn restrict_tree(dir: &Path, depth: usize) -> Result<()> {
+    // sled's layout is two levels deep (`blobs/`); the bound only guards against surprises.
+    if depth > 8 {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| io_error("read", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error("read", dir, e))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(|e| io_error("stat", &path, e))?;
+        if kind.is_dir() {
+            set_mode(&path, 0o700)?;
+            restrict_tree(&path, depth + 1)?;
+        } else if kind.is_file() {
+            set_mode(&path, 0o600)?;
+        }
+    }
+    Ok(())
 }
 
 impl Engine for SledEngine {
@@ -164,6 +213,49 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let e = SledEngine::open(&dir.path().join("db")).expect("open");
         crate::engine::suite::run_all(&e);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn data_dir_and_files_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        // A store from before: world-readable directory and files.
+        let data = dir.path().join("data");
+        let db = data.join("sled");
+        {
+            let e = SledEngine::open(&db).expect("open");
+            e.put("t", b"k", b"v").expect("put");
+            e.sync().expect("sync");
+        }
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        for f in std::fs::read_dir(&db).expect("ls") {
+            let p = f.expect("entry").path();
+            if p.is_file() {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))
+                    .expect("chmod");
+            }
+        }
+        let s = crate::Storage::open(
+            &data,
+            crate::SecretKey::generate(),
+            crate::StorageOptions::new("n1"),
+        )
+        .expect("open storage");
+        s.sync().expect("sync");
+        assert_eq!(mode(&data), 0o700, "data dir");
+        assert_eq!(mode(&db), 0o700, "sled dir");
+        let mut files = 0;
+        for f in std::fs::read_dir(&db).expect("ls") {
+            let p = f.expect("entry").path();
+            if p.is_file() {
+                files += 1;
+                assert_eq!(mode(&p), 0o600, "{}", p.display());
+            }
+        }
+        assert!(files > 0, "sled wrote files");
     }
 
     #[test]

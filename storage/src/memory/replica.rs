@@ -20,7 +20,7 @@ use super::{
     entry_of, key_id_for, lock, record_key, validate_name, value_aad,
 };
 use crate::crdt::Versioned;
-use crate::crypto::{self, KeyId, Sealed};
+use crate::crypto::{self, KeyId, KeyRef, Sealed};
 use crate::delta::{ApplyOutcome, Delta, DeltaValue};
 use crate::digest::{BUCKETS, DigestState, NamespaceDigest, bucket_of};
 use crate::error::{Result, StorageError};
@@ -114,15 +114,17 @@ impl MemoryStore {
                 let key_id = key_id.unwrap_or_else(|| key_id_for(ns, v.subject.as_deref()));
                 // Refuses a key destroyed since the check above; an erase waits for this write.
                 let data_key = self.keyring.get_or_create(&key_id)?;
+                let key_ref = self.keyring.key_ref(&key_id);
                 let plain = serde_json::to_vec(&Plain {
                     value: v.value_json,
                     tags: v.tags,
+                    subject: v.subject,
                 })
                 .map_err(|e| StorageError::Corrupt(e.to_string()))?;
                 let sealed = match self.protection {
                     Protection::Encrypted => crypto::seal(
                         &data_key,
-                        &value_aad(ns, key, &merged.version, &key_id),
+                        &value_aad(ns, key, &merged.version, &key_ref),
                         &plain,
                     )?,
                     Protection::PlaintextForBenchmarks => Sealed {
@@ -131,7 +133,7 @@ impl MemoryStore {
                     },
                 };
                 Some(StoredValue {
-                    key_id,
+                    key_id: key_ref,
                     memory_type: v.memory_type,
                     sealed,
                 })
@@ -316,7 +318,7 @@ impl MemoryStore {
             let id = KeyId::Subject(s.clone());
             if !self.keyring.is_destroyed(&id)? {
                 self.keyring.destroy(&id, now_ms)?;
-                self.cache.purge(&id);
+                self.cache.purge(&self.keyring.key_ref(&id));
                 fresh.push(s.clone());
             }
         }
@@ -334,11 +336,17 @@ impl MemoryStore {
         for stripe in &self.stripes {
             drop(lock(stripe));
         }
-        let subjects: HashSet<&str> = subjects.iter().map(String::as_str).collect();
+        let ids: HashSet<crypto::SubjectId> = subjects
+            .iter()
+            .map(|s| self.keyring.subject_id(s))
+            .collect();
+        let names: HashSet<&str> = subjects.iter().map(String::as_str).collect();
         let targeted = |rec: &StoredRecord| match &rec.value {
-            Some(v) if !v.is_shredded() => {
-                matches!(&v.key_id, KeyId::Subject(s) if subjects.contains(s.as_str()))
-            }
+            Some(v) if !v.is_shredded() => match &v.key_id {
+                KeyRef::Subject(h) => ids.contains(h),
+                KeyRef::LegacySubject(s) => names.contains(s.as_str()),
+                KeyRef::Namespace(_) => false,
+            },
             _ => false,
         };
         self.engine
@@ -354,10 +362,15 @@ impl MemoryStore {
                     && targeted(&cur)
                     && let Some(stored) = &cur.value
                 {
+                    // A legacy record loses its subject's name with its ciphertext.
+                    let key_id = match &stored.key_id {
+                        KeyRef::LegacySubject(s) => KeyRef::Subject(self.keyring.subject_id(s)),
+                        other => other.clone(),
+                    };
                     let shredded = StoredRecord {
                         version: cur.version.clone(),
                         value: Some(StoredValue {
-                            key_id: stored.key_id.clone(),
+                            key_id,
                             memory_type: stored.memory_type,
                             sealed: Sealed {
                                 nonce: [0; 24],
@@ -375,7 +388,7 @@ impl MemoryStore {
 }
 
 /// `ns \0 key` back into its parts.
-fn split_record_key(k: &[u8]) -> Result<(String, String)> {
+pub(super) fn split_record_key(k: &[u8]) -> Result<(String, String)> {
     let end = k
         .iter()
         .position(|&b| b == 0)
