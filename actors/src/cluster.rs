@@ -1,11 +1,15 @@
 //! Actors across nodes: ractor_cluster sessions carried on QUIC.
 //!
-//! Each node runs one ractor_cluster `NodeServer` (its own TCP listener bound to 127.0.0.1 port 0,
-//! where no session is ever admitted) and one [`RouterMsg`] router in the process group
+//! Each node runs one ractor_cluster `NodeServer` and one [`RouterMsg`] router in the process group
 //! [`ROUTER_GROUP`]. The caller (the node crate) owns the QUIC connections and drives sessions from
 //! membership events: for each peer it opens one bidirectional stream, writes [`STREAM_RACTOR`] and
 //! hands it to [`ActorCluster::connect`]; the peer reads that byte and hands its end to
 //! [`ActorCluster::accept`]; a member going down or leaving is [`ActorCluster::disconnect`].
+//!
+//! ractor_cluster's `NodeServer` always runs a TCP listener of its own (here on 127.0.0.1, port 0)
+//! that any local user could dial, and its only check is the shared cookie. Sessions never use it
+//! (they all ride QUIC streams), so it is wrapped in a TLS acceptor that has no certificate: every
+//! handshake fails before ractor reads a byte, and no session, cookie or not, is ever opened on it.
 //!
 //! Identity: the QUIC peer's certificate names a node, and the ractor node name it claims must be
 //! that name (`<name>@swarm`). Two checks enforce it. The incoming bytes of every QUIC session pass
@@ -371,6 +375,33 @@ impl<R: AsyncRead + Unpin> AsyncRead for Guarded<R> {
     }
 }
 
+/// Serves no certificate, so every TLS handshake on ractor's own TCP listener fails: that listener
+/// admits no session (sessions ride QUIC streams).
+#[derive(Debug)]
+struct NoCertificate;
+
+impl rustls::server::ResolvesServerCert for NoCertificate {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        None
+    }
+}
+
+/// The TLS "encryption" of ractor's TCP listener: one that refuses every connection.
+fn refuse_every_tcp_session() -> Result<ractor_cluster::IncomingEncryptionMode, ClusterError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClusterError::Start(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(NoCertificate));
+    Ok(ractor_cluster::IncomingEncryptionMode::Tls(
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+    ))
+}
+
 /// This node's side of the actor cluster: the ractor NodeServer, the router and the sessions.
 #[derive(Clone, Debug)]
 pub struct ActorCluster {
@@ -381,8 +412,9 @@ pub struct ActorCluster {
 
 impl ActorCluster {
     /// Spawn the ractor_cluster NodeServer (`node_name` is this node's certificate name; isolated
-    /// mode; its TCP listener on 127.0.0.1 port 0 admits no session) and this node's router,
-    /// joined to [`ROUTER_GROUP`]. One per process: ractor's registry and groups are global.
+    /// mode; its TCP listener on 127.0.0.1 port 0 fails every TLS handshake, so it admits no
+    /// session whoever knows `cookie`) and this node's router, joined to [`ROUTER_GROUP`]. One per
+    /// process: ractor's registry and groups are global.
     pub async fn start(node_name: &str, cookie: &str) -> Result<Self, ClusterError> {
         let (changed, _) = watch::channel(0);
         let shared = Arc::new(Shared {
@@ -397,7 +429,7 @@ impl ActorCluster {
             cookie.to_string(),
             node_name.to_string(),
             RACTOR_HOST.to_string(),
-            None,
+            Some(refuse_every_tcp_session()?),
             Some(NodeConnectionMode::Isolated),
         )
         .with_listen_addr(Ipv4Addr::LOCALHOST.into());
@@ -704,6 +736,125 @@ mod tests {
             .await
             .expect_err("not loopback");
         assert_eq!(e.code(), "not_loopback");
+        cluster.shutdown().await;
+    }
+
+    /// Ports of the loopback TCP listeners this process holds (Linux: /proc).
+    #[cfg(target_os = "linux")]
+    fn own_loopback_listeners() -> std::collections::BTreeSet<u16> {
+        let inodes: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+            .expect("fds")
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter_map(|l| {
+                let l = l.to_string_lossy().into_owned();
+                Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+            })
+            .collect();
+        let table = std::fs::read_to_string("/proc/self/net/tcp").expect("tcp table");
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let (ip, port) = f.get(1)?.split_once(':')?;
+                let listening = *f.get(3)? == "0A" && ip == "0100007F";
+                (listening && inodes.contains(*f.get(9)?))
+                    .then(|| u16::from_str_radix(port, 16).ok())
+                    .flatten()
+            })
+            .collect()
+    }
+
+    /// What a dialing ractor NodeServer sees of its sessions.
+    struct Seen(tokio::sync::mpsc::Sender<&'static str>);
+
+    impl NodeEventSubscription for Seen {
+        fn node_session_opened(&self, _: NodeServerSessionInformation) {
+            let _ = self.0.try_send("opened");
+        }
+        fn node_session_disconnected(&self, _: NodeServerSessionInformation) {
+            let _ = self.0.try_send("disconnected");
+        }
+        fn node_session_authenticated(&self, _: NodeServerSessionInformation) {
+            let _ = self.0.try_send("authenticated");
+        }
+        fn node_session_ready(&self, _: NodeServerSessionInformation) {
+            let _ = self.0.try_send("ready");
+        }
+    }
+
+    /// Regression (issue 13 item 12): ractor's own TCP listener let any local user who knew the
+    /// cookie (derived from the world-readable `ca.pem`) authenticate a session. Now it fails every
+    /// TLS handshake: a plain ractor node with the right cookie never gets past the first frame.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_tcp_listener_admits_nobody_even_with_the_cookie() {
+        const COOKIE: &str = "known-to-the-attacker";
+        let before = own_loopback_listeners();
+        let cluster = ActorCluster::start("victim", COOKIE).await.expect("start");
+        let ports: Vec<u16> = own_loopback_listeners()
+            .difference(&before)
+            .copied()
+            .collect();
+        assert!(!ports.is_empty(), "ractor's TCP listener was found");
+        // What the victim's NodeServer sees: before, a session was opened (and authenticated by
+        // the cookie, then killed by the name check); now nothing reaches it.
+        let (victim_tx, mut victim_rx) = tokio::sync::mpsc::channel(16);
+        cluster
+            .server
+            .cast(NodeServerMessage::SubscribeToEvents {
+                id: "victim-seen".into(),
+                subscription: Box::new(Seen(victim_tx)),
+            })
+            .expect("subscribe");
+        for port in ports {
+            let mallory = NodeServer::new(
+                0,
+                COOKIE.to_string(),
+                "mallory".to_string(),
+                RACTOR_HOST.to_string(),
+                None,
+                Some(NodeConnectionMode::Isolated),
+            )
+            .with_listen_addr(Ipv4Addr::LOCALHOST.into());
+            let (mallory, _) = Actor::spawn(None, mallory, ()).await.expect("mallory");
+            let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+            mallory
+                .cast(NodeServerMessage::SubscribeToEvents {
+                    id: "seen".into(),
+                    subscription: Box::new(Seen(tx)),
+                })
+                .expect("subscribe");
+            // (A listener of a concurrent test that has shut down refuses the connection outright.)
+            if ractor_cluster::client_connect(&mallory, (Ipv4Addr::LOCALHOST, port))
+                .await
+                .is_err()
+            {
+                mallory.stop(None);
+                continue;
+            }
+            let mut seen = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !seen.contains(&"disconnected") {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(e)) => seen.push(e),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            mallory.stop(None);
+            assert!(
+                !seen.contains(&"authenticated") && !seen.contains(&"ready"),
+                "port {port}: {seen:?}"
+            );
+            assert!(seen.contains(&"disconnected"), "port {port}: {seen:?}");
+        }
+        // Mallory's disconnect came after anything the victim's server would have reported.
+        let mut victim_seen = Vec::new();
+        while let Ok(e) = victim_rx.try_recv() {
+            victim_seen.push(e);
+        }
+        assert!(victim_seen.is_empty(), "the victim opened {victim_seen:?}");
+        assert!(cluster.sessions().is_empty());
         cluster.shutdown().await;
     }
 }

@@ -8,7 +8,13 @@ fn verifier() -> &'static Verifier {
     static V: OnceLock<Verifier> = OnceLock::new();
     V.get_or_init(|| {
         let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
-        Verifier::new(vec![key.verifying_key()], "swarm".into(), "swarm".into(), 0)
+        Verifier::new(
+            vec![key.verifying_key()],
+            "swarm".into(),
+            "swarm".into(),
+            0,
+            365 * 86_400,
+        )
     })
 }
 

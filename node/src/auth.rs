@@ -60,10 +60,7 @@ impl AuthError {
         match self {
             AuthError::Missing => "unauthenticated",
             AuthError::Scheme => "unsupported_auth_scheme",
-            AuthError::Token(JwtError::Expired) => "token_expired",
-            AuthError::Token(JwtError::Algorithm(_)) => "token_algorithm",
-            AuthError::Token(JwtError::Signature | JwtError::UnknownKey) => "token_signature",
-            AuthError::Token(_) => "invalid_token",
+            AuthError::Token(e) => e.code(),
             AuthError::Revoked => "token_revoked",
             AuthError::ApiKeyInvalid => "invalid_api_key",
             AuthError::ApiKeyExpired => "api_key_expired",

@@ -52,6 +52,27 @@ pub enum JwtError {
     Issuer,
     #[error("token audience is not accepted")]
     Audience,
+    #[error("token lifetime (exp - iat) is longer than the {max_s}s allowed")]
+    Lifetime { max_s: u64 },
+    #[error("token issued in the future (iat)")]
+    IssuedInFuture,
+}
+
+impl JwtError {
+    /// Stable short code for logs, metrics and API errors (the same codes `AuthError::code`
+    /// gives the older variants).
+    pub fn code(&self) -> &'static str {
+        match self {
+            JwtError::Malformed | JwtError::NotYetValid | JwtError::Issuer | JwtError::Audience => {
+                "invalid_token"
+            }
+            JwtError::Algorithm(_) => "token_algorithm",
+            JwtError::UnknownKey | JwtError::Signature => "token_signature",
+            JwtError::Expired => "token_expired",
+            JwtError::Lifetime { .. } => "token_lifetime",
+            JwtError::IssuedInFuture => "token_issued_in_future",
+        }
+    }
 }
 
 /// The key id of a verifying key: the first 8 bytes of its SHA-256, in hex.
@@ -81,19 +102,30 @@ pub struct Verifier {
     issuer: String,
     audience: String,
     leeway_s: u64,
+    max_ttl_s: u64,
 }
 
 impl Verifier {
-    pub fn new(keys: Vec<VerifyingKey>, issuer: String, audience: String, leeway_s: u64) -> Self {
+    /// `leeway_s` is the allowed clock skew; `max_ttl_s` the longest lifetime (`exp - iat`) a
+    /// token may claim (the node passes `auth.max_token_ttl`, the cap on what it issues).
+    pub fn new(
+        keys: Vec<VerifyingKey>,
+        issuer: String,
+        audience: String,
+        leeway_s: u64,
+        max_ttl_s: u64,
+    ) -> Self {
         Self {
             keys: keys.into_iter().map(|k| (kid(&k), k)).collect(),
             issuer,
             audience,
             leeway_s,
+            max_ttl_s,
         }
     }
 
-    /// Check structure, algorithm, key, signature, then `iss`, `aud`, `exp`, `nbf` at `now_s`.
+    /// Check structure, algorithm, key, signature, then `iss`, `aud` and the times (see
+    /// [`Verifier::check_times`]) at `now_s`.
     pub fn verify(&self, token: &str, now_s: u64) -> Result<Claims, JwtError> {
         let mut parts = token.split('.');
         let (Some(h), Some(c), Some(s), None) =
@@ -139,8 +171,17 @@ impl Verifier {
         Ok(claims)
     }
 
-    /// The time checks alone (`exp`, `nbf`), for claims verified earlier.
+    /// The time checks alone, for claims verified earlier: `iat` not in the future (beyond the
+    /// leeway), a lifetime `exp - iat` of at most `max_ttl_s`, then `exp` and `nbf`.
     pub fn check_times(&self, claims: &Claims, now_s: u64) -> Result<(), JwtError> {
+        if claims.iat > now_s.saturating_add(self.leeway_s) {
+            return Err(JwtError::IssuedInFuture);
+        }
+        if claims.exp.saturating_sub(claims.iat) > self.max_ttl_s {
+            return Err(JwtError::Lifetime {
+                max_s: self.max_ttl_s,
+            });
+        }
         if claims.exp.saturating_add(self.leeway_s) <= now_s {
             return Err(JwtError::Expired);
         }
@@ -180,13 +221,15 @@ mod tests {
         SigningKey::generate(&mut rand::rngs::OsRng)
     }
 
+    const MAX_TTL: u64 = 365 * 86_400;
+
     fn claims(exp: u64) -> Claims {
         Claims {
             sub: "alice".into(),
             role: "user".into(),
             iss: "swarm".into(),
             aud: "swarm".into(),
-            iat: 100,
+            iat: 0,
             exp,
             nbf: None,
             jti: "j1".into(),
@@ -194,7 +237,62 @@ mod tests {
     }
 
     fn verifier(keys: Vec<VerifyingKey>) -> Verifier {
-        Verifier::new(keys, "swarm".into(), "swarm".into(), 0)
+        Verifier::new(keys, "swarm".into(), "swarm".into(), 0, MAX_TTL)
+    }
+
+    /// Regression (issue 13 item 10): an `exp` at the largest 64-bit value and an `iat` a year
+    /// ahead were accepted. Now `exp - iat <= max_ttl` and `iat <= now + leeway`, on the full
+    /// and on the cached path (`check_times`).
+    #[test]
+    fn lifetimes_are_enforced() {
+        let k = key();
+        let now = 1_700_000_000;
+        let v = Verifier::new(
+            vec![k.verifying_key()],
+            "swarm".into(),
+            "swarm".into(),
+            30,
+            MAX_TTL,
+        );
+        let at = |iat: u64, exp: u64| Claims { iat, ..claims(exp) };
+        // A normal token: issued now, one hour.
+        let ok = at(now, now + 3600);
+        assert_eq!(v.verify(&sign(&k, &ok), now), Ok(ok.clone()));
+        // Issued a little ahead (within the leeway) and exactly max_ttl long: still fine.
+        let edge = at(now + 30, now + 30 + MAX_TTL);
+        assert_eq!(v.verify(&sign(&k, &edge), now), Ok(edge));
+        // exp at u64::MAX.
+        let forever = at(now, u64::MAX);
+        assert_eq!(
+            v.verify(&sign(&k, &forever), now),
+            Err(JwtError::Lifetime { max_s: MAX_TTL })
+        );
+        assert_eq!(
+            v.check_times(&forever, now),
+            Err(JwtError::Lifetime { max_s: MAX_TTL })
+        );
+        // One second over the cap.
+        let long = at(now, now + MAX_TTL + 1);
+        assert_eq!(
+            v.verify(&sign(&k, &long), now).map_err(|e| e.code()),
+            Err("token_lifetime")
+        );
+        // iat a year ahead (with a short lifetime, so only iat is wrong).
+        let ahead = at(now + 365 * 86_400, now + 365 * 86_400 + 3600);
+        assert_eq!(
+            v.verify(&sign(&k, &ahead), now),
+            Err(JwtError::IssuedInFuture)
+        );
+        assert_eq!(
+            v.check_times(&ahead, now).map_err(|e| e.code()),
+            Err("token_issued_in_future")
+        );
+        // Just past the leeway.
+        let early = at(now + 31, now + 3600);
+        assert_eq!(
+            v.verify(&sign(&k, &early), now),
+            Err(JwtError::IssuedInFuture)
+        );
     }
 
     #[test]

@@ -65,7 +65,11 @@ impl Pki {
         let key = KeyPair::generate().expect("key");
         let cert = p.signed_by(&key, &self.issuer).expect("sign");
         std::fs::write(self.dir().join(format!("{name}.pem")), cert.pem()).expect("write");
-        std::fs::write(self.dir().join(format!("{name}.key")), key.serialize_pem()).expect("write");
+        swarm_config::secret::write_secret_file(
+            &self.dir().join(format!("{name}.key")),
+            &key.serialize_pem(),
+        )
+        .expect("write");
         identity(self.dir(), name)
     }
 }
