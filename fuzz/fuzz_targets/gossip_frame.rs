@@ -1,6 +1,10 @@
 #![no_main]
 //! Gossip datagrams from an authenticated peer: any bytes are refused or applied, never a panic,
 //! and the state machine keeps working afterwards.
+//! Wire format: META_REQUEST carries the asker's record-signing key, META a key plus a signed
+//! record, and custom broadcasts are signed envelopes (see `membership/src/gossip.rs`); random
+//! bytes never carry a valid signature, so this exercises decoding, refusal and the held-record
+//! paths, not the applying of records.
 use std::net::SocketAddr;
 
 use swarm_membership::{Gossip, GossipSettings, NodeId, NodeMeta};

@@ -8,12 +8,24 @@
 //! Frames (one per QUIC datagram) start with a kind byte:
 //! - [`FRAME_FOCA`]: a foca packet; its sender identity must carry the name the transport
 //!   authenticated, or the frame is refused.
-//! - [`FRAME_META_REQUEST`]: "send me your metadata", carrying the asker's identity.
-//! - [`FRAME_META`]: a metadata record, as a direct answer.
+//! - [`FRAME_META_REQUEST`]: "send me your metadata", carrying the asker's identity and its
+//!   record-signing key.
+//! - [`FRAME_META`]: a signed metadata record with the sender's record-signing key, as a direct
+//!   answer.
 //!
 //! Metadata and leave notices also travel as foca custom broadcasts, versioned so that stale ones
 //! stop spreading; a node asks each member it meets for its metadata directly, so late joiners do
 //! not depend on a broadcast that has already died out.
+//!
+//! **Claims about a node come from that node.** Each node makes a fresh Ed25519 key when it
+//! starts and signs every record it issues (its metadata, its leave). Others learn that key only
+//! from the node itself, in a frame the transport authenticated as that node (a metadata request
+//! or answer), so the key is bound to the certificate name by mutual TLS. A record, direct or
+//! relayed, is applied only once it verifies against its subject's key: a record that fails is a
+//! forged claim (dropped, counted as `forged_claim`, logged, reported as
+//! [`GossipError::ForgedClaim`] on the frame that carried it); a record about a node whose key is
+//! not known yet is held (newest per node, bounded) until the key arrives, and not relayed
+//! meanwhile. foca's own SWIM updates (suspect, down) are not records and are not covered.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -22,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use foca::{
     AccumulatingRuntime, BroadcastHandler, Codec, Config, Foca, Invalidates, OwnedNotification,
     PeriodicParams, PostcardCodec, State, Timer,
@@ -52,8 +65,17 @@ const DOWN_DIGEST_EVERY: u64 = 2;
 
 /// Largest foca packet (identical on every node; fits a QUIC datagram with room to spare).
 pub const MAX_PACKET: usize = 1100;
-/// Largest encoded metadata record.
+/// Largest encoded metadata record (its signature and framing add under 80 bytes).
 pub const MAX_META_BYTES: usize = 512;
+
+/// Domain separation for record signatures.
+const SIGN_CONTEXT: &[u8] = b"swarm/gossip-record/1\0";
+/// Most members whose record-signing key is kept.
+const MAX_KEYS: usize = 4096;
+/// Most members with a record held until their key arrives.
+const MAX_PENDING: usize = 256;
+/// Most forged claims remembered between two frames.
+const MAX_FORGED: usize = 1024;
 
 /// A member's identity in gossip: the certificate name, the gossip address and the start time
 /// (nanoseconds), so a restarted node is a new incarnation that replaces the old one.
@@ -98,6 +120,10 @@ pub enum GossipError {
     IdentityMismatch { peer: String, claimed: String },
     #[error("metadata is {size} bytes encoded; the limit is {limit}")]
     MetaTooLarge { size: usize, limit: usize },
+    #[error("peer `{peer}` relayed a claim about `{about}` that `{about}` did not sign")]
+    ForgedClaim { peer: String, about: String },
+    #[error("cannot make the record-signing key: {0}")]
+    KeyGen(String),
     #[error("gossip: {0}")]
     Foca(String),
 }
@@ -111,6 +137,8 @@ impl GossipError {
             GossipError::Decode(_) => "decode",
             GossipError::IdentityMismatch { .. } => "identity_mismatch",
             GossipError::MetaTooLarge { .. } => "meta_too_large",
+            GossipError::ForgedClaim { .. } => "forged_claim",
+            GossipError::KeyGen(_) => "keygen",
             GossipError::Foca(_) => "foca",
         }
     }
@@ -210,7 +238,59 @@ enum Record {
     },
 }
 
+/// A record as it travels: its encoding and its subject's Ed25519 signature over
+/// [`SIGN_CONTEXT`] followed by that encoding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Signed {
+    record: Vec<u8>,
+    sig: Vec<u8>,
+}
+
+impl Signed {
+    fn verifies(&self, key: &VerifyingKey) -> bool {
+        let Ok(sig) = Signature::from_slice(&self.sig) else {
+            return false;
+        };
+        key.verify_strict(&signed_message(&self.record), &sig)
+            .is_ok()
+    }
+}
+
+fn signed_message(record: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(SIGN_CONTEXT.len() + record.len());
+    m.extend_from_slice(SIGN_CONTEXT);
+    m.extend_from_slice(record);
+    m
+}
+
+/// Body of [`FRAME_META`]: the sender's record-signing key and its signed metadata.
+#[derive(Debug, Serialize, Deserialize)]
+struct MetaFrame {
+    key: [u8; 32],
+    signed: Signed,
+}
+
+/// Body of [`FRAME_META_REQUEST`]: the asker and its record-signing key.
+#[derive(Debug, Serialize, Deserialize)]
+struct MetaRequest {
+    asker: NodeId,
+    key: [u8; 32],
+}
+
 impl Record {
+    /// The member this record is about.
+    fn name(&self) -> &str {
+        match self {
+            Record::Meta { name, .. } | Record::Leave { name, .. } => name,
+        }
+    }
+
+    fn incarnation(&self) -> u64 {
+        match self {
+            Record::Meta { incarnation, .. } | Record::Leave { incarnation, .. } => *incarnation,
+        }
+    }
+
     fn key(&self) -> RecordKey {
         match self {
             Record::Meta {
@@ -253,9 +333,128 @@ struct Records {
     changed: Vec<String>,
     /// A leave notice arrived since the caller last looked.
     new_leave: bool,
+    /// Each member's record-signing key, as the member itself told us, with the incarnation it
+    /// told us at.
+    keys: HashMap<String, (u64, VerifyingKey)>,
+    /// A record per member that waits for the member's key (the newest one).
+    pending: HashMap<String, Pending>,
+    /// Records that failed verification since the caller last looked.
+    forged: Vec<Forged>,
+}
+
+/// A record held until its subject's key is known.
+#[derive(Debug)]
+struct Pending {
+    record: Record,
+    signed: Signed,
+    relayer: String,
+}
+
+/// A record that did not verify against its subject's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Forged {
+    relayer: String,
+    about: String,
+}
+
+enum Verdict {
+    Good,
+    /// No key for the subject yet, or a record from a later incarnation than the key: wait.
+    Unknown,
+    Bad,
 }
 
 impl Records {
+    fn verify(&self, r: &Record, s: &Signed) -> Verdict {
+        let Some((incarnation, key)) = self.keys.get(r.name()) else {
+            return Verdict::Unknown;
+        };
+        if s.verifies(key) {
+            Verdict::Good
+        } else if r.incarnation() > *incarnation {
+            // The member may have restarted with a new key we have not heard yet.
+            Verdict::Unknown
+        } else {
+            Verdict::Bad
+        }
+    }
+
+    fn forged(&mut self, relayer: &str, about: &str) {
+        if self.forged.len() < MAX_FORGED {
+            self.forged.push(Forged {
+                relayer: relayer.to_string(),
+                about: about.to_string(),
+            });
+        }
+    }
+
+    /// A signed record, from `relayer` (`None`: this node's own). Applied only if it verifies
+    /// against its subject's key; returns the broadcast key if it should spread further.
+    fn receive(
+        &mut self,
+        signed: Signed,
+        relayer: Option<&str>,
+    ) -> Result<Option<RecordKey>, postcard::Error> {
+        let r: Record = postcard::from_bytes(&signed.record)?;
+        match self.verify(&r, &signed) {
+            Verdict::Good => {
+                let news = self.offer(&r);
+                // Our own records are always (re)disseminated.
+                Ok((news || relayer.is_none()).then(|| r.key()))
+            }
+            Verdict::Bad => {
+                self.forged(relayer.unwrap_or_default(), r.name());
+                Ok(None)
+            }
+            Verdict::Unknown => {
+                let name = r.name().to_string();
+                let newer = self
+                    .pending
+                    .get(&name)
+                    .is_none_or(|p| r.key().invalidates(&p.record.key()));
+                let room = self.pending.len() < MAX_PENDING || self.pending.contains_key(&name);
+                if newer && room {
+                    tracing::debug!(member = %name, "record held until the member's key is known");
+                    self.pending.insert(
+                        name,
+                        Pending {
+                            record: r,
+                            signed,
+                            relayer: relayer.unwrap_or_default().to_string(),
+                        },
+                    );
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// `name` told us (over its own authenticated connection) its record-signing key; apply a
+    /// record that waited for it.
+    fn learn_key(&mut self, name: &str, incarnation: u64, key: VerifyingKey) {
+        match self.keys.get(name) {
+            Some((i, _)) if *i > incarnation => return,
+            None if self.keys.len() >= MAX_KEYS => {
+                tracing::warn!(member = %name, limit = MAX_KEYS, "too many members; key not kept");
+                return;
+            }
+            _ => {}
+        }
+        self.keys.insert(name.to_string(), (incarnation, key));
+        let Some(p) = self.pending.remove(name) else {
+            return;
+        };
+        match self.verify(&p.record, &p.signed) {
+            Verdict::Good => {
+                self.offer(&p.record);
+            }
+            Verdict::Bad => self.forged(&p.relayer, name),
+            Verdict::Unknown => {
+                self.pending.insert(name.to_string(), p);
+            }
+        }
+    }
+
     /// Keep `r` if it is news; says whether it was.
     fn offer(&mut self, r: &Record) -> bool {
         match r {
@@ -307,10 +506,10 @@ impl BroadcastHandler<NodeId> for Handler {
         data: &[u8],
         sender: Option<&NodeId>,
     ) -> Result<Option<RecordKey>, BroadcastError> {
-        let r: Record = postcard::from_bytes(data).map_err(|e| BroadcastError(e.to_string()))?;
-        let news = lock(&self.0).offer(&r);
-        // Our own records are always (re)disseminated.
-        Ok((news || sender.is_none()).then(|| r.key()))
+        let s: Signed = postcard::from_bytes(data).map_err(|e| BroadcastError(e.to_string()))?;
+        lock(&self.0)
+            .receive(s, sender.map(|id| id.name.as_str()))
+            .map_err(|e| BroadcastError(e.to_string()))
     }
 }
 
@@ -328,6 +527,8 @@ pub struct Gossip {
     foca: Swim,
     rt: AccumulatingRuntime<NodeId>,
     records: Arc<Mutex<Records>>,
+    /// Signs this node's own records (see the module docs).
+    signing: SigningKey,
     me: NodeId,
     meta: NodeMeta,
     meta_version: u64,
@@ -364,7 +565,17 @@ impl Gossip {
         settings: &GossipSettings,
         seed: u64,
     ) -> Result<Self, GossipError> {
-        let records = Arc::new(Mutex::new(Records::default()));
+        // A fresh key per start, from the operating system (never from `seed`, which may be
+        // predictable): the member's records are verified against it.
+        let mut secret = [0u8; 32];
+        rand::TryRng::try_fill_bytes(&mut rand::rngs::SysRng, &mut secret)
+            .map_err(|e| GossipError::KeyGen(e.to_string()))?;
+        let signing = SigningKey::from_bytes(&secret);
+        secret.fill(0);
+        let mut recs = Records::default();
+        recs.keys
+            .insert(me.name.clone(), (me.incarnation, signing.verifying_key()));
+        let records = Arc::new(Mutex::new(recs));
         let foca = Foca::with_custom_broadcast(
             me.clone(),
             settings.foca_config(),
@@ -376,6 +587,7 @@ impl Gossip {
             foca,
             rt: AccumulatingRuntime::new(),
             records,
+            signing,
             me,
             meta: meta.clone(),
             meta_version: 0,
@@ -438,7 +650,7 @@ impl Gossip {
             version: self.meta_version + 1,
             meta: meta.clone(),
         };
-        let bytes = encode_record(&rec)?;
+        let bytes = self.signed_broadcast(&rec)?;
         self.meta_version += 1;
         self.meta = meta;
         self.foca
@@ -458,7 +670,7 @@ impl Gossip {
             name: self.me.name.clone(),
             incarnation: self.me.incarnation,
         };
-        if let Ok(bytes) = encode_record(&rec)
+        if let Ok(bytes) = self.signed_broadcast(&rec)
             && let Err(e) = self.foca.add_broadcast(&bytes)
         {
             tracing::debug!(error = %e, "leave broadcast");
@@ -497,7 +709,19 @@ impl Gossip {
 
     /// A frame from the peer the transport authenticated as `from`.
     pub fn handle_frame(&mut self, from: &str, data: &[u8]) -> Result<(), GossipError> {
-        let r = self.frame(from, data);
+        let mut r = self.frame(from, data);
+        let forged = std::mem::take(&mut lock(&self.records).forged);
+        for f in forged {
+            tracing::warn!(peer = %f.relayer, about = %f.about, "forged gossip claim dropped");
+            if r.is_ok() && f.relayer == from {
+                r = Err(GossipError::ForgedClaim {
+                    peer: f.relayer,
+                    about: f.about,
+                });
+            } else {
+                *self.refused.entry("forged_claim").or_default() += 1;
+            }
+        }
         if let Err(e) = &r {
             *self.refused.entry(e.code()).or_default() += 1;
         }
@@ -532,15 +756,23 @@ impl Gossip {
                     .map_err(|e| GossipError::Foca(e.to_string()))
             }
             FRAME_META_REQUEST => {
-                let asker: NodeId = postcard::from_bytes(body).map_err(decode)?;
+                let MetaRequest { asker, key } = postcard::from_bytes(body).map_err(decode)?;
                 if asker.name != from {
                     return Err(GossipError::IdentityMismatch {
                         peer: from.to_string(),
                         claimed: asker.name,
                     });
                 }
-                let rec = self.own_meta_record();
-                let frame = framed(FRAME_META, &encode_record(&rec)?);
+                let key = VerifyingKey::from_bytes(&key)
+                    .map_err(|e| GossipError::Decode(format!("record-signing key: {e}")))?;
+                if asker.name != self.me.name {
+                    lock(&self.records).learn_key(&asker.name, asker.incarnation, key);
+                }
+                let answer = MetaFrame {
+                    key: self.signing.verifying_key().to_bytes(),
+                    signed: self.sign(&self.own_meta_record())?,
+                };
+                let frame = framed(FRAME_META, &postcard::to_stdvec(&answer).map_err(decode)?);
                 // Whoever knows us should be known to us: learn the asker if it is new (this
                 // closes the last gaps of a cold start far sooner than random probing).
                 let known = self
@@ -557,8 +789,12 @@ impl Gossip {
                 Ok(())
             }
             FRAME_META => {
-                let rec: Record = postcard::from_bytes(body).map_err(decode)?;
-                let Record::Meta { name, .. } = &rec else {
+                let MetaFrame { key, signed } = postcard::from_bytes(body).map_err(decode)?;
+                let rec: Record = postcard::from_bytes(&signed.record).map_err(decode)?;
+                let Record::Meta {
+                    name, incarnation, ..
+                } = &rec
+                else {
                     return Err(GossipError::Decode("expected a metadata record".into()));
                 };
                 if name != from {
@@ -567,7 +803,16 @@ impl Gossip {
                         claimed: name.clone(),
                     });
                 }
-                lock(&self.records).offer(&rec);
+                if *name == self.me.name {
+                    return Ok(());
+                }
+                let key = VerifyingKey::from_bytes(&key)
+                    .map_err(|e| GossipError::Decode(format!("record-signing key: {e}")))?;
+                let mut recs = lock(&self.records);
+                recs.learn_key(name, *incarnation, key);
+                // Checked like any record: a record the sender did not sign with the key it just
+                // gave is refused as forged.
+                recs.receive(signed, Some(from)).map_err(decode)?;
                 Ok(())
             }
             FRAME_SUSPECT => {
@@ -677,8 +922,28 @@ impl Gossip {
         }
     }
 
+    /// Encode `rec` (within [`MAX_META_BYTES`]) and sign it.
+    fn sign(&self, rec: &Record) -> Result<Signed, GossipError> {
+        let record = encode_record(rec)?;
+        let sig = self
+            .signing
+            .sign(&signed_message(&record))
+            .to_bytes()
+            .to_vec();
+        Ok(Signed { record, sig })
+    }
+
+    /// A signed record as a custom broadcast.
+    fn signed_broadcast(&self, rec: &Record) -> Result<Vec<u8>, GossipError> {
+        postcard::to_stdvec(&self.sign(rec)?).map_err(|e| GossipError::Decode(e.to_string()))
+    }
+
     fn request_meta(&mut self, id: NodeId) {
-        if let Ok(body) = postcard::to_stdvec(&self.me) {
+        let req = MetaRequest {
+            asker: self.me.clone(),
+            key: self.signing.verifying_key().to_bytes(),
+        };
+        if let Ok(body) = postcard::to_stdvec(&req) {
             self.out.push((id, framed(FRAME_META_REQUEST, &body)));
         }
     }
@@ -981,7 +1246,11 @@ mod tests {
         assert_eq!(a.members().len(), 1, "nobody was added");
         let req = framed(
             FRAME_META_REQUEST,
-            &postcard::to_stdvec(b.identity()).expect("enc"),
+            &postcard::to_stdvec(&MetaRequest {
+                asker: b.identity().clone(),
+                key: b.signing.verifying_key().to_bytes(),
+            })
+            .expect("enc"),
         );
         assert_eq!(
             a.handle_frame("node-3", &req).expect_err("refused").code(),
@@ -990,6 +1259,151 @@ mod tests {
         assert_eq!(a.refused.get("identity_mismatch"), Some(&2));
         // The right name is accepted.
         a.handle_frame("node-2", &announce).expect("accepted");
+    }
+
+    /// Deliver pending frames like [`exchange`], dropping those `drop(from, to)` refuses.
+    fn exchange_but(nodes: &mut [Gossip], drop: impl Fn(&str, &str) -> bool) {
+        for _ in 0..20 {
+            let mut moved = false;
+            for i in 0..nodes.len() {
+                let from = nodes[i].identity().name.clone();
+                for (to, data) in nodes[i].take_output() {
+                    if let Some(j) = nodes.iter().position(|n| n.identity().addr == to.addr) {
+                        if drop(&from, &nodes[j].identity().name) {
+                            continue;
+                        }
+                        let _ = nodes[j].handle_frame(&from, &data);
+                        moved = true;
+                    }
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    fn gossip_round(nodes: &mut [Gossip]) {
+        for n in nodes.iter_mut() {
+            n.handle_timer(Timer::PeriodicGossip(Default::default()));
+        }
+    }
+
+    fn info(g: &Gossip, name: &str) -> MemberInfo {
+        g.members()
+            .into_iter()
+            .find(|m| m.name == name)
+            .expect("member")
+    }
+
+    #[test]
+    fn forged_leave_and_metadata_relayed_by_a_peer_are_ignored() {
+        let mut nodes = vec![node(1), node(2), node(3)];
+        let seed = nodes[0].identity().addr;
+        nodes[1].set_seeds(vec![seed]);
+        nodes[2].set_seeds(vec![seed]);
+        exchange(&mut nodes);
+        assert!(nodes.iter().all(|n| n.members().len() == 3));
+        let victim = nodes[1].identity().clone();
+        // node-3 is compromised: it claims node-2 left and spoofs node-2's metadata, signing
+        // with its own key (its modified code skips the check that would stop it).
+        let forger = nodes[2].signing.clone();
+        lock(&nodes[2].records).keys.insert(
+            victim.name.clone(),
+            (victim.incarnation, forger.verifying_key()),
+        );
+        for rec in [
+            Record::Leave {
+                name: victim.name.clone(),
+                incarnation: victim.incarnation,
+            },
+            Record::Meta {
+                name: victim.name.clone(),
+                incarnation: victim.incarnation,
+                version: 99,
+                meta: NodeMeta {
+                    gateway: "evil.example:80".into(),
+                    ..NodeMeta::default()
+                },
+            },
+        ] {
+            let bytes = nodes[2].signed_broadcast(&rec).expect("forge");
+            assert!(nodes[2].foca.add_broadcast(&bytes).expect("queued"));
+        }
+        for _ in 0..3 {
+            gossip_round(&mut nodes);
+            exchange(&mut nodes);
+        }
+        let seen = info(&nodes[0], "node-2");
+        assert_eq!(seen.meta_version, 1, "{seen:?}");
+        assert_eq!(
+            seen.meta.map(|m| m.gateway),
+            Some("127.0.0.2:8080".to_string())
+        );
+        assert!(
+            nodes[0]
+                .refused
+                .get("forged_claim")
+                .is_some_and(|n| *n >= 1),
+            "{:?}",
+            nodes[0].refused
+        );
+        // node-2 then goes down (SWIM's own claim, out of scope here): node-1 must see it as
+        // down, not as having left gracefully.
+        let digest = framed(
+            FRAME_DOWN_DIGEST,
+            &postcard::to_stdvec(&vec![victim.clone()]).expect("enc"),
+        );
+        nodes[0].handle_frame("node-3", &digest).expect("digest");
+        assert_eq!(info(&nodes[0], "node-2").state, MemberState::Down);
+        assert!(
+            !nodes[0]
+                .take_events()
+                .iter()
+                .any(|e| matches!(e, MemberEvent::Left(_)))
+        );
+    }
+
+    #[test]
+    fn a_metadata_answer_the_sender_did_not_sign_is_refused() {
+        let mut a = node(1);
+        let b = node(2);
+        let rec = Record::Meta {
+            name: "node-2".into(),
+            incarnation: 1,
+            version: 5,
+            meta: NodeMeta::default(),
+        };
+        let mut signed = b.sign(&rec).expect("sign");
+        signed.sig[0] ^= 1;
+        let frame = MetaFrame {
+            key: b.signing.verifying_key().to_bytes(),
+            signed,
+        };
+        let frame = framed(FRAME_META, &postcard::to_stdvec(&frame).expect("enc"));
+        let e = a.handle_frame("node-2", &frame).expect_err("bad signature");
+        assert_eq!(e.code(), "forged_claim");
+        assert_eq!(a.refused.get("forged_claim"), Some(&1));
+    }
+
+    #[test]
+    fn a_relayed_leave_signed_by_its_node_is_accepted() {
+        let mut nodes = vec![node(1), node(2), node(3)];
+        let seed = nodes[0].identity().addr;
+        nodes[1].set_seeds(vec![seed]);
+        nodes[2].set_seeds(vec![seed]);
+        exchange(&mut nodes);
+        nodes[1].leave();
+        // node-2's own frames reach node-1 only; node-3 hears of the leave through node-1.
+        let cut = |from: &str, to: &str| from == "node-2" && to == "node-3";
+        exchange_but(&mut nodes, cut);
+        for _ in 0..5 {
+            gossip_round(&mut nodes[..1]);
+            exchange_but(&mut nodes, cut);
+        }
+        assert_eq!(info(&nodes[0], "node-2").state, MemberState::Left);
+        assert_eq!(info(&nodes[2], "node-2").state, MemberState::Left);
+        assert_eq!(nodes[2].refused.get("forged_claim"), None);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!   node name in its certificate; connections from another CA, or to a peer whose certificate
 //!   names another node, are refused.
 //! - [`Gossip`]: SWIM (foca) driven sans-IO, with node metadata as versioned records and graceful
-//!   leave; no sockets, no clock.
+//!   leave, each signed by the node it is about and verified before it is applied; no sockets,
+//!   no clock.
 //! - [`Membership`]: the running service: one endpoint, foca packets on QUIC datagrams, one
 //!   connection per peer, the member view as a watch channel, member events, incoming streams.
 //! - `sim` (feature `sim`): many [`Gossip`] members in one process with virtual time, loss, delay

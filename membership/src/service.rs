@@ -502,7 +502,8 @@ impl Driver {
                     if let Err(e) = self.gossip.handle_frame(&peer, &data) {
                         lock(&self.wiring.stats).frames_refused += 1;
                         match e {
-                            GossipError::IdentityMismatch { .. } => {
+                            GossipError::IdentityMismatch { .. }
+                            | GossipError::ForgedClaim { .. } => {
                                 self.wiring.refuse(peer, e.to_string())
                             }
                             _ => tracing::debug!(%peer, error = %e, "frame refused"),
@@ -787,7 +788,11 @@ mod tests {
         let c = start(&pki, "node-3", vec![seed], None).await;
         for m in [&a, &b, &c] {
             until("three alive", || m.view().alive() == 3).await;
-            assert!(m.view().members.iter().all(|x| x.meta.is_some()));
+            // Metadata comes from each member itself (signed), right after it is seen.
+            until("metadata", || {
+                m.view().members.iter().all(|x| x.meta.is_some())
+            })
+            .await;
         }
         // A stream opened by node-3 arrives at node-1 with its kind and its certificate name.
         let (mut send, _recv) = c.open_stream("node-1", 7).await.expect("stream");

@@ -33,7 +33,21 @@ impl Pki {
     }
 
     pub(crate) fn node(&self, name: &str) -> TlsIdentity {
-        let mut p = CertificateParams::new(vec![name.to_string()]).expect("params");
+        let (c, k) = self.files(&[name]);
+        TlsIdentity::load(&self.ca, &c, &k).expect("load")
+    }
+
+    /// The CA certificate's path.
+    pub(crate) fn ca(&self) -> &std::path::Path {
+        &self.ca
+    }
+
+    /// Write a node certificate carrying every name in `names` as a DNS subject alternative
+    /// name (the first is its common name) and its key; returns (cert, key) paths.
+    pub(crate) fn files(&self, names: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+        let name = names.first().copied().unwrap_or("nameless");
+        let sans: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut p = CertificateParams::new(sans).expect("params");
         p.distinguished_name.push(DnType::CommonName, name);
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![
@@ -42,10 +56,11 @@ impl Pki {
         ];
         let key = KeyPair::generate().expect("key");
         let cert = p.signed_by(&key, &self.issuer).expect("sign");
-        let c = self.dir.path().join(format!("{name}.pem"));
-        let k = self.dir.path().join(format!("{name}.key"));
+        let file = names.join("+");
+        let c = self.dir.path().join(format!("{file}.pem"));
+        let k = self.dir.path().join(format!("{file}.key"));
         std::fs::write(&c, cert.pem()).expect("write");
-        std::fs::write(&k, key.serialize_pem()).expect("write");
-        TlsIdentity::load(&self.ca, &c, &k).expect("load")
+        swarm_config::secret::write_secret_file(&k, &key.serialize_pem()).expect("write");
+        (c, k)
     }
 }

@@ -27,6 +27,10 @@ pub enum TransportError {
     Pem { path: String, message: String },
     #[error("certificate has no node name (DNS subject alternative name)")]
     NoName,
+    #[error(
+        "certificate carries {count} DNS subject alternative names; a node certificate must carry exactly one, its node name"
+    )]
+    SeveralNames { count: usize },
     #[error("TLS setup: {0}")]
     Tls(String),
     #[error("cannot bind QUIC (UDP) to {addr}: {source} (is another node using this port?)")]
@@ -47,6 +51,7 @@ impl TransportError {
         match self {
             TransportError::Pem { .. } => "pem",
             TransportError::NoName => "no_name",
+            TransportError::SeveralNames { .. } => "several_names",
             TransportError::Tls(_) => "tls",
             TransportError::Bind { .. } => "bind",
             TransportError::Connect { .. } => "connect",
@@ -80,7 +85,15 @@ impl TlsIdentity {
         };
         let ca_der = CertificateDer::from_pem_file(ca).map_err(|e| pem_err(ca, e))?;
         let cert_der = CertificateDer::from_pem_file(cert).map_err(|e| pem_err(cert, e))?;
-        let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, e))?;
+        // The private key through the same mode-checked reader as the master key: a key file
+        // that group or others can read is refused.
+        let key_pem =
+            swarm_config::secret::read_secret_file(key).map_err(|e| TransportError::Pem {
+                path: key.display().to_string(),
+                message: e.to_string(),
+            })?;
+        let key_der =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| pem_err(key, e))?;
         let name = cert_name(&cert_der)?;
         Ok(Self {
             ca: ca_der,
@@ -96,7 +109,9 @@ impl TlsIdentity {
     }
 }
 
-/// The node name a certificate carries: its first DNS subject alternative name.
+/// The node name a certificate carries: its one DNS subject alternative name. A certificate with
+/// several DNS names is refused ([`TransportError::SeveralNames`]): it would let one node answer
+/// to several identities.
 pub fn cert_name(cert: &CertificateDer<'_>) -> Result<String, TransportError> {
     let (_, x) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| TransportError::Tls(format!("bad certificate: {e}")))?;
@@ -104,14 +119,16 @@ pub fn cert_name(cert: &CertificateDer<'_>) -> Result<String, TransportError> {
         .subject_alternative_name()
         .map_err(|e| TransportError::Tls(format!("bad subject alternative name: {e}")))?
         .ok_or(TransportError::NoName)?;
-    san.value
-        .general_names
-        .iter()
-        .find_map(|n| match n {
-            x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_string()),
-            _ => None,
-        })
-        .ok_or(TransportError::NoName)
+    let mut names = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::DNSName(d) => Some(*d),
+        _ => None,
+    });
+    let name = names.next().ok_or(TransportError::NoName)?;
+    let more = names.count();
+    if more > 0 {
+        return Err(TransportError::SeveralNames { count: more + 1 });
+    }
+    Ok(name.to_string())
 }
 
 /// One QUIC endpoint per node: accepts peers and dials them, both with mutual TLS.
@@ -195,6 +212,8 @@ impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         let any = matches!(server_name, rustls::pki_types::ServerName::DnsName(d) if d.as_ref() == ANY_PEER);
+        // One certificate, one identity: several DNS names are refused in the handshake.
+        let name = cert_name(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
         if !any {
             return self.0.verify_server_cert(
                 end_entity,
@@ -204,7 +223,6 @@ impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
                 now,
             );
         }
-        let name = cert_name(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
         let own = rustls::pki_types::ServerName::try_from(name)
             .map_err(|e| rustls::Error::General(e.to_string()))?;
         self.0
@@ -406,6 +424,23 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], 0))
     }
 
+    /// A TLS private key that group or others can read is refused, like the master key.
+    #[cfg(unix)]
+    #[test]
+    fn world_readable_private_key_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let pki = Pki::new("cluster");
+        let (cert, key) = pki.files(&["node-1"]);
+        assert!(TlsIdentity::load(pki.ca(), &cert, &key).is_ok());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = TlsIdentity::load(pki.ca(), &cert, &key).expect_err("0644 key");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("node-1.key") && msg.contains("chmod 600"),
+            "{msg}"
+        );
+    }
+
     #[tokio::test]
     async fn mutual_tls_names_both_sides_and_carries_streams() {
         let pki = Pki::new("cluster");
@@ -481,6 +516,58 @@ mod tests {
             .await
             .expect_err("name mismatch");
         assert_eq!(e.kind(), "connect");
+    }
+
+    #[test]
+    fn a_certificate_with_several_dns_names_is_refused() {
+        let pki = Pki::new("cluster");
+        let (cert, key) = pki.files(&["node-2", "node-3"]);
+        // As this node's own identity: a clear error at load.
+        let e = TlsIdentity::load(pki.ca(), &cert, &key).expect_err("two names");
+        assert_eq!(e.kind(), "several_names");
+        assert!(e.to_string().contains("2 DNS"), "{e}");
+        // As a peer's certificate: refused in the handshake, under either name.
+        let der = CertificateDer::from_pem_file(&cert).expect("pem");
+        assert_eq!(
+            cert_name(&der).expect_err("two names").kind(),
+            "several_names"
+        );
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(pki.ca()).expect("ca"))
+            .expect("root");
+        let webpki =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .expect("verifier");
+        let v = PeerVerifier(webpki);
+        let now = rustls::pki_types::UnixTime::now();
+        for expected in ["node-2", "node-3", ANY_PEER] {
+            let sn = rustls::pki_types::ServerName::try_from(expected).expect("name");
+            let r = rustls::client::danger::ServerCertVerifier::verify_server_cert(
+                &v,
+                &der,
+                &[],
+                &sn,
+                &[],
+                now,
+            );
+            assert!(r.is_err(), "{expected}: a two-name certificate is refused");
+        }
+        // A one-name certificate still passes.
+        let (one, _) = pki.files(&["node-4"]);
+        let one = CertificateDer::from_pem_file(&one).expect("pem");
+        let sn = rustls::pki_types::ServerName::try_from("node-4").expect("name");
+        rustls::client::danger::ServerCertVerifier::verify_server_cert(
+            &v,
+            &one,
+            &[],
+            &sn,
+            &[],
+            now,
+        )
+        .expect("one name");
     }
 
     #[test]
