@@ -20,8 +20,8 @@ mod swarm_file;
 pub use duration::HumanDuration;
 pub use error::ConfigError;
 pub use node::{
-    AuthConfig, GatewayConfig, GossipConfig, InferenceConfig, KeysConfig, LimitsConfig, ModelEntry,
-    NodeConfig, NodeSection, ReplicationConfig, TlsConfig,
+    AuthConfig, GatewayConfig, GatewayTls, GossipConfig, InferenceConfig, KeysConfig, LimitsConfig,
+    ModelEntry, NodeConfig, NodeSection, ReplicationConfig, TlsConfig,
 };
 pub use swarm_file::{
     Agent, AgentMemory, AntiCollision, ConcurrencyLimits, Coordination, Encryption, MemorySync,

@@ -89,6 +89,37 @@ pub struct GatewayConfig {
     /// Largest accepted request body in bytes.
     #[serde(default = "default_body_limit")]
     pub body_limit: usize,
+    /// HTTPS: the certificate and key the gateway presents. Without it the gateway speaks plain
+    /// HTTP, which it only does on a loopback `bind` or with `allow_plain_http = true`.
+    #[serde(default)]
+    pub tls: Option<GatewayTls>,
+    /// Serve plain HTTP on a non-loopback `bind` (bearer tokens then cross the network readable).
+    #[serde(default)]
+    pub allow_plain_http: bool,
+    /// Time a client has to send a whole request head (and to finish the TLS handshake), counted
+    /// from the connection's start or from the first byte after an idle keep-alive pause.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: HumanDuration,
+    /// Time a client has to send a whole request body, counted from its head.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout: HumanDuration,
+    /// A keep-alive connection with no request for this long is closed.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: HumanDuration,
+    /// Open connections at most; beyond it new ones are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Open connections at most from one source IP address.
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: usize,
+}
+
+/// The gateway's own certificate chain (PEM) and private key (PEM, mode 0600).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Default for GatewayConfig {
@@ -96,8 +127,31 @@ impl Default for GatewayConfig {
         Self {
             bind: default_gateway_bind(),
             body_limit: default_body_limit(),
+            tls: None,
+            allow_plain_http: false,
+            header_read_timeout: default_header_read_timeout(),
+            body_timeout: default_body_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_connections: default_max_connections(),
+            max_connections_per_source: default_max_connections_per_source(),
         }
     }
+}
+
+fn default_header_read_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(10))
+}
+fn default_body_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(30))
+}
+fn default_idle_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(60))
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_max_connections_per_source() -> usize {
+    64
 }
 
 fn default_gateway_bind() -> SocketAddr {
@@ -292,9 +346,19 @@ fn default_max_tokens() -> usize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Largest stored value (JSON text) in bytes.
+    /// Largest stored value in bytes: its JSON text plus its tags.
     #[serde(default = "default_max_value")]
     pub max_value_bytes: usize,
+    /// Most tags on one value.
+    #[serde(default = "default_max_tags")]
+    pub max_tags: usize,
+    /// Longest tag, in bytes.
+    #[serde(default = "default_max_tag_bytes")]
+    pub max_tag_bytes: usize,
+    /// Byte budget of one list page (names, values and tags of its items): a page stops before
+    /// the item that would exceed it and points to the rest with `next`.
+    #[serde(default = "default_max_list_bytes")]
+    pub max_list_bytes: usize,
     /// Longest namespace or key name.
     #[serde(default = "default_max_name")]
     pub max_name_len: usize,
@@ -307,22 +371,53 @@ pub struct LimitsConfig {
     /// Decrypted values kept in memory for hot reads (0: off). Erasing a subject drops its own.
     #[serde(default = "default_read_cache")]
     pub read_cache_entries: usize,
+    /// Requests per second one source (an IPv4 address, an IPv6 /64) may make, checked before
+    /// authentication; above it the gateway answers 429 with `Retry-After`. Loopback included.
+    #[serde(default = "default_source_rate")]
+    pub requests_per_second_per_source: u32,
+    /// Requests a source may make at once on top of its rate (the token bucket's size).
+    #[serde(default = "default_source_burst")]
+    pub burst_per_source: u32,
+    /// Most sources tracked at once (rate buckets, refusal counters). When full, requests from
+    /// a source not yet tracked are refused (fail closed), never tracked without bound.
+    #[serde(default = "default_max_sources")]
+    pub max_tracked_sources: usize,
+    /// Anonymous refusals (401, and 4xx of unauthenticated requests, 429 of the rate limit) are
+    /// counted per source over this interval and audited as one `http.refused` entry.
+    #[serde(default = "default_refusal_audit_interval")]
+    pub refusal_audit_interval: HumanDuration,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_value_bytes: default_max_value(),
+            max_tags: default_max_tags(),
+            max_tag_bytes: default_max_tag_bytes(),
+            max_list_bytes: default_max_list_bytes(),
             max_name_len: default_max_name(),
             max_namespace_entries: default_max_entries(),
             max_list: default_max_list(),
             read_cache_entries: default_read_cache(),
+            requests_per_second_per_source: default_source_rate(),
+            burst_per_source: default_source_burst(),
+            max_tracked_sources: default_max_sources(),
+            refusal_audit_interval: default_refusal_audit_interval(),
         }
     }
 }
 
 fn default_max_value() -> usize {
     256 * 1024
+}
+fn default_max_tags() -> usize {
+    32
+}
+fn default_max_tag_bytes() -> usize {
+    128
+}
+fn default_max_list_bytes() -> usize {
+    4 << 20
 }
 fn default_max_name() -> usize {
     128
@@ -335,6 +430,20 @@ fn default_max_list() -> usize {
 }
 fn default_read_cache() -> usize {
     10_000
+}
+/// Sustained requests per second from one source: far above what one client program needs,
+/// far below what it takes to fill the disk or the audit log.
+fn default_source_rate() -> u32 {
+    1000
+}
+fn default_source_burst() -> u32 {
+    2000
+}
+fn default_max_sources() -> usize {
+    10_000
+}
+fn default_refusal_audit_interval() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(60))
 }
 
 impl NodeConfig {
@@ -387,6 +496,7 @@ impl NodeConfig {
                 "must be greater than zero".into(),
             ));
         }
+        self.validate_gateway(file)?;
         let r = &self.replication;
         if r.anti_entropy_every.0.is_zero() || r.w2_timeout.0.is_zero() {
             return Err(invalid(
@@ -402,6 +512,29 @@ impl NodeConfig {
         }
         if self.limits.max_value_bytes == 0 || self.limits.max_list == 0 {
             return Err(invalid("limits", "limits must be greater than zero".into()));
+        }
+        if self.limits.max_list_bytes < self.limits.max_value_bytes {
+            return Err(invalid(
+                "limits.max_list_bytes",
+                "must be at least limits.max_value_bytes (a page holds at least one value)".into(),
+            ));
+        }
+        let l = &self.limits;
+        for (field, zero) in [
+            (
+                "limits.requests_per_second_per_source",
+                l.requests_per_second_per_source == 0,
+            ),
+            ("limits.burst_per_source", l.burst_per_source == 0),
+            ("limits.max_tracked_sources", l.max_tracked_sources == 0),
+            (
+                "limits.refusal_audit_interval",
+                l.refusal_audit_interval.0.is_zero(),
+            ),
+        ] {
+            if zero {
+                return Err(invalid(field, "must be greater than zero".into()));
+            }
         }
         let inf = &self.inference;
         for (field, v) in [
@@ -459,6 +592,49 @@ impl NodeConfig {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Connection limits, timeouts, and HTTPS off a loopback address.
+    fn validate_gateway(&self, file: &str) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            file: file.to_string(),
+            field: field.to_string(),
+            message,
+        };
+        let g = &self.gateway;
+        for (field, d) in [
+            ("gateway.header_read_timeout", g.header_read_timeout),
+            ("gateway.body_timeout", g.body_timeout),
+            ("gateway.idle_timeout", g.idle_timeout),
+        ] {
+            if d.0.is_zero() {
+                return Err(invalid(field, "must be greater than zero".into()));
+            }
+        }
+        if g.max_connections == 0 {
+            return Err(invalid(
+                "gateway.max_connections",
+                "must be greater than zero".into(),
+            ));
+        }
+        if g.max_connections_per_source == 0 || g.max_connections_per_source > g.max_connections {
+            return Err(invalid(
+                "gateway.max_connections_per_source",
+                "must be between 1 and gateway.max_connections".into(),
+            ));
+        }
+        if g.tls.is_none() && !g.allow_plain_http && !g.bind.ip().is_loopback() {
+            return Err(invalid(
+                "gateway.tls",
+                format!(
+                    "the gateway binds {}, which is not a loopback address, without TLS: bearer \
+                     tokens would cross the network readable; add [gateway.tls] cert and key \
+                     (`swarm init` writes them), or set gateway.allow_plain_http = true",
+                    g.bind
+                ),
+            ));
         }
         Ok(())
     }
@@ -572,6 +748,81 @@ jwt_signing_key_file = "../jwt.key"
         );
         let builtin = format!("{MINIMAL}\n[roles]\nadmin = [\"memory.read\"]\n");
         assert!(parse(&builtin).is_err());
+    }
+
+    #[test]
+    fn per_source_rate_limit_has_defaults_and_is_validated() {
+        let c = parse(MINIMAL).expect("parses");
+        assert_eq!(c.limits.requests_per_second_per_source, 1000);
+        assert_eq!(c.limits.burst_per_source, 2000);
+        assert_eq!(c.limits.max_tracked_sources, 10_000);
+        assert_eq!(c.limits.refusal_audit_interval.0.as_secs(), 60);
+        let raised = format!(
+            "{MINIMAL}\n[limits]\nrequests_per_second_per_source = 100000\nburst_per_source = 100000\nrefusal_audit_interval = \"10s\"\n"
+        );
+        let c = parse(&raised).expect("parses");
+        assert_eq!(c.limits.requests_per_second_per_source, 100_000);
+        for field in [
+            "requests_per_second_per_source = 0",
+            "burst_per_source = 0",
+            "max_tracked_sources = 0",
+            "refusal_audit_interval = \"0s\"",
+        ] {
+            let text = format!("{MINIMAL}\n[limits]\n{field}\n");
+            let e = parse(&text).expect_err("zero");
+            let name = field.split(' ').next().unwrap_or_default();
+            assert_eq!(e.field(), Some(format!("limits.{name}").as_str()), "{e}");
+        }
+    }
+
+    #[test]
+    fn gateway_off_loopback_needs_tls_or_an_explicit_opt_in() {
+        let c = parse(MINIMAL).expect("parses");
+        assert_eq!(c.gateway.header_read_timeout.0.as_secs(), 10);
+        assert_eq!(c.gateway.max_connections_per_source, 64);
+        assert!(c.gateway.tls.is_none());
+        let open = format!("{MINIMAL}\n[gateway]\nbind = \"0.0.0.0:8080\"\n");
+        let e = parse(&open).expect_err("plain HTTP off loopback");
+        assert_eq!(e.field(), Some("gateway.tls"), "{e}");
+        assert_eq!(e.kind(), "config_invalid");
+        let routable = format!("{MINIMAL}\n[gateway]\nbind = \"10.1.2.3:8080\"\n");
+        assert!(parse(&routable).is_err());
+        let opt_in = format!("{open}allow_plain_http = true\n");
+        assert!(parse(&opt_in).is_ok());
+        let tls = format!("{open}\n[gateway.tls]\ncert = \"gateway.pem\"\nkey = \"gateway.key\"\n");
+        let c = parse(&tls).expect("TLS off loopback");
+        assert_eq!(
+            c.gateway.tls.map(|t| t.key),
+            Some(PathBuf::from("gateway.key"))
+        );
+        let v6 = format!("{MINIMAL}\n[gateway]\nbind = \"[::1]:8080\"\n");
+        assert!(parse(&v6).is_ok());
+    }
+
+    #[test]
+    fn gateway_limits_are_validated() {
+        let t = format!(
+            "{MINIMAL}\n[gateway]\nheader_read_timeout = \"2s\"\nidle_timeout = \"5m\"\nmax_connections = 10\nmax_connections_per_source = 10\n"
+        );
+        let c = parse(&t).expect("parses");
+        assert_eq!(c.gateway.idle_timeout.0.as_secs(), 300);
+        assert_eq!(c.gateway.max_connections, 10);
+        let zero = format!("{MINIMAL}\n[gateway]\nbody_timeout = \"0s\"\n");
+        assert_eq!(
+            parse(&zero).expect_err("zero").field(),
+            Some("gateway.body_timeout")
+        );
+        let over =
+            format!("{MINIMAL}\n[gateway]\nmax_connections = 4\nmax_connections_per_source = 5\n");
+        assert_eq!(
+            parse(&over).expect_err("over").field(),
+            Some("gateway.max_connections_per_source")
+        );
+        let unknown = format!("{MINIMAL}\n[gateway.tls]\ncert = \"a\"\nkey = \"b\"\nca = \"c\"\n");
+        assert_eq!(
+            parse(&unknown).expect_err("unknown").field(),
+            Some("gateway.tls.ca")
+        );
     }
 
     #[test]

@@ -426,7 +426,10 @@ impl Authenticator {
         if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
             return Ok(None);
         }
-        match self.memory.get(AUTH_NAMESPACE, &api_key_key(id), now_ms())? {
+        match self
+            .memory
+            .get(AUTH_NAMESPACE, &api_key_key(id), now_ms())?
+        {
             Some(item) => serde_json::from_str(&item.value_json)
                 .map(Some)
                 .map_err(|e| StorageError::Corrupt(format!("api key {id}: {e}"))),
@@ -485,7 +488,13 @@ mod tests {
 
     fn setup() -> (SigningKey, Authenticator) {
         let k = SigningKey::generate(&mut rand::rngs::OsRng);
-        let v = Verifier::new(vec![k.verifying_key()], "swarm".into(), "swarm".into(), 0, 86_400);
+        let v = Verifier::new(
+            vec![k.verifying_key()],
+            "swarm".into(),
+            "swarm".into(),
+            0,
+            86_400,
+        );
         let a = Authenticator::new(v, &storage()).expect("auth");
         (k, a)
     }
@@ -555,7 +564,13 @@ mod tests {
         }
     }
 
-    fn key_for(a: &Authenticator, role: &str, parents: Vec<String>, now: u64, exp: u64) -> (ApiKeyRecord, String) {
+    fn key_for(
+        a: &Authenticator,
+        role: &str,
+        parents: Vec<String>,
+        now: u64,
+        exp: u64,
+    ) -> (ApiKeyRecord, String) {
         let (rec, key, _) = a
             .create_api_key("ci", role, "alice", parents, now, exp)
             .expect("create");
@@ -587,7 +602,8 @@ mod tests {
             a.authenticate(None, Some(&wrong), t0 + 20),
             Err(AuthError::ApiKeyInvalid)
         );
-        a.revoke(&rec.credential(), rec.expires_at, now_ms()).expect("revoke");
+        a.revoke(&rec.credential(), rec.expires_at, now_ms())
+            .expect("revoke");
         assert_eq!(
             a.authenticate(None, Some(&key), t0 + 20),
             Err(AuthError::ApiKeyRevoked)
@@ -637,16 +653,39 @@ mod tests {
             "expires_at": u64::MAX / 2000, "revoked": false,
         });
         st.engine
-            .put(trees::API_KEYS, b"0123456789abcdef", old.to_string().as_bytes())
+            .put(
+                trees::API_KEYS,
+                b"0123456789abcdef",
+                old.to_string().as_bytes(),
+            )
             .expect("put");
         let k = SigningKey::generate(&mut rand::rngs::OsRng);
-        let v = Verifier::new(vec![k.verifying_key()], "swarm".into(), "swarm".into(), 0, 86_400);
+        let v = Verifier::new(
+            vec![k.verifying_key()],
+            "swarm".into(),
+            "swarm".into(),
+            0,
+            86_400,
+        );
         let a = Authenticator::new(v, &st).expect("auth");
         assert!(a.is_revoked("jwt:old-jti").expect("revoked"));
-        assert!(a.authenticate(None, Some("swk_0123456789abcdef_s"), now()).is_ok());
+        assert!(
+            a.authenticate(None, Some("swk_0123456789abcdef_s"), now())
+                .is_ok()
+        );
         // Nothing left in the old plaintext trees.
-        assert!(st.engine.scan(trees::API_KEYS, b"", None, 10).expect("scan").is_empty());
-        assert!(st.engine.scan(trees::REVOKED, b"", None, 10).expect("scan").is_empty());
+        assert!(
+            st.engine
+                .scan(trees::API_KEYS, b"", None, 10)
+                .expect("scan")
+                .is_empty()
+        );
+        assert!(
+            st.engine
+                .scan(trees::REVOKED, b"", None, 10)
+                .expect("scan")
+                .is_empty()
+        );
         // The record is sealed: the owner's name is nowhere in the store's bytes.
         let mut found = false;
         for tree in [trees::MEMORY, trees::API_KEYS] {

@@ -49,6 +49,10 @@ enum Command {
         /// A model every node serves (repeatable; catalog names: `swarm model list`).
         #[arg(long = "model")]
         models: Vec<String>,
+        /// Another name (DNS name or IP address) clients use to reach the gateways; the HTTPS
+        /// certificates cover it besides --host, localhost and 127.0.0.1 (repeatable).
+        #[arg(long = "gateway-name")]
+        gateway_names: Vec<String>,
     },
     /// Run one node from its config (SIGTERM or Ctrl-C: leave the cluster gracefully and stop;
     /// SIGHUP: reread the config and announce to new seeds).
@@ -59,8 +63,12 @@ enum Command {
     /// Show every cluster member with its state and metadata, as one node's gateway sees them.
     Status {
         /// The gateway to ask.
-        #[arg(long, env = "SWARM_GATEWAY", default_value = "http://127.0.0.1:8080")]
+        #[arg(long, env = "SWARM_GATEWAY", default_value = "https://127.0.0.1:8080")]
         gateway: String,
+        /// The CA that signed the gateway's HTTPS certificate (default: DIR/ca.pem when it
+        /// exists, else the system's roots).
+        #[arg(long, env = "SWARM_CA")]
+        ca: Option<PathBuf>,
         /// A token with `cluster.read` (default: DIR/admin.token when it exists).
         #[arg(long, env = "SWARM_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -150,6 +158,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             gossip_port,
             http_port,
             models,
+            gateway_names,
         } => {
             let configs = init_cluster(&InitOptions {
                 dir: dir.clone(),
@@ -158,12 +167,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 gossip_port,
                 http_port,
                 models,
+                gateway_names,
             })?;
             println!("cluster written to {}", dir.display());
             for c in configs {
                 println!("  swarm node --config {}", c.display());
             }
             println!("admin token: {}", dir.join("admin.token").display());
+            println!(
+                "gateways speak HTTPS; clients trust {} (curl --cacert, SWARM_CA, SSL_CERT_FILE)",
+                dir.join("ca.pem").display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Up {
@@ -181,6 +195,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         gossip_port,
                         http_port,
                         models: vec![swarm_gpu::catalog::DEFAULT_MODEL.to_string()],
+                        gateway_names: Vec::new(),
                     })?;
                     println!("created {}", dir.display());
                     dir.join("node-1").join("node.toml")
@@ -212,10 +227,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Node { config } => serve(&config, NodeConfig::load(&config)?, None),
         Command::Status {
             gateway,
+            ca,
             token,
             dir,
             json,
-        } => status(&gateway, token, &dir, json),
+        } => {
+            let ca = ca.or_else(|| Some(dir.join("ca.pem")).filter(|p| p.exists()));
+            status(&gateway, ca.as_deref(), token, &dir, json)
+        }
         Command::Token {
             dir,
             subject,
@@ -337,14 +356,28 @@ fn serve(path: &Path, cfg: NodeConfig, admin_token: Option<String>) -> Result<Ex
         .build()
         .context("start the async runtime")?;
     rt.block_on(async move {
+        let https = cfg.gateway.tls.is_some();
+        let ca = cfg.resolve(&cfg.tls.ca_cert);
         let handle = Node::start(cfg).await?;
-        let url = format!("http://{}", handle.http_addr);
+        let url = format!(
+            "{}://{}",
+            if https { "https" } else { "http" },
+            handle.http_addr
+        );
+        let cacert = if https {
+            format!("--cacert {} ", ca.display())
+        } else {
+            String::new()
+        };
         println!("swarm node {} is up", handle.name);
         println!("  gateway: {url}");
+        if https {
+            println!("  HTTPS certificate from the cluster CA: {}", ca.display());
+        }
         println!("  cluster (QUIC): {}", handle.gossip_addr);
         if let Some(t) = admin_token {
             println!("  admin token (24h): {t}");
-            println!("  try: curl -H \"Authorization: Bearer $TOKEN\" {url}/v1/me");
+            println!("  try: curl {cacert}-H \"Authorization: Bearer $TOKEN\" {url}/v1/me");
         }
         let mut signals = Signals::new();
         loop {
@@ -434,8 +467,42 @@ impl Signals {
     }
 }
 
+/// A client for the gateways: trusts `ca` (PEM, the cluster CA) when given, else the
+/// system's roots.
+pub fn gateway_agent(ca: Option<&Path>) -> Result<ureq::Agent> {
+    let builder = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(10));
+    let Some(ca) = ca else {
+        return Ok(builder.build());
+    };
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)
+        .with_context(|| format!("read the CA {}", ca.display()))?
+    {
+        roots
+            .add(cert.with_context(|| format!("parse the CA {}", ca.display()))?)
+            .with_context(|| format!("use the CA {}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        bail!("{} holds no certificate", ca.display());
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(builder.tls_config(std::sync::Arc::new(tls)).build())
+}
+
 /// `swarm status`: the member table from a gateway.
-fn status(gateway: &str, token: Option<String>, dir: &Path, json: bool) -> Result<ExitCode> {
+fn status(
+    gateway: &str,
+    ca: Option<&Path>,
+    token: Option<String>,
+    dir: &Path,
+    json: bool,
+) -> Result<ExitCode> {
     let token = match token {
         Some(t) => t,
         None => std::fs::read_to_string(dir.join("admin.token"))
@@ -448,9 +515,9 @@ fn status(gateway: &str, token: Option<String>, dir: &Path, json: bool) -> Resul
             })?,
     };
     let url = format!("{}/v1/cluster/members", gateway.trim_end_matches('/'));
-    let resp = ureq::get(&url)
+    let resp = gateway_agent(ca)?
+        .get(&url)
         .set("Authorization", &format!("Bearer {token}"))
-        .timeout(std::time::Duration::from_secs(10))
         .call();
     let body: serde_json::Value = match resp {
         Ok(r) => r.into_json().context("read the member list")?,

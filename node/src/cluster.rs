@@ -163,7 +163,13 @@ pub fn spawn_streams(
     });
 }
 
-/// The actor cluster's cookie: derived from the cluster CA (the real check is mutual TLS).
+/// The actor cluster's cookie, derived from the cluster CA certificate. It is NOT a secret
+/// (`ca.pem` is public) and guards nothing: every actor session rides a QUIC stream whose peer
+/// proved a cluster certificate (mutual TLS) and whose ractor name must equal that certificate's
+/// name, and ractor's own TCP listener fails every TLS handshake, so no session opens there
+/// whatever cookie it offers (`swarm_actors::ActorCluster::start`). It must only be equal on every
+/// node, which is why it is not derived from a per-node secret (master key, TLS key); the one
+/// secret all nodes share, the JWT signing key, would tie actor sessions to JWT key rotation.
 pub fn actor_cookie(cfg: &NodeConfig) -> String {
     use sha2::{Digest, Sha256};
     let ca = std::fs::read(cfg.resolve(&cfg.tls.ca_cert)).unwrap_or_default();

@@ -37,6 +37,12 @@ pub enum AppError {
         class: &'static str,
         retry_after_s: u64,
     },
+    /// This source (IP address) sent more requests than its rate allows.
+    #[error("too many requests from this address; retry later")]
+    RateLimited { retry_after_s: u64 },
+    /// The client did not send its request body within the deadline.
+    #[error("request body not received within {timeout_ms} ms")]
+    BodyTimeout { timeout_ms: u64 },
     #[error("{class} request took longer than {timeout_ms} ms")]
     Timeout {
         class: &'static str,
@@ -87,7 +93,10 @@ impl AppError {
             AppError::Gone(_) => StatusCode::GONE,
             AppError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            AppError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            AppError::Overloaded { .. } | AppError::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            AppError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             AppError::Timeout { .. }
             | AppError::Unavailable(_)
             | AppError::NotReplicated { .. }
@@ -109,6 +118,8 @@ impl AppError {
             AppError::PayloadTooLarge { .. } => "payload_too_large",
             AppError::Unprocessable(_) => "unprocessable",
             AppError::Overloaded { .. } => "overloaded",
+            AppError::RateLimited { .. } => "rate_limited",
+            AppError::BodyTimeout { .. } => "body_timeout",
             AppError::Timeout { .. } => "timeout",
             AppError::Unavailable(_) => "unavailable",
             AppError::NotReplicated { code, .. } => code,
@@ -187,7 +198,8 @@ impl IntoResponse for AppError {
         let body = self.body();
         let mut resp = (status, axum::Json(body)).into_response();
         match &self {
-            AppError::Overloaded { retry_after_s, .. } => {
+            AppError::Overloaded { retry_after_s, .. }
+            | AppError::RateLimited { retry_after_s } => {
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
             }

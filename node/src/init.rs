@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    KeyUsagePurpose, SanType,
 };
 use swarm_config::SwarmFile;
 use swarm_config::secret::write_secret_file;
@@ -24,6 +24,9 @@ pub struct InitOptions {
     pub http_port: u16,
     /// Models every node serves (catalog names, pulled into `dir/models`).
     pub models: Vec<String>,
+    /// Extra names (DNS names or IP addresses) clients use to reach the gateways; the HTTPS
+    /// certificate of every node covers them besides `host`, `localhost` and `127.0.0.1`.
+    pub gateway_names: Vec<String>,
 }
 
 /// Write a new cluster into `opts.dir`. Refuses to overwrite an existing one.
@@ -42,7 +45,8 @@ pub fn init_cluster(opts: &InitOptions) -> Result<Vec<PathBuf>> {
             dir.display()
         );
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    swarm_config::secret::create_private_dir(dir)
+        .with_context(|| format!("create {}", dir.display()))?;
 
     // Cluster CA.
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
@@ -68,12 +72,13 @@ pub fn init_cluster(opts: &InitOptions) -> Result<Vec<PathBuf>> {
     // The swarm file, for operators to edit.
     std::fs::write(dir.join("swarm-config.json"), SwarmFile::preset_text())?;
 
+    let gateway_sans = gateway_sans(opts)?;
     let gossip = |k: u16| SocketAddr::new(opts.host, opts.gossip_port + k - 1);
     let mut configs = Vec::new();
     for k in 1..=opts.nodes {
         let name = format!("node-{k}");
         let ndir = dir.join(&name);
-        std::fs::create_dir_all(&ndir)?;
+        swarm_config::secret::create_private_dir(&ndir)?;
         let mut p = CertificateParams::new(vec![name.clone()])?;
         p.distinguished_name.push(DnType::CommonName, name.as_str());
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -85,6 +90,17 @@ pub fn init_cluster(opts: &InitOptions) -> Result<Vec<PathBuf>> {
         let cert = p.signed_by(&key, &issuer)?;
         std::fs::write(ndir.join("node.pem"), cert.pem())?;
         write_secret_file(&ndir.join("node.key"), &key.serialize_pem())?;
+        // The gateway's HTTPS certificate, for the addresses clients dial.
+        let mut g = CertificateParams::default();
+        g.subject_alt_names = gateway_sans.clone();
+        g.distinguished_name
+            .push(DnType::CommonName, format!("{name} gateway"));
+        g.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        g.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let gkey = KeyPair::generate()?;
+        let gcert = g.signed_by(&gkey, &issuer)?;
+        std::fs::write(ndir.join("gateway.pem"), gcert.pem())?;
+        write_secret_file(&ndir.join("gateway.key"), &gkey.serialize_pem())?;
         write_secret_file(&ndir.join("master.key"), &SecretKey::generate().to_hex())?;
         let seeds: Vec<String> = (1..=opts.nodes)
             .filter(|j| *j != k)
@@ -109,6 +125,17 @@ key = "node.key"
 [gateway]
 bind = "{http}"
 body_limit = 1048576
+header_read_timeout = "10s"
+body_timeout = "30s"
+idle_timeout = "60s"
+max_connections = 1024
+max_connections_per_source = 64
+
+# HTTPS with a certificate from the cluster CA (clients trust ../ca.pem). Without this section
+# the gateway speaks plain HTTP, and only on a loopback address unless allow_plain_http = true.
+[gateway.tls]
+cert = "gateway.pem"
+key = "gateway.key"
 
 [keys]
 # Or set SWARM_MASTER_KEY / SWARM_JWT_SIGNING_KEY; files must be mode 0600.
@@ -145,6 +172,33 @@ models = [{models}]
     let token = mint(&signing, "admin", "admin", 30 * 86_400, "swarm", "swarm")?;
     write_secret_file(&dir.join("admin.token"), &token)?;
     Ok(configs)
+}
+
+/// The names in every gateway certificate: `host` (unless it is the unspecified address),
+/// `localhost`, `127.0.0.1` and the `--gateway-name`s.
+fn gateway_sans(opts: &InitOptions) -> Result<Vec<SanType>> {
+    let mut sans = Vec::new();
+    let mut add = |san: SanType| {
+        if !sans.contains(&san) {
+            sans.push(san);
+        }
+    };
+    if !opts.host.is_unspecified() {
+        add(SanType::IpAddress(opts.host));
+    }
+    add(SanType::IpAddress(IpAddr::from([127, 0, 0, 1])));
+    add(SanType::DnsName("localhost".try_into()?));
+    for n in &opts.gateway_names {
+        match n.parse::<IpAddr>() {
+            Ok(ip) => add(SanType::IpAddress(ip)),
+            Err(_) => {
+                add(SanType::DnsName(n.as_str().try_into().with_context(
+                    || format!("--gateway-name `{n}` is not a DNS name"),
+                )?))
+            }
+        }
+    }
+    Ok(sans)
 }
 
 /// Sign a token for `subject` with `role`, valid for `ttl_s` seconds.
@@ -184,6 +238,15 @@ pub fn first_node_config(dir: &Path) -> Option<PathBuf> {
 mod tests {
     use super::*;
 
+    /// The DER bytes of the first PEM block (enough to look for SAN bytes in it).
+    fn pem_der(pem: &str) -> Vec<u8> {
+        use base64::Engine;
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(&body)
+            .expect("base64")
+    }
+
     #[test]
     fn writes_a_loadable_cluster() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -195,6 +258,7 @@ mod tests {
             gossip_port: 17946,
             http_port: 18080,
             models: Vec::new(),
+            gateway_names: vec!["swarm.example".into(), "10.9.8.7".into()],
         })
         .expect("init");
         assert_eq!(configs.len(), 3);
@@ -206,6 +270,22 @@ mod tests {
         assert!(crate::node::load_master_key(&c3).is_ok());
         assert!(crate::node::load_signing_key(&c3).is_ok());
         assert!(c3.swarm_file().is_ok());
+        // HTTPS by default, with a certificate from the cluster CA for the gateway's names.
+        assert!(c3.gateway.tls.is_some());
+        assert!(crate::server::tls_acceptor(&c3).is_ok_and(|a| a.is_some()));
+        let pem = std::fs::read_to_string(dir.join("node-3/gateway.pem")).expect("gateway.pem");
+        let der = pem_der(&pem);
+        for needle in [
+            &[127u8, 0, 0, 1][..],
+            b"localhost",
+            b"swarm.example",
+            &[10, 9, 8, 7],
+        ] {
+            assert!(
+                der.windows(needle.len()).any(|w| w == needle),
+                "gateway certificate lacks {needle:?}"
+            );
+        }
         // Secrets are 0600; a second init refuses to overwrite.
         #[cfg(unix)]
         {
@@ -216,12 +296,17 @@ mod tests {
                 "admin.token",
                 "node-1/master.key",
                 "node-1/node.key",
+                "node-1/gateway.key",
             ] {
                 let mode = std::fs::metadata(dir.join(f))
                     .expect("meta")
                     .permissions()
                     .mode();
                 assert_eq!(mode & 0o077, 0, "{f}");
+            }
+            for d in [dir.clone(), dir.join("node-1")] {
+                let mode = std::fs::metadata(&d).expect("meta").permissions().mode();
+                assert_eq!(mode & 0o777, 0o700, "{}", d.display());
             }
         }
         assert!(
@@ -232,6 +317,7 @@ mod tests {
                 gossip_port: 1,
                 http_port: 1,
                 models: Vec::new(),
+                gateway_names: Vec::new(),
             })
             .is_err()
         );

@@ -18,6 +18,7 @@ pub mod jwt;
 pub mod metrics;
 pub mod node;
 pub mod policy;
+pub mod server;
 
 pub use error::AppError;
 pub use node::{Node, NodeError, NodeHandle};

@@ -9,13 +9,34 @@ const BUCKETS_MS: [f64; 10] = [
     1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0, 5000.0,
 ];
 
-/// Gateway metrics.
+/// Most distinct route labels kept; later ones are counted as `other`. Routes come from the
+/// router's own patterns, so this only guards against a mistake that would make them unbounded.
+const MAX_ROUTES: usize = 128;
+
+/// The method label: a standard method, else `other` (a method is any token the client likes).
+pub fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Gateway metrics. Every label comes from a fixed set, so the exposition stays bounded whatever
+/// clients send.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    requests: Mutex<BTreeMap<(&'static str, String, u16), u64>>,
     latency: Mutex<BTreeMap<String, Histogram>>,
     auth_failures: Mutex<BTreeMap<&'static str, u64>>,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
+    /// Requests refused by the per-source rate limit (429 before authentication).
+    pub rate_limited: AtomicU64,
     pub audit_entries: AtomicU64,
     pub audit_failures: std::sync::Arc<AtomicU64>,
     pub in_flight: AtomicU64,
@@ -29,12 +50,23 @@ struct Histogram {
 }
 
 impl Metrics {
+    /// Count a request. `route` must be a pattern of the router (or `other`); the method is
+    /// reduced to [`method_label`] here.
     pub fn observe_request(&self, method: &str, route: &str, status: u16, ms: f64) {
+        let method = method_label(method);
         if let Ok(mut m) = self.requests.lock() {
-            *m.entry((method.to_string(), route.to_string(), status))
-                .or_default() += 1;
+            let mut key = (method, route.to_string(), status);
+            if m.len() >= MAX_ROUTES * 16 && !m.contains_key(&key) {
+                key.1 = "other".into();
+            }
+            *m.entry(key).or_default() += 1;
         }
         if let Ok(mut l) = self.latency.lock() {
+            let route = if l.len() < MAX_ROUTES || l.contains_key(route) {
+                route
+            } else {
+                "other"
+            };
             let h = l.entry(route.to_string()).or_default();
             h.count += 1;
             h.sum_ms += ms;
@@ -151,6 +183,16 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP swarm_http_rate_limited_total Requests refused by the per-source rate limit."
+        );
+        let _ = writeln!(out, "# TYPE swarm_http_rate_limited_total counter");
+        let _ = writeln!(
+            out,
+            "swarm_http_rate_limited_total{{node=\"{node}\"}} {}",
+            self.rate_limited.load(Ordering::Relaxed)
+        );
         let _ = writeln!(out, "# HELP swarm_http_in_flight Requests being served.");
         let _ = writeln!(out, "# TYPE swarm_http_in_flight gauge");
         let _ = writeln!(
@@ -178,5 +220,28 @@ mod tests {
         assert!(t.contains("le=\"2.5\"} 0"));
         assert!(t.contains("swarm_auth_failures_total{node=\"n1\",code=\"token_expired\"} 1"));
         assert!(t.contains("swarm_bulkhead_rejections_total{node=\"n1\",class=\"memory_ops\"} 1"));
+    }
+
+    #[test]
+    fn labels_come_from_a_fixed_set() {
+        let m = Metrics::default();
+        m.observe_request("GET", "/v1/me", 200, 1.0);
+        let base = m.render("n1").len();
+        for i in 0..300 {
+            let junk = format!("X{i}{}", "A".repeat(2000));
+            m.observe_request(&junk, "other", 400, 1.0);
+        }
+        let t = m.render("n1");
+        assert!(!t.contains("AAAA"), "a client's method is never a label");
+        assert!(t.contains("method=\"other\",route=\"other\",status=\"400\"} 300"));
+        assert!(t.len() < base + 4096, "{} bytes", t.len());
+        // Routes are the router's patterns; even so, their number is capped.
+        for i in 0..1000 {
+            m.observe_request("GET", &format!("/r{i}"), 200, 1.0);
+        }
+        let t = m.render("n1");
+        let series = t.matches("swarm_http_request_duration_ms_count{").count();
+        assert!(series <= MAX_ROUTES + 1, "{series}");
+        assert!(t.matches("swarm_http_requests_total{").count() <= MAX_ROUTES * 16 + 2);
     }
 }

@@ -34,6 +34,11 @@ pub enum NodeError {
     Actors(String),
     #[error("cluster: {0}")]
     Membership(#[from] swarm_membership::MembershipError),
+    #[error("gateway TLS: {path}: {message}")]
+    GatewayTls {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("cannot bind the gateway to {addr}: {source} (is another node using this port?)")]
     Bind {
         addr: SocketAddr,
@@ -49,6 +54,7 @@ impl NodeError {
             NodeError::Storage(e) => e.kind(),
             NodeError::Key { .. } => "bad_key",
             NodeError::Bind { .. } => "bind_failed",
+            NodeError::GatewayTls { .. } => "gateway_tls",
             NodeError::Membership(e) => e.code(),
             NodeError::Actors(_) => "actors",
         }
@@ -151,6 +157,8 @@ pub fn open_storage(cfg: &NodeConfig) -> Result<Storage, NodeError> {
         max_name_len: cfg.limits.max_name_len,
         max_namespace_entries: cfg.limits.max_namespace_entries,
         read_cache_entries: cfg.limits.read_cache_entries,
+        max_tags: cfg.limits.max_tags,
+        max_tag_bytes: cfg.limits.max_tag_bytes,
     };
     Ok(Storage::open(&cfg.data_dir(), master, opts)?)
 }
@@ -198,8 +206,10 @@ impl Node {
             cfg.auth.issuer.clone(),
             cfg.auth.audience.clone(),
             cfg.auth.leeway.0.as_secs(),
+            cfg.auth.max_token_ttl.0.as_secs(),
         );
-        let auth = Authenticator::new(verifier, storage.engine.clone())?;
+        let auth = Authenticator::new(verifier, &storage)?;
+        let tls = crate::server::tls_acceptor(&cfg)?;
         let listener = tokio::net::TcpListener::bind(cfg.gateway.bind)
             .await
             .map_err(|source| NodeError::Bind {
@@ -278,22 +288,20 @@ impl Node {
         let _ = audit_to.set(state.clone());
         cluster::spawn_streams(streams_rx, actors.clone(), replicator, inference);
         cluster::spawn_sessions(membership.clone(), actors.clone());
-        let (tx, mut rx) = watch::channel(false);
+        let (tx, rx) = watch::channel(false);
         let app = gateway::router(Arc::clone(&state));
-        let server = tokio::spawn(async move {
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            })
-            .await
-        });
+        let https = tls.is_some();
+        let server = tokio::spawn(crate::server::serve(
+            listener,
+            app,
+            tls,
+            crate::server::ServeOptions::from_config(&cfg.gateway),
+            rx,
+        ));
         let gossip_addr = membership
             .local_addr()
             .map_err(swarm_membership::MembershipError::from)?;
-        tracing::info!(node = %cfg.node.name, %http_addr, %gossip_addr, secured = state.secured, audited = state.audited, "node started");
+        tracing::info!(node = %cfg.node.name, %http_addr, https, %gossip_addr, secured = state.secured, audited = state.audited, "node started");
         Ok(NodeHandle {
             name: cfg.node.name.clone(),
             http_addr,

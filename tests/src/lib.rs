@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -115,19 +116,47 @@ pub fn token(dir: &Path, subject: &str, role: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// A rustls client config trusting only the CA certificate(s) in `ca_pem`.
+pub fn trust_ca(ca_pem: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_pem)? {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
 /// A running `swarm node` process. Killed (SIGKILL) on drop if still running.
 #[derive(Debug)]
 pub struct NodeProc {
     pub child: Child,
     pub config: PathBuf,
+    /// `https://ADDR` when the node serves HTTPS (as `swarm init` configures it), else `http://`.
     pub url: String,
+    /// The CA file clients must trust for HTTPS (the cluster's `ca.pem`); `None` for HTTP.
+    pub ca: Option<PathBuf>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl NodeProc {
     /// Start `swarm node --config PATH` and wait until `/health` answers.
     pub fn start(config: &Path) -> Result<Self> {
         let cfg = swarm_config::NodeConfig::load(config)?;
-        let url = format!("http://{}", cfg.gateway.bind);
+        let (url, ca) = match &cfg.gateway.tls {
+            Some(_) => (
+                format!("https://{}", cfg.gateway.bind),
+                Some(cfg.resolve(&cfg.tls.ca_cert)),
+            ),
+            None => (format!("http://{}", cfg.gateway.bind), None),
+        };
+        let tls = ca.as_deref().map(trust_ca).transpose()?;
         let log = std::fs::File::create(config.with_extension("log"))?;
         let child = Command::new(swarm_bin())
             .args(["node", "--config"])
@@ -141,10 +170,12 @@ impl NodeProc {
             child,
             config: config.to_path_buf(),
             url,
+            ca,
+            tls,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok((200, _)) = Client::new(&node.url, None).get("/health") {
+            if let Ok((200, _)) = node.anonymous().get("/health") {
                 return Ok(node);
             }
             if let Some(status) = node.child.try_wait()? {
@@ -183,7 +214,12 @@ impl NodeProc {
     }
 
     pub fn client(&self, token: &str) -> Client {
-        Client::new(&self.url, Some(token))
+        Client::with_tls(&self.url, Some(token), self.tls.clone())
+    }
+
+    /// A client without a token (public routes, refusals).
+    pub fn anonymous(&self) -> Client {
+        Client::with_tls(&self.url, None, self.tls.clone())
     }
 }
 
@@ -211,12 +247,23 @@ impl Client {
     }
 
     pub fn new(base: &str, token: Option<&str>) -> Self {
+        Self::with_tls(base, token, None)
+    }
+
+    /// A client that trusts `tls`'s roots for HTTPS (see [`trust_ca`]).
+    pub fn with_tls(
+        base: &str,
+        token: Option<&str>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Self {
+        let mut agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30));
+        if let Some(tls) = tls {
+            agent = agent.tls_config(tls);
+        }
         Self {
             base: base.to_string(),
             token: token.map(String::from),
-            agent: ureq::AgentBuilder::new()
-                .timeout(Duration::from_secs(30))
-                .build(),
+            agent: agent.build(),
         }
     }
 

@@ -63,7 +63,7 @@ fn three_processes_form_a_cluster() -> Result<()> {
         .unwrap_or_default();
     assert_eq!(
         m3["meta"]["gateway"].as_str(),
-        n3.url.strip_prefix("http://")
+        n3.url.split_once("://").map(|(_, addr)| addr)
     );
     assert_eq!(m3["meta"]["version"], env!("CARGO_PKG_VERSION"));
 
@@ -98,7 +98,20 @@ fn three_processes_form_a_cluster() -> Result<()> {
     println!("graceful leave of node-3 seen everywhere after {t:?}");
 
     // `swarm status` prints the table.
-    let out = swarm(&["status", "--gateway", &n1.url, "--token", &token])?;
+    let ca = n1
+        .ca
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let out = swarm(&[
+        "status",
+        "--gateway",
+        &n1.url,
+        "--ca",
+        &ca,
+        "--token",
+        &token,
+    ])?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("node-3") && text.contains("left"), "{text}");

@@ -48,7 +48,11 @@ fn revocations_and_api_keys_hold_on_every_node() -> Result<()> {
     println!("API key made on node-1 usable on node-2 after {t:?}");
     // ... and never outlives the one-hour token that made it.
     let (st, v) = u1.post_json("/v1/keys", &json!({"name": "long", "ttl": "365d"}))?;
-    assert_eq!((st, v["error"]["field"].as_str()), (400, Some("ttl")), "{v}");
+    assert_eq!(
+        (st, v["error"]["field"].as_str()),
+        (400, Some("ttl")),
+        "{v}"
+    );
     let (st, v) = u1.post_json("/v1/keys", &json!({"name": "default"}))?;
     assert_eq!(st, 200, "{v}");
     assert!(
@@ -67,9 +71,11 @@ fn revocations_and_api_keys_hold_on_every_node() -> Result<()> {
     // it die with it, everywhere, and can make no more keys.
     let (st, v) = u1.post_json("/v1/tokens/revoke", &json!({"token": user}))?;
     assert_eq!(st, 200, "{v}");
-    let t = within(Duration::from_secs(1), "revocation enforced on node-2", || {
-        Ok(status(&u2, "GET", "/v1/me")? == 401)
-    })?;
+    let t = within(
+        Duration::from_secs(1),
+        "revocation enforced on node-2",
+        || Ok(status(&u2, "GET", "/v1/me")? == 401),
+    )?;
     println!("token revoked on node-1 refused by node-2 after {t:?}");
     let (st, _) = u2.put_json("/v1/memory/notes/x", &json!({"value": 1}))?;
     assert_eq!(st, 401);
@@ -98,9 +104,11 @@ fn revocations_and_api_keys_hold_on_every_node() -> Result<()> {
         status(&admins[1], "DELETE", &format!("/v1/keys/{bid}"))?,
         200
     );
-    within(Duration::from_secs(1), "bob's key revoked on node-1", || {
-        Ok(status(&b1, "GET", "/v1/me")? == 401)
-    })?;
+    within(
+        Duration::from_secs(1),
+        "bob's key revoked on node-1",
+        || Ok(status(&b1, "GET", "/v1/me")? == 401),
+    )?;
     let (_, v) = admins[0].get("/v1/keys")?;
     let listed = v["keys"]
         .as_array()
@@ -132,9 +140,11 @@ fn revocations_and_api_keys_hold_on_every_node() -> Result<()> {
     assert_eq!(st, 200, "{v}");
     assert_eq!(status(&c2, "GET", "/v1/me")?, 200, "cut off: not yet known");
     drop(cut);
-    let t = within(Duration::from_secs(30), "revocation repaired after heal", || {
-        Ok(status(&c2, "GET", "/v1/me")? == 401)
-    })?;
+    let t = within(
+        Duration::from_secs(30),
+        "revocation repaired after heal",
+        || Ok(status(&c2, "GET", "/v1/me")? == 401),
+    )?;
     println!("revocation reached the healed node after {t:?}");
     Ok(())
 }

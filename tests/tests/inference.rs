@@ -150,8 +150,9 @@ fn openai_api_on_a_node_serving_the_tiny_model() -> Result<()> {
         (status, e["error"]["code"].as_str()),
         (400, Some("invalid_json"))
     );
-    let (status, _) =
-        Client::new(&node.url, None).post_json("/v1/chat/completions", &chat(1, false))?;
+    let (status, _) = node
+        .anonymous()
+        .post_json("/v1/chat/completions", &chat(1, false))?;
     assert_eq!(status, 401);
     let viewer = token(dir.path(), "eve", "viewer")?;
     assert_eq!(
@@ -322,6 +323,8 @@ fn the_official_openai_python_client_works() -> Result<()> {
         .arg(script)
         .arg(&node.url)
         .arg(&admin)
+        // The client (httpx) trusts the cluster CA through SSL_CERT_FILE.
+        .env("SSL_CERT_FILE", node.ca.as_deref().unwrap_or(Path::new("")))
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

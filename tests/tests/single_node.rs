@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use swarm_tests::{Client, NodeProc, init_cluster, swarm, token, walk};
+use swarm_tests::{NodeProc, init_cluster, swarm, token, walk};
 
 fn code(v: &Value) -> &str {
     v["error"]["code"].as_str().unwrap_or("")
@@ -37,7 +37,7 @@ fn token_memory_and_error_statuses() -> anyhow::Result<()> {
     assert!(v["version"].as_str().is_some());
 
     // 401: no token, and a token from another cluster.
-    let (s, v) = Client::new(&node.url, None).get("/v1/memory/agents/plan")?;
+    let (s, v) = node.anonymous().get("/v1/memory/agents/plan")?;
     assert_eq!((s, code(&v)), (401, "unauthenticated"));
     let other = tmp.path().join("other");
     init_cluster(&other, 1)?;

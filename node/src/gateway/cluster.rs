@@ -40,7 +40,7 @@ pub(super) async fn leave(
     Extension(ctx): Extension<AuditCtx>,
 ) -> Result<Json<Value>, AppError> {
     s.authorize(&ctx, &who, "cluster.admin", "cluster/leave", None)?;
-    let _permit = s.permit(Class::Orchestration)?;
+    let _permit = s.permit(Class::Orchestration, &who)?;
     let m = membership(&s)?.clone();
     s.timed(Class::Orchestration, async move {
         m.leave()
@@ -76,7 +76,7 @@ pub(super) async fn ping(
     body: axum::body::Body,
 ) -> Result<Json<Value>, AppError> {
     s.authorize(&ctx, &who, "cluster.read", "cluster/ping", None)?;
-    let b: PingBody = json_body(body, s.body_limit).await?;
+    let b: PingBody = json_body(body, s.body_limit, s.body_deadline(Class::Orchestration)).await?;
     let timeout_ms = b.timeout_ms.unwrap_or(2000);
     if timeout_ms == 0 || timeout_ms > 10_000 {
         return Err(AppError::invalid_field("timeout_ms", "must be 1 to 10000"));

@@ -1,5 +1,7 @@
 //! Extractors whose rejections are [`AppError`]s, so every bad input gets our JSON error.
 
+use std::time::Duration;
+
 use axum::body::Body;
 use axum::extract::{FromRequestParts, Path, Query};
 use axum::http::request::Parts;
@@ -37,14 +39,23 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiQuer
     }
 }
 
-/// Read a JSON body of at most `limit` bytes into `T`, naming the offending field on error.
+/// Read a JSON body of at most `limit` bytes into `T` within `deadline` (else 408
+/// `body_timeout`), naming the offending field on error. Handlers read the body before they take
+/// a bulkhead permit, so a client that stalls its upload holds no capacity.
 pub(super) async fn json_body<T: DeserializeOwned>(
     body: Body,
     limit: usize,
+    deadline: Duration,
 ) -> Result<T, AppError> {
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| AppError::PayloadTooLarge { limit })?;
+    let bytes = match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => return Err(AppError::PayloadTooLarge { limit }),
+        Err(_) => {
+            return Err(AppError::BodyTimeout {
+                timeout_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+    };
     parse_json(&bytes)
 }
 

@@ -81,6 +81,10 @@ pub(super) struct ListView {
     /// Pass as `after` to get the next page; absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
     next: Option<String>,
+    /// The page stopped at its byte budget (`limits.max_list_bytes`) before `limit` items;
+    /// present (and `true`) only then.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    truncated: bool,
 }
 
 /// Query of a PUT: `w=2` waits until one peer also has the write durable.
@@ -111,10 +115,11 @@ pub(super) async fn put_value(
         Some(2) => true,
         Some(_) => return Err(AppError::invalid_field("w", "write concern is 1 or 2")),
     };
-    let _permit = s.permit(Class::Memory)?;
+    // The body first, within its deadline: a stalled upload holds no permit.
+    let b: PutBody = json_body(body, s.body_limit, s.body_deadline(Class::Memory)).await?;
+    let _permit = s.permit(Class::Memory, &who)?;
     let st = s.clone();
     s.timed(Class::Memory, async move {
-        let b: PutBody = json_body(body, st.body_limit).await?;
         let value_json =
             serde_json::to_string(&b.value).map_err(|e| AppError::Internal(e.to_string()))?;
         let mut ttl_ms = b
@@ -177,7 +182,7 @@ pub(super) async fn get_value(
         &format!("memory/{ns}/{key}"),
         None,
     )?;
-    let _permit = s.permit(Class::Memory)?;
+    let _permit = s.permit(Class::Memory, &who)?;
     let item = s.storage.memory.get(&ns, &key, now_ms())?;
     match item {
         Some(i) => ItemView::from_item(i).map(Json),
@@ -198,7 +203,7 @@ pub(super) async fn delete_value(
         &format!("memory/{ns}/{key}"),
         None,
     )?;
-    let _permit = s.permit(Class::Memory)?;
+    let _permit = s.permit(Class::Memory, &who)?;
     let st = s.clone();
     s.timed(Class::Memory, async move {
         let (ns2, key2) = (ns.clone(), key.clone());
@@ -237,25 +242,37 @@ pub(super) async fn list_values(
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<ListView>, AppError> {
     s.authorize(&ctx, &who, "memory.read", &format!("memory/{ns}"), None)?;
-    let _permit = s.permit(Class::Memory)?;
+    let _permit = s.permit(Class::Memory, &who)?;
     let limit = s.list_limit(q.limit)?;
+    let max_bytes = s.limits.max_list_bytes;
     let st = s.clone();
     s.timed(Class::Memory, async move {
-        let items = blocking(move || {
-            Ok(st
-                .storage
-                .memory
-                .list(&ns, &q.prefix, q.after.as_deref(), limit, now_ms())?)
+        let page = blocking(move || {
+            Ok(st.storage.memory.list_page(
+                &ns,
+                &q.prefix,
+                q.after.as_deref(),
+                limit,
+                max_bytes,
+                now_ms(),
+            )?)
         })
         .await?;
-        let next = (items.len() == limit)
-            .then(|| items.last().map(|i| i.key.clone()))
+        let next = page
+            .more
+            .then(|| page.items.last().map(|i| i.key.clone()))
             .flatten();
-        let items = items
+        let truncated = page.truncated;
+        let items = page
+            .items
             .into_iter()
             .map(ItemView::from_item)
             .collect::<Result<_, _>>()?;
-        Ok(Json(ListView { items, next }))
+        Ok(Json(ListView {
+            items,
+            next,
+            truncated,
+        }))
     })
     .await
 }

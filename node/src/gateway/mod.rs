@@ -1,10 +1,13 @@
 //! The axum gateway: routing, request ids, authentication, RBAC, bulkheads, timeouts and audit.
 //!
-//! Request path: `track` (request id, metrics, audit of the outcome) → `authenticate` (JWT or API
-//! key; public routes skip it) → handler: `authorize` (RBAC, records the action for the audit),
-//! `permit` (bulkhead, 429 when full), `timed` (the class's response target), work, `commit`
-//! (audit entry + one group-commit sync for state changes).
+//! Request path: `track` (request id, per-source rate limit, metrics, audit of the outcome) →
+//! `authenticate` (JWT or API key; public routes skip it) → handler: `authorize` (RBAC, records the
+//! action for the audit), the body (read within a deadline, before any permit), `permit`
+//! (bulkhead, 429 when full; admins have a reserve), `timed` (the class's response target), work,
+//! `commit` (audit entry + one group-commit sync for state changes). Anonymous refusals are
+//! counted per source and audited once per interval (`abuse`).
 
+mod abuse;
 mod admin;
 mod audit_writer;
 mod cluster;
@@ -15,12 +18,13 @@ mod openapi;
 mod system;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::{HeaderValue, Method};
+use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -35,7 +39,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use crate::auth::{AuthType, Authenticator, Principal};
 use crate::error::{AppError, ErrorCause, ErrorCode};
 use crate::inference::Inference;
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 use crate::policy::{Owner, Policy};
 use audit_writer::AuditWriter;
 
@@ -59,11 +63,17 @@ impl Class {
     }
 }
 
+/// A class's capacity: `sem` is everyone's; `reserved` (a fifth of it, at least one) only admins
+/// may take, when `sem` is full, so no other role can lock them out.
 #[derive(Debug)]
 struct Bulkhead {
     sem: Arc<Semaphore>,
+    reserved: Arc<Semaphore>,
     timeout: Duration,
 }
+
+/// Longest resource string an audit entry keeps (bytes, cut on a character boundary).
+const AUDIT_RESOURCE_MAX: usize = 256;
 
 /// Everything handlers share.
 #[derive(Debug)]
@@ -87,7 +97,11 @@ pub struct Inner {
     memory: Bulkhead,
     security: Bulkhead,
     orchestration: Bulkhead,
+    /// How long an inference request body may take to arrive (the swarm file's `vllm_ops`).
+    pub inference_body_deadline: Duration,
     audit_writer: AuditWriter,
+    rate: Mutex<abuse::RateLimiter>,
+    refusals: Mutex<abuse::RefusalLog>,
     /// Cluster membership; `None` in unit tests of the gateway alone.
     pub membership: Option<Membership>,
     /// Actor sessions with peers; `None` in unit tests of the gateway alone.
@@ -137,10 +151,25 @@ impl Inner {
         let perf = &p.swarm.performance;
         let bh = |n: u32, t: swarm_config::HumanDuration| Bulkhead {
             sem: Arc::new(Semaphore::new(n as usize)),
+            reserved: Arc::new(Semaphore::new((n as usize / 5).max(1))),
             timeout: t.0,
         };
-        Ok(Arc::new(Inner {
+        let l = &p.limits;
+        let rate = abuse::RateLimiter::new(
+            l.requests_per_second_per_source,
+            l.burst_per_source,
+            l.max_tracked_sources,
+        );
+        let refusals = abuse::RefusalLog::new(
+            u64::try_from(l.refusal_audit_interval.0.as_millis()).unwrap_or(u64::MAX),
+            l.max_tracked_sources,
+            AUDIT_RESOURCE_MAX,
+        );
+        let state = Arc::new(Inner {
             audit_writer,
+            rate: Mutex::new(rate),
+            refusals: Mutex::new(refusals),
+            inference_body_deadline: perf.response_targets.vllm_ops.0,
             memory: bh(
                 perf.concurrency_limits.memory_ops,
                 perf.response_targets.memory_ops,
@@ -178,7 +207,9 @@ impl Inner {
             stop: Arc::new(Notify::new()),
             secured: !cfg!(feature = "bench-noauth"),
             audited: !cfg!(any(feature = "bench-noauth", feature = "bench-noaudit")),
-        }))
+        });
+        spawn_refusal_reports(&state);
+        Ok(state)
     }
 
     /// Audit something the node did or refused on its own (not an HTTP request).
@@ -189,7 +220,7 @@ impl Inner {
             request_id: String::new(),
             actor: "system".into(),
             action: action.into(),
-            resource: resource.into(),
+            resource: abuse::clip(resource, AUDIT_RESOURCE_MAX).into(),
             outcome: outcome.into(),
             status: 0,
             code: (!detail.is_empty()).then(|| detail.chars().take(200).collect()),
@@ -202,9 +233,44 @@ impl Inner {
         }
     }
 
-    /// Wait until every queued audit entry is appended (before the final sync at shutdown).
+    /// Wait until every queued audit entry is appended (before the final sync at shutdown),
+    /// the counts of anonymous refusals not yet reported included.
     pub fn flush_audit(&self) {
+        let all = lock(&self.refusals).drain();
+        self.report_refusals(all);
         self.audit_writer.flush();
+    }
+
+    /// Audit the anonymous refusals whose interval is over.
+    fn report_due_refusals(&self, now_ms: u64) {
+        let due = lock(&self.refusals).due(now_ms);
+        self.report_refusals(due);
+    }
+
+    /// One `http.refused` entry per source and interval (the refusals after the first).
+    fn report_refusals(&self, summaries: Vec<abuse::RefusalSummary>) {
+        for r in summaries {
+            let denied = r.statuses.contains_key(&401) || r.statuses.contains_key(&429);
+            let event = AuditEvent {
+                ts_ms: now_ms(),
+                node: self.node.clone(),
+                request_id: String::new(),
+                actor: "anonymous".into(),
+                action: "http.refused".into(),
+                resource: r.resource(AUDIT_RESOURCE_MAX),
+                outcome: if denied { "denied" } else { "error" }.into(),
+                status: r.last_status,
+                code: r.last_code.map(String::from),
+            };
+            tracing::info!(source = %r.source, count = r.count, "anonymous requests refused");
+            match self.audit_writer.submit(event) {
+                Ok(()) => self.metrics.audit_entries.fetch_add(1, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::error!(error = %e, "audit entry lost");
+                    self.metrics.audit_failures.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+        }
     }
 
     fn bulkhead(&self, class: Class) -> &Bulkhead {
@@ -225,6 +291,16 @@ impl Inner {
         owner: Option<Owner<'_>>,
     ) -> Result<(), AppError> {
         ctx.set_action(action, resource);
+        // The node's own namespaces (the replicated authentication state) are no client's.
+        if resource
+            .strip_prefix("memory/")
+            .is_some_and(|ns| ns.starts_with(crate::auth::RESERVED_NAMESPACE_PREFIX))
+        {
+            return Err(AppError::Forbidden(format!(
+                "{action} on a reserved namespace (`{}*`)",
+                crate::auth::RESERVED_NAMESPACE_PREFIX
+            )));
+        }
         if !self.secured {
             return Ok(());
         }
@@ -233,12 +309,21 @@ impl Inner {
             .map_err(AppError::Forbidden)
     }
 
-    /// A bulkhead permit, or 429 at once when the class is full. Never queues.
-    pub fn permit(&self, class: Class) -> Result<OwnedSemaphorePermit, AppError> {
-        self.bulkhead(class)
-            .sem
+    /// A bulkhead permit, or 429 at once when the class is full. Never queues. An admin may take
+    /// one of the class's reserved permits when the shared ones are gone. Take it after the
+    /// request body is read, so a stalled upload holds none.
+    pub fn permit(&self, class: Class, who: &Principal) -> Result<OwnedSemaphorePermit, AppError> {
+        let b = self.bulkhead(class);
+        b.sem
             .clone()
             .try_acquire_owned()
+            .or_else(|e| {
+                if !self.secured || self.policy.is_admin(&who.role) {
+                    b.reserved.clone().try_acquire_owned()
+                } else {
+                    Err(e)
+                }
+            })
             .map_err(|_| {
                 self.metrics.rejected(class.name());
                 AppError::Overloaded {
@@ -258,6 +343,11 @@ impl Inner {
             ));
         }
         Ok(limit)
+    }
+
+    /// How long a request body of `class` may take to arrive: the class's response target.
+    pub fn body_deadline(&self, class: Class) -> Duration {
+        self.bulkhead(class).timeout
     }
 
     /// Run `fut` within the class's response target.
@@ -291,6 +381,27 @@ impl Inner {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Report due refusal counts every so often, until the gateway state is dropped.
+fn spawn_refusal_reports(state: &AppState) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let every = (state.limits.refusal_audit_interval.0 / 4)
+        .clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let weak = Arc::downgrade(state);
+    rt.spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(s) = weak.upgrade() else { return };
+            s.report_due_refusals(now_ms());
+        }
+    });
 }
 
 /// Run blocking store work off the async workers.
@@ -339,7 +450,11 @@ impl AuditCtx {
             request_id: i.request_id.clone(),
             actor: i.actor.clone().unwrap_or_else(|| "anonymous".into()),
             action: i.action.clone().unwrap_or_else(|| "http.request".into()),
-            resource: i.resource.clone().unwrap_or_default(),
+            resource: i
+                .resource
+                .as_deref()
+                .map(|r| abuse::clip(r, AUDIT_RESOURCE_MAX).to_string())
+                .unwrap_or_default(),
             outcome: outcome.to_string(),
             status,
             code: code.map(String::from),
@@ -404,6 +519,15 @@ fn is_public(path: &str) -> bool {
     matches!(path, "/health" | "/openapi.json")
 }
 
+/// The source of a request, for the per-source limits.
+fn source_of(req: &Request) -> abuse::Source {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(abuse::Source::Unknown, |ci| {
+            abuse::Source::from_ip(ci.0.ip())
+        })
+}
+
 /// The caller is on this machine.
 fn is_loopback(req: &Request) -> bool {
     req.extensions()
@@ -455,23 +579,37 @@ async fn track(State(s): State<AppState>, mut req: Request, next: Next) -> Respo
     let mut id = [0u8; 8];
     rand::rngs::OsRng.fill_bytes(&mut id);
     let request_id = hex::encode(id);
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    // Labels, logs and audit entries keep bounded copies of what the client sent.
+    let method = metrics::method_label(req.method().as_str());
+    let path = abuse::clip(req.uri().path(), AUDIT_RESOURCE_MAX).to_string();
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
+        .unwrap_or_else(|| "other".into());
+    let source = source_of(&req);
     let ctx = AuditCtx::default();
     ctx.with(|i| {
         i.request_id = request_id.clone();
         i.resource = Some(path.clone());
     });
     req.extensions_mut().insert(ctx.clone());
+    // Per-source rate, before any other work (authentication included).
+    let admitted = lock(&s.rate).check(source, now_ms());
     s.metrics
         .in_flight
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut resp = next.run(req).await;
+    let mut resp = match admitted {
+        Ok(()) => next.run(req).await,
+        Err(limited) => {
+            s.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+            let retry_after_s = match limited {
+                abuse::Limited::OverRate { retry_after_s } => retry_after_s,
+                abuse::Limited::TableFull => 1,
+            };
+            AppError::RateLimited { retry_after_s }.into_response()
+        }
+    };
     s.metrics
         .in_flight
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -484,8 +622,17 @@ async fn track(State(s): State<AppState>, mut req: Request, next: Next) -> Respo
     }
     let quiet =
         matches!(path.as_str(), "/health" | "/metrics" | "/openapi.json") && status.is_success();
-    let already = ctx.with(|i| i.audited);
-    if s.audited && !quiet && !already {
+    let (already, anonymous) = ctx.with(|i| (i.audited, i.actor.is_none()));
+    let refused = !(status.is_success() || status.is_redirection());
+    // No principal: the first refusal of a source in an interval is audited as it happens; the
+    // later ones are counted and audited together when the interval ends.
+    let counted = s.audited
+        && !quiet
+        && !already
+        && anonymous
+        && refused
+        && !lock(&s.refusals).record(source, status.as_u16(), code, &path, now_ms());
+    if s.audited && !quiet && !already && !counted {
         let outcome = match status.as_u16() {
             200..=399 => "ok",
             401 | 403 => "denied",
@@ -505,9 +652,9 @@ async fn track(State(s): State<AppState>, mut req: Request, next: Next) -> Respo
             }
         };
     }
-    if method != Method::OPTIONS {
+    if method != "OPTIONS" {
         s.metrics.observe_request(
-            method.as_str(),
+            method,
             &route,
             status.as_u16(),
             start.elapsed().as_secs_f64() * 1000.0,

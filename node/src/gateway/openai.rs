@@ -231,7 +231,7 @@ pub(super) async fn chat_completions(
     Extension(ctx): Extension<AuditCtx>,
     body: Body,
 ) -> Result<Response, AppError> {
-    let req: ChatRequest = json_body(body, s.body_limit).await?;
+    let req: ChatRequest = json_body(body, s.body_limit, s.inference_body_deadline).await?;
     admit(&s, &ctx, &who, &req.model)?;
     let params = req.sampling.params(s.inference.default_max_tokens())?;
     let input = Input::Chat(messages(req.messages)?);
@@ -244,7 +244,7 @@ pub(super) async fn completions(
     Extension(ctx): Extension<AuditCtx>,
     body: Body,
 ) -> Result<Response, AppError> {
-    let req: CompletionRequest = json_body(body, s.body_limit).await?;
+    let req: CompletionRequest = json_body(body, s.body_limit, s.inference_body_deadline).await?;
     admit(&s, &ctx, &who, &req.model)?;
     let prompt = match req.prompt {
         PromptIn::One(p) => p,

@@ -23,6 +23,10 @@ struct Fixture {
 }
 
 fn fixture_with(body_limit: usize, swarm: SwarmFile) -> Fixture {
+    fixture_full(body_limit, swarm, LimitsConfig::default())
+}
+
+fn fixture_full(body_limit: usize, swarm: SwarmFile, limits: LimitsConfig) -> Fixture {
     let key = SigningKey::generate(&mut rand::rngs::OsRng);
     let storage = Storage::with_engine(
         Arc::new(MemEngine::new()),
@@ -30,8 +34,14 @@ fn fixture_with(body_limit: usize, swarm: SwarmFile) -> Fixture {
         StorageOptions::new("n1"),
     )
     .expect("storage");
-    let verifier = Verifier::new(vec![key.verifying_key()], "swarm".into(), "swarm".into(), 0);
-    let auth = Authenticator::new(verifier, storage.engine.clone()).expect("auth");
+    let verifier = Verifier::new(
+        vec![key.verifying_key()],
+        "swarm".into(),
+        "swarm".into(),
+        0,
+        365 * 86_400,
+    );
+    let auth = Authenticator::new(verifier, &storage).expect("auth");
     let mut roles = BTreeMap::new();
     roles.insert("auditor".to_string(), vec!["audit.read".to_string()]);
     let state = Inner::new(GatewayParts {
@@ -40,7 +50,7 @@ fn fixture_with(body_limit: usize, swarm: SwarmFile) -> Fixture {
         auth,
         policy: Policy::new(&roles),
         swarm,
-        limits: LimitsConfig::default(),
+        limits,
         body_limit,
         max_token_ttl_s: 365 * 86_400,
         signing_key: key.clone(),
@@ -64,6 +74,55 @@ fn fixture_with(body_limit: usize, swarm: SwarmFile) -> Fixture {
 
 fn fixture() -> Fixture {
     fixture_with(4096, SwarmFile::preset().expect("preset"))
+}
+
+/// Tags count toward the value limit (a 400 naming `tags`), and a list page stops at its byte
+/// budget (`limits.max_list_bytes`) with `truncated` and a `next` cursor.
+#[tokio::test]
+async fn tags_are_limited_and_list_pages_keep_to_their_byte_budget() {
+    let limits = LimitsConfig {
+        max_list_bytes: 20_000,
+        ..LimitsConfig::default()
+    };
+    let f = fixture_full(64 * 1024, SwarmFile::preset().expect("preset"), limits);
+    let user = f.token("alice", "user");
+    let tags: Vec<String> = (0..40).map(|i| format!("tag-{i}")).collect();
+    let body = serde_json::to_vec(&json!({"value": 1, "tags": tags})).expect("json");
+    let (s, v, _) = f
+        .call("PUT", "/v1/memory/ns/many", Some(&user), Some(body))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["field"], "tags", "{v}");
+    let big = "x".repeat(8_000);
+    for i in 0..5 {
+        let body = serde_json::to_vec(&json!({"value": big, "tags": ["a"]})).expect("json");
+        let (s, v, _) = f
+            .call(
+                "PUT",
+                &format!("/v1/memory/ns/k{i}"),
+                Some(&user),
+                Some(body),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let (s, v, _) = f
+        .call("GET", "/v1/memory/ns?limit=40", Some(&user), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let items = v["items"].as_array().expect("items");
+    assert_eq!(items.len(), 2, "two 8 KB values fit in 20 000 bytes: {v}");
+    assert_eq!(v["truncated"], true);
+    assert_eq!(v["next"], "k1");
+    let (s, v, _) = f
+        .call("GET", "/v1/memory/ns?limit=40&after=k3", Some(&user), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["items"].as_array().map(Vec::len), Some(1));
+    assert!(
+        v.get("truncated").is_none() && v.get("next").is_none(),
+        "{v}"
+    );
 }
 
 impl Fixture {
@@ -97,6 +156,13 @@ impl Fixture {
         let v = serde_json::from_slice(&bytes)
             .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
         (status, v, headers)
+    }
+
+    fn principal(&self, token: &str) -> Principal {
+        self.state
+            .auth
+            .authenticate(Some(&format!("Bearer {token}")), None, now_s())
+            .expect("principal")
     }
 
     fn memory_records(&self) -> usize {
@@ -215,7 +281,12 @@ async fn rbac_forbids_and_allows() {
         .call("POST", "/v1/subjects/bob/erase", Some(&user), None)
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
+    // The audit trail is admin's and auditor's, not viewer's (issue 13 item 9).
     let (s, _, _) = f.call("GET", "/v1/audit", Some(&viewer), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, _) = f.call("GET", "/v1/audit/verify", Some(&viewer), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, _) = f.call("GET", "/v1/audit", Some(&auditor), None).await;
     assert_eq!(s, StatusCode::OK);
     let (s, _, _) = f
         .call("GET", "/v1/audit/verify", Some(&auditor), None)
@@ -372,7 +443,8 @@ async fn bad_input_is_a_clear_4xx_and_changes_nothing() {
 async fn full_bulkhead_is_429_with_retry_after() {
     let f = fixture();
     let t = f.token("alice", "user");
-    let held: Vec<_> = std::iter::from_fn(|| f.state.permit(Class::Memory).ok())
+    let alice = f.principal(&t);
+    let held: Vec<_> = std::iter::from_fn(|| f.state.permit(Class::Memory, &alice).ok())
         .take(1000)
         .collect();
     assert_eq!(held.len(), 20, "memory_ops limit from the swarm file");
@@ -543,10 +615,15 @@ async fn public_routes_and_metrics_permission() {
     // Not on loopback (no connection info in process): metrics need a principal with metrics.read.
     let (s, _, _) = f.call("GET", "/metrics", None, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // This fixture's `auditor` (from its [roles]) has audit.read only.
+    let (s, _, _) = f
+        .call("GET", "/metrics", Some(&f.token("a", "auditor")), None)
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
     let (s, _, _) = f
         .call("GET", "/metrics", Some(&f.token("u", "user")), None)
         .await;
-    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(s, StatusCode::OK);
     let (s, v, _) = f
         .call("GET", "/metrics", Some(&f.token("v", "viewer")), None)
         .await;
@@ -569,7 +646,7 @@ mod decoders {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = parse_json::<serde_json::Value>(&bytes);
             let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
-            let v = Verifier::new(vec![key.verifying_key()], "swarm".into(), "swarm".into(), 0);
+            let v = Verifier::new(vec![key.verifying_key()], "swarm".into(), "swarm".into(), 0, 86_400);
             let text = String::from_utf8_lossy(&bytes);
             prop_assert!(v.verify(&text, 1).is_err());
         }
@@ -577,7 +654,7 @@ mod decoders {
         #[test]
         fn token_shaped_garbage_never_authenticates(a in "[A-Za-z0-9_-]{0,60}", b in "[A-Za-z0-9_-]{0,120}", c in "[A-Za-z0-9_-]{0,90}") {
             let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
-            let v = Verifier::new(vec![key.verifying_key()], "swarm".into(), "swarm".into(), 0);
+            let v = Verifier::new(vec![key.verifying_key()], "swarm".into(), "swarm".into(), 0, 86_400);
             let token = [a, b, c].join(".");
             prop_assert!(v.verify(&token, 1).is_err());
         }
@@ -659,4 +736,295 @@ async fn write_concern_without_replication_is_a_clear_error() {
         (StatusCode::BAD_REQUEST, Some("w")),
         "{v}"
     );
+}
+
+/// Issue 13 items 3-5: what an anonymous or unprivileged client can make the node store, show
+/// or hold.
+mod bounded_abuse {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::time::Duration;
+
+    use super::*;
+
+    impl Fixture {
+        /// Like `call`, from `ip` (as the real server's connection info says).
+        async fn call_from(
+            &self,
+            ip: &str,
+            method: &str,
+            uri: &str,
+            auth: Option<&str>,
+        ) -> (StatusCode, Value, axum::http::HeaderMap) {
+            let mut b = Request::builder().method(method).uri(uri);
+            if let Some(t) = auth {
+                b = b.header("authorization", format!("Bearer {t}"));
+            }
+            let mut req = b.body(Body::empty()).expect("request");
+            let addr = SocketAddr::new(ip.parse().expect("ip"), 40_000);
+            req.extensions_mut().insert(ConnectInfo(addr));
+            let resp = router(self.state.clone())
+                .oneshot(req)
+                .await
+                .expect("response");
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
+                .await
+                .expect("body");
+            let v = serde_json::from_slice(&bytes)
+                .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+            (status, v, headers)
+        }
+
+        fn audit_all(&self) -> Vec<swarm_storage::AuditEntry> {
+            self.state.flush_audit();
+            self.state.storage.audit.list(0, 100_000).expect("audit")
+        }
+    }
+
+    #[tokio::test]
+    async fn anonymous_refusals_are_counted_not_stored_one_by_one() {
+        let f = fixture();
+        let long = "a".repeat(65_000);
+        for i in 0..300 {
+            let ip = format!("10.0.{}.{}", i % 3, 1 + i % 3);
+            let (s, _, _) = f
+                .call_from(&ip, "GET", &format!("/v1/{i}{long}"), None)
+                .await;
+            assert_eq!(s, StatusCode::UNAUTHORIZED);
+        }
+        // 405 on a public route, unauthenticated: counted the same way.
+        let (s, _, _) = f.call_from("10.0.0.1", "POST", "/health", None).await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+        // An authenticated request with a long resource: its own entry, clipped.
+        let t = f.token("alice", "user");
+        let (s, _, _) = f
+            .call_from(
+                "10.0.9.9",
+                "DELETE",
+                &format!("/v1/memory/ns/{long}"),
+                Some(&t),
+            )
+            .await;
+        assert!(s.is_client_error(), "{s}");
+        let all = f.audit_all();
+        // Per source: its first refusal, then one entry that counts the rest; plus alice's.
+        assert!(all.len() <= 7, "{} audit entries", all.len());
+        for e in &all {
+            let size = serde_json::to_vec(e).expect("json").len();
+            assert!(size < 1024, "entry of {size} bytes: {}", e.event.resource);
+        }
+        let refused: Vec<_> = all
+            .iter()
+            .filter(|e| e.event.action == "http.refused")
+            .collect();
+        assert_eq!(refused.len(), 3, "one count per source");
+        let first = refused
+            .iter()
+            .find(|e| e.event.resource.starts_with("source=10.0.0.1 "))
+            .expect("10.0.0.1");
+        assert!(
+            first
+                .event
+                .resource
+                .contains("count=100 statuses=401:99,405:1"),
+            "{}",
+            first.event.resource
+        );
+        assert_eq!(first.event.actor, "anonymous");
+        assert!(all.iter().any(|e| e.event.actor == "alice"));
+        // The first refusal of each source is its own entry, with its code and clipped path.
+        let singles = all
+            .iter()
+            .filter(|e| e.event.action != "http.refused" && e.event.actor == "anonymous")
+            .count();
+        assert_eq!(singles, 3);
+    }
+
+    #[tokio::test]
+    async fn a_source_over_its_rate_gets_429_and_others_are_served() {
+        let limits = LimitsConfig {
+            requests_per_second_per_source: 1,
+            burst_per_source: 20,
+            ..LimitsConfig::default()
+        };
+        let f = fixture_full(4096, SwarmFile::preset().expect("preset"), limits);
+        let admin = f.token("root", "admin");
+        let mut limited = 0;
+        for _ in 0..40 {
+            let (s, v, h) = f.call_from("10.0.0.66", "GET", "/v1/me", None).await;
+            if s == StatusCode::TOO_MANY_REQUESTS {
+                limited += 1;
+                assert_eq!(code(&v), "rate_limited");
+                assert!(h.contains_key("retry-after"));
+            } else {
+                assert_eq!(s, StatusCode::UNAUTHORIZED);
+            }
+        }
+        assert!(limited >= 19, "{limited} of 40 refused");
+        // Checked before authentication: a valid token does not get the source through.
+        let (s, _, _) = f
+            .call_from("10.0.0.66", "GET", "/v1/me", Some(&admin))
+            .await;
+        assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+        // Other sources: the node answers /health and an admin.
+        let (s, v, _) = f.call_from("10.0.0.7", "GET", "/health", None).await;
+        assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("ok")));
+        let (s, _, _) = f
+            .call_from("10.0.0.8", "GET", "/v1/audit", Some(&admin))
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        // The refusals of the limited source are one audit entry.
+        let refused = f
+            .audit_all()
+            .into_iter()
+            .filter(|e| e.event.resource.starts_with("source=10.0.0.66 "))
+            .count();
+        assert_eq!(refused, 1);
+    }
+
+    #[tokio::test]
+    async fn junk_methods_and_paths_leave_metrics_bounded() {
+        let f = fixture();
+        let viewer = f.token("v", "viewer");
+        let size = |v: &Value| v.as_str().map_or(0, str::len);
+        let (s, v, _) = f
+            .call_from("10.0.0.2", "GET", "/metrics", Some(&viewer))
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        let before = size(&v);
+        for i in 0..150 {
+            let method = format!("J{i}{}", "X".repeat(4000));
+            let ip = format!("10.1.0.{}", i % 100);
+            f.call_from(&ip, &method, "/v1/me", None).await;
+            f.call_from(&ip, "GET", &format!("/nowhere/{i}"), Some(&viewer))
+                .await;
+        }
+        let (s, v, _) = f
+            .call_from("10.0.0.2", "GET", "/metrics", Some(&viewer))
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        let text = v.as_str().unwrap_or_default();
+        assert!(!text.contains("XXXX") && !text.contains("nowhere"));
+        assert!(text.contains("method=\"other\""), "{text}");
+        assert!(
+            size(&v) < before + 8 * 1024,
+            "metrics grew from {before} to {} bytes",
+            size(&v)
+        );
+    }
+
+    /// Send raw bytes and read until the server closes (or `wait` passes).
+    fn exchange(addr: SocketAddr, text: &str, wait: Duration) -> String {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(wait)).expect("timeout");
+        s.write_all(text.as_bytes()).expect("write");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn status_of(response: &str) -> &str {
+        response.split(' ').nth(1).unwrap_or("")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_uploads_do_not_lock_admins_out() {
+        let f = fixture();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = router(f.state.clone());
+        let server = tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await
+        });
+        let user = f.token("mallory", "user");
+        let admin = f.token("root", "admin");
+        // 6 key creations and 21 memory writes that announce 100 bytes and send 4.
+        let mut stalled = Vec::new();
+        for i in 0..27 {
+            let head = if i < 6 {
+                "POST /v1/keys".to_string()
+            } else {
+                format!("PUT /v1/memory/ns/k{i}")
+            };
+            let mut s = TcpStream::connect(addr).expect("connect");
+            let req = format!(
+                "{head} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {user}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"na"
+            );
+            s.write_all(req.as_bytes()).expect("write");
+            stalled.push(s);
+        }
+        // Wait until the gateway is serving all of them (bounded).
+        for _ in 0..500 {
+            if f.state.metrics.in_flight.load(Ordering::Relaxed) >= 27 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(f.state.metrics.in_flight.load(Ordering::Relaxed), 27);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let get = |path: &str, token: &str| {
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+            )
+        };
+        let asks = [
+            get("/v1/audit", &admin),
+            get("/v1/keys", &admin),
+            format!(
+                "POST /v1/subjects/bob/erase HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+            get("/v1/memory/ns/other", &user),
+            get("/health", &admin),
+        ];
+        let answers = tokio::task::spawn_blocking(move || {
+            asks.iter()
+                .map(|a| exchange(addr, a, Duration::from_secs(10)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .expect("client");
+        let statuses: Vec<&str> = answers.iter().map(|a| status_of(a)).collect();
+        assert_eq!(statuses, ["200", "200", "200", "404", "200"], "{answers:?}");
+        // A stalled body ends with 408 at the class's deadline (memory_ops: 3 s).
+        let mut s = stalled.pop().expect("a stalled upload");
+        let answer = tokio::task::spawn_blocking(move || {
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).unwrap_or(0);
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        })
+        .await
+        .expect("client");
+        assert_eq!(status_of(&answer), "408", "{answer}");
+        assert!(answer.contains("body_timeout"), "{answer}");
+        drop(stalled);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn admins_keep_a_reserve_of_each_bulkhead() {
+        let f = fixture();
+        let user = f.token("mallory", "user");
+        let admin = f.token("root", "admin");
+        let who = f.principal(&user);
+        let held: Vec<_> = std::iter::from_fn(|| f.state.permit(Class::Security, &who).ok())
+            .take(100)
+            .collect();
+        assert_eq!(held.len(), 5, "security_scanning limit from the swarm file");
+        let (s, v, _) = f.call("GET", "/v1/keys", Some(&user), None).await;
+        assert_eq!((s, code(&v)), (StatusCode::TOO_MANY_REQUESTS, "overloaded"));
+        let (s, _, _) = f.call("GET", "/v1/audit", Some(&admin), None).await;
+        assert_eq!(s, StatusCode::OK);
+        let (s, _, _) = f.call("GET", "/v1/keys", Some(&admin), None).await;
+        assert_eq!(s, StatusCode::OK);
+    }
 }
