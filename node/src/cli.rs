@@ -243,7 +243,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let cfg = load_cluster_config(&dir)?;
             if !Policy::new(&cfg.roles).has_role(&role) {
-                bail!("unknown role `{role}` (admin, user, viewer, or one from [roles])");
+                bail!("unknown role `{role}` (admin, user, viewer, auditor, or one from [roles])");
             }
             if subject.is_empty() || subject.len() > 128 {
                 bail!("--subject must be 1 to 128 characters");
