@@ -23,12 +23,18 @@ cp target/release/swarm target/bench/swarm-secure
 cp target/release/swarm target/bench/swarm-https
 variants="secure https noaudit noauth"
 if [ -n "${BEFORE:-}" ]; then
-  # The older commit builds in a worktree on the same target folder (dependencies are shared).
-  wt=$(mktemp -d)
-  git worktree add -q --detach "$wt" "$BEFORE"
-  (cd "$wt" && CARGO_TARGET_DIR="$OLDPWD/target" cargo build --release -q -p swarm-node)
-  cp target/release/swarm target/bench/swarm-before
-  git worktree remove --force "$wt"
+  # The older commit builds (once per commit) in a worktree on the same target folder, so the
+  # dependencies are shared.
+  before=$(git rev-parse --short "$BEFORE")
+  if [ ! -x "target/bench/swarm-before-$before" ]; then
+    wt=$(mktemp -d)
+    git worktree add -q --detach "$wt" "$BEFORE"
+    (cd "$wt" && CARGO_TARGET_DIR="$OLDPWD/target" cargo build --release -q -p swarm-node)
+    cp target/release/swarm "target/bench/swarm-before-$before"
+    git worktree remove --force "$wt"
+    cargo build --release -q -p swarm-node
+  fi
+  cp "target/bench/swarm-before-$before" target/bench/swarm-before
   variants="$variants before"
 fi
 

@@ -164,6 +164,10 @@ pub struct Authenticator {
     /// an Ed25519 verification costs more than the rest of a small request. Expiry and revocation
     /// are still checked on every request.
     verified: Arc<RwLock<HashMap<String, Claims>>>,
+    /// Credentials found not revoked, with the change count of [`AUTH_NAMESPACE`] they were
+    /// checked at: while that count stands still, nothing was revoked since, and the check costs
+    /// no store read.
+    not_revoked: Arc<RwLock<HashMap<String, u64>>>,
 }
 
 impl Authenticator {
@@ -174,6 +178,7 @@ impl Authenticator {
             verifier: Arc::new(verifier),
             memory: storage.memory.clone(),
             verified: Arc::new(RwLock::new(HashMap::new())),
+            not_revoked: Arc::new(RwLock::new(HashMap::new())),
         };
         a.migrate(&*storage.engine, now_ms())?;
         Ok(a)
@@ -289,10 +294,27 @@ impl Authenticator {
 
     /// Whether a credential (`jwt:JTI`, `key:ID`) is revoked here.
     pub fn is_revoked(&self, credential: &str) -> Result<bool, StorageError> {
-        Ok(self
+        // The count first: a revocation landing after it moves it, and the next check reads.
+        let changes = self.memory.changes(AUTH_NAMESPACE);
+        let known = self
+            .not_revoked
+            .read()
+            .ok()
+            .and_then(|c| c.get(credential).copied());
+        if known == Some(changes) {
+            return Ok(false);
+        }
+        let revoked = self
             .memory
             .get(AUTH_NAMESPACE, &revocation_key(credential), now_ms())?
-            .is_some())
+            .is_some();
+        if !revoked && let Ok(mut c) = self.not_revoked.write() {
+            if c.len() >= TOKEN_CACHE_MAX {
+                c.clear();
+            }
+            c.insert(credential.to_string(), changes);
+        }
+        Ok(revoked)
     }
 
     /// Revoke a credential until `expires_at` (seconds; `u64::MAX` for good). Returns the delta
@@ -611,6 +633,34 @@ mod tests {
         for junk in ["", "swk_", "swk_zz_x", "swk_0123456789abcdef_", "nope"] {
             assert!(a.authenticate(None, Some(junk), t0 + 20).is_err(), "{junk}");
         }
+    }
+
+    #[test]
+    fn a_revocation_from_a_peer_beats_the_not_revoked_cache() {
+        let (k, here) = setup();
+        let v = Verifier::new(
+            vec![k.verifying_key()],
+            "swarm".into(),
+            "swarm".into(),
+            0,
+            3600,
+        );
+        let peer = Authenticator::new(v, &storage()).expect("auth");
+        let t = token(&k, "cached");
+        let bearer = format!("Bearer {t}");
+        // Checked (and remembered as not revoked) many times here.
+        for _ in 0..3 {
+            assert!(here.authenticate(Some(&bearer), None, now()).is_ok());
+        }
+        // Revoked on the peer; its delta applied here, as replication does.
+        let delta = peer
+            .revoke("jwt:cached", now() + 1000, now_ms())
+            .expect("revoke");
+        here.memory.apply_delta(&delta, now_ms()).expect("apply");
+        assert_eq!(
+            here.authenticate(Some(&bearer), None, now()),
+            Err(AuthError::Revoked)
+        );
     }
 
     #[test]

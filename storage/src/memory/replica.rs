@@ -220,6 +220,16 @@ impl MemoryStore {
     }
 
     /// The anti-entropy digest of a namespace: cheap (kept up to date by every write).
+    /// A counter that moves on every change of a record of `ns` on this replica (local writes
+    /// and deletes, replicated deltas, shredding), for caches of what a namespace holds: a value
+    /// read after the counter showed `n` is current as long as the counter still shows `n`. Read
+    /// it before the value. `0` while the namespace has not been written since start.
+    pub fn changes(&self, ns: &str) -> u64 {
+        let slot = lock(&self.digests).get(ns).cloned();
+        slot.and_then(|s| lock(&s).as_ref().map(DigestState::changes))
+            .unwrap_or(0)
+    }
+
     pub fn digest(&self, ns: &str) -> Result<NamespaceDigest> {
         validate_name("namespace", ns, self.limits.max_name_len)?;
         // A namespace never written here gets no state (a peer may name any namespace).
