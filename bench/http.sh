@@ -23,16 +23,16 @@ cp target/release/swarm target/bench/swarm-secure
 cp target/release/swarm target/bench/swarm-https
 variants="secure https noaudit noauth"
 if [ -n "${BEFORE:-}" ]; then
-  # The older commit builds (once per commit) in a worktree on the same target folder, so the
-  # dependencies are shared.
+  # The older commit builds (once per commit) in a worktree with a target folder of its own:
+  # cargo names a workspace crate's artifacts the same from any checkout path, so sharing the
+  # folder would mix the two versions.
   before=$(git rev-parse --short "$BEFORE")
   if [ ! -x "target/bench/swarm-before-$before" ]; then
     wt=$(mktemp -d)
     git worktree add -q --detach "$wt" "$BEFORE"
-    (cd "$wt" && CARGO_TARGET_DIR="$OLDPWD/target" cargo build --release -q -p swarm-node)
-    cp target/release/swarm "target/bench/swarm-before-$before"
+    (cd "$wt" && CARGO_TARGET_DIR="$OLDPWD/target/bench-before" cargo build --release -q -p swarm-node)
+    cp target/bench-before/release/swarm "target/bench/swarm-before-$before"
     git worktree remove --force "$wt"
-    cargo build --release -q -p swarm-node
   fi
   cp "target/bench/swarm-before-$before" target/bench/swarm-before
   variants="$variants before"
