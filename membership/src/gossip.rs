@@ -361,6 +361,9 @@ enum Verdict {
     Good,
     /// No key for the subject yet, or a record from a later incarnation than the key: wait.
     Unknown,
+    /// From an earlier incarnation than the key (signed with the key of a previous run, still
+    /// spreading after a restart): dropped quietly, not held against whoever relayed it.
+    Stale,
     Bad,
 }
 
@@ -374,6 +377,8 @@ impl Records {
         } else if r.incarnation() > *incarnation {
             // The member may have restarted with a new key we have not heard yet.
             Verdict::Unknown
+        } else if r.incarnation() < *incarnation {
+            Verdict::Stale
         } else {
             Verdict::Bad
         }
@@ -406,6 +411,7 @@ impl Records {
                 self.forged(relayer.unwrap_or_default(), r.name());
                 Ok(None)
             }
+            Verdict::Stale => Ok(None),
             Verdict::Unknown => {
                 let name = r.name().to_string();
                 let newer = self
@@ -449,6 +455,7 @@ impl Records {
                 self.offer(&p.record);
             }
             Verdict::Bad => self.forged(&p.relayer, name),
+            Verdict::Stale => {}
             Verdict::Unknown => {
                 self.pending.insert(name.to_string(), p);
             }
@@ -1384,6 +1391,40 @@ mod tests {
         let e = a.handle_frame("node-2", &frame).expect_err("bad signature");
         assert_eq!(e.code(), "forged_claim");
         assert_eq!(a.refused.get("forged_claim"), Some(&1));
+    }
+
+    /// After a restart (new incarnation, new key), records of the earlier run still spreading do
+    /// not verify against the new key: dropped quietly, and whoever relays them is not a forger.
+    #[test]
+    fn records_of_an_earlier_incarnation_are_stale_not_forged() {
+        let old_key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let new_key = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
+        let signed_by = |k: &ed25519_dalek::SigningKey, incarnation| {
+            let record = encode_record(&Record::Leave {
+                name: "node-2".into(),
+                incarnation,
+            })
+            .expect("encode");
+            let sig = k.sign(&signed_message(&record)).to_bytes().to_vec();
+            Signed { record, sig }
+        };
+        let mut r = Records::default();
+        r.learn_key("node-2", 5, new_key.verifying_key());
+        assert_eq!(
+            r.receive(signed_by(&old_key, 4), Some("node-3"))
+                .expect("decode"),
+            None
+        );
+        assert!(r.forged.is_empty(), "a stale record is no forgery");
+        assert!(r.left.is_empty());
+        // The same incarnation with another key is a forgery.
+        r.receive(signed_by(&old_key, 5), Some("node-3"))
+            .expect("decode");
+        assert_eq!(r.forged.len(), 1);
+        // And the node's own key is accepted.
+        r.receive(signed_by(&new_key, 5), Some("node-3"))
+            .expect("decode");
+        assert_eq!(r.left.get("node-2"), Some(&5));
     }
 
     #[test]

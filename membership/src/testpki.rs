@@ -45,18 +45,33 @@ impl Pki {
     /// Write a node certificate carrying every name in `names` as a DNS subject alternative
     /// name (the first is its common name) and its key; returns (cert, key) paths.
     pub(crate) fn files(&self, names: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+        self.files_for(
+            names,
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    /// [`Pki::files`] with these extended key usages (a gateway's certificate: `ServerAuth` only).
+    pub(crate) fn files_for(
+        &self,
+        names: &[&str],
+        usages: &[ExtendedKeyUsagePurpose],
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
         let name = names.first().copied().unwrap_or("nameless");
         let sans: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut p = CertificateParams::new(sans).expect("params");
         p.distinguished_name.push(DnType::CommonName, name);
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        p.extended_key_usages = usages.to_vec();
         let key = KeyPair::generate().expect("key");
         let cert = p.signed_by(&key, &self.issuer).expect("sign");
-        let file = names.join("+");
+        let mut file = names.join("+");
+        if !usages.contains(&ExtendedKeyUsagePurpose::ClientAuth) {
+            file.push_str("-serving");
+        }
         let c = self.dir.path().join(format!("{file}.pem"));
         let k = self.dir.path().join(format!("{file}.key"));
         std::fs::write(&c, cert.pem()).expect("write");

@@ -31,6 +31,10 @@ pub enum TransportError {
         "certificate carries {count} DNS subject alternative names; a node certificate must carry exactly one, its node name"
     )]
     SeveralNames { count: usize },
+    #[error(
+        "certificate's extended key usage lacks TLS client authentication: it is not a node certificate (a gateway's, say)"
+    )]
+    NotNodeCertificate,
     #[error("TLS setup: {0}")]
     Tls(String),
     #[error("cannot bind QUIC (UDP) to {addr}: {source} (is another node using this port?)")]
@@ -52,6 +56,7 @@ impl TransportError {
             TransportError::Pem { .. } => "pem",
             TransportError::NoName => "no_name",
             TransportError::SeveralNames { .. } => "several_names",
+            TransportError::NotNodeCertificate => "not_node_certificate",
             TransportError::Tls(_) => "tls",
             TransportError::Bind { .. } => "bind",
             TransportError::Connect { .. } => "connect",
@@ -111,10 +116,19 @@ impl TlsIdentity {
 
 /// The node name a certificate carries: its one DNS subject alternative name. A certificate with
 /// several DNS names is refused ([`TransportError::SeveralNames`]): it would let one node answer
-/// to several identities.
+/// to several identities; so is one whose extended key usage excludes TLS clients
+/// ([`TransportError::NotNodeCertificate`]), such as a gateway's HTTPS certificate.
 pub fn cert_name(cert: &CertificateDer<'_>) -> Result<String, TransportError> {
     let (_, x) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| TransportError::Tls(format!("bad certificate: {e}")))?;
+    // Every node is a TLS client too (it dials its peers); a certificate restricted to serving
+    // (the gateway's HTTPS certificate, from the same CA) is no node's identity.
+    let eku = x
+        .extended_key_usage()
+        .map_err(|e| TransportError::Tls(format!("bad extended key usage: {e}")))?;
+    if eku.is_some_and(|e| !(e.value.client_auth || e.value.any)) {
+        return Err(TransportError::NotNodeCertificate);
+    }
     let san = x
         .subject_alternative_name()
         .map_err(|e| TransportError::Tls(format!("bad subject alternative name: {e}")))?
@@ -516,6 +530,26 @@ mod tests {
             .await
             .expect_err("name mismatch");
         assert_eq!(e.kind(), "connect");
+    }
+
+    #[test]
+    fn a_serving_only_certificate_is_no_node_identity() {
+        let pki = Pki::new("cluster");
+        // What `swarm init` issues for a gateway: same CA, one name, server authentication only.
+        let (cert, key) = pki.files_for(
+            &["localhost"],
+            &[rcgen::ExtendedKeyUsagePurpose::ServerAuth],
+        );
+        let e = TlsIdentity::load(pki.ca(), &cert, &key).expect_err("gateway certificate");
+        assert_eq!(e.kind(), "not_node_certificate");
+        let der = CertificateDer::from_pem_file(&cert).expect("pem");
+        assert_eq!(
+            cert_name(&der).expect_err("gateway certificate").kind(),
+            "not_node_certificate"
+        );
+        let (node, _) = pki.files(&["node-1"]);
+        let der = CertificateDer::from_pem_file(&node).expect("pem");
+        assert_eq!(cert_name(&der).expect("node certificate"), "node-1");
     }
 
     #[test]

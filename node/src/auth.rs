@@ -5,6 +5,7 @@ use std::sync::{Arc, RwLock};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use ed25519_dalek::{Signer as _, SigningKey};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -70,17 +71,23 @@ impl AuthError {
     }
 }
 
-/// The reserved memory namespace that holds the cluster's authentication state: API-key records
-/// (`apikey:ID`) and the revoked credentials (`revoked:HASH`). It replicates like any namespace
-/// (pushed at once, repaired by anti-entropy) and is sealed at rest like any namespace; clients can
-/// neither read nor write it. Nothing in it is ever deleted: a revocation is a grow-only set entry
-/// that lives until the credential it names has expired.
+/// The reserved memory namespace of API-key records (`apikey:ID`). The cluster's authentication
+/// state replicates like any namespace (pushed at once, repaired by anti-entropy) and is sealed at
+/// rest like any namespace; clients can neither read nor write it, and every record in it is
+/// signed with the cluster's token-signing key (which every node holds), so a record that did not
+/// come from a node (say, one a client of an older version wrote) is ignored.
 pub const AUTH_NAMESPACE: &str = "_sys.auth";
+/// The reserved namespace of revoked credentials (`revoked:HASH`), apart from the keys so that no
+/// number of keys can fill it. Nothing in it is deleted before the credential it names has
+/// expired: a grow-only set.
+pub const REVOKED_NAMESPACE: &str = "_sys.revoked";
 /// Namespaces starting with this are the node's own, never a client's.
 pub const RESERVED_NAMESPACE_PREFIX: &str = "_sys";
 
 /// Longest chain of credentials behind a key (a key made with a key made with a token ...).
 pub const MAX_KEY_CHAIN: usize = 8;
+/// Keys one owner may hold (unexpired, unrevoked) at once.
+pub const MAX_KEYS_PER_OWNER: usize = 64;
 /// Revocations and key records are kept this long past the expiry of what they name, so clock
 /// skew and verification leeway never see a credential without its revocation.
 const KEEP_PAST_EXPIRY_MS: u64 = 86_400_000;
@@ -168,17 +175,53 @@ pub struct Authenticator {
     /// checked at: while that count stands still, nothing was revoked since, and the check costs
     /// no store read.
     not_revoked: Arc<RwLock<HashMap<String, u64>>>,
+    /// Signs the records this node writes (the cluster's token-signing key).
+    signer: Arc<SigningKey>,
+    /// Stored records whose signature was verified (store key → the stored text), so a record
+    /// read again costs a comparison, not an Ed25519 verification.
+    signed_ok: Arc<RwLock<HashMap<String, String>>>,
+}
+
+/// A record as stored in the reserved namespaces: its JSON and a node's signature over it and
+/// the key it is stored under.
+#[derive(Debug, Serialize, Deserialize)]
+struct SignedRecord {
+    kid: String,
+    record: String,
+    sig: String,
+}
+
+fn signing_input(key: &str, record: &str) -> Vec<u8> {
+    let mut m = b"swarm-auth-record-v1\0".to_vec();
+    m.extend_from_slice(key.as_bytes());
+    m.push(0);
+    m.extend_from_slice(record.as_bytes());
+    m
+}
+
+/// The first 4 bytes of an owner's hash, in hex: the first half of each of its key ids, so one
+/// owner's keys are one prefix.
+fn owner_prefix(owner: &str) -> String {
+    hex::encode(&Sha256::digest(owner.as_bytes())[..4])
 }
 
 impl Authenticator {
-    /// Over the node's store; moves what an older version kept in node-local trees (revoked token
-    /// ids, API-key records in plaintext) into the replicated, sealed namespace.
-    pub fn new(verifier: Verifier, storage: &Storage) -> Result<Self, StorageError> {
+    /// Over the node's store, signing what it writes with `signer` (the cluster's token-signing
+    /// key; records signed with it or with a retired key the verifier still accepts are valid).
+    /// Moves what an older version kept in node-local trees (revoked token ids, API-key records
+    /// in plaintext) into the replicated, sealed namespaces.
+    pub fn new(
+        verifier: Verifier,
+        signer: SigningKey,
+        storage: &Storage,
+    ) -> Result<Self, StorageError> {
         let a = Self {
             verifier: Arc::new(verifier),
             memory: storage.memory.clone(),
             verified: Arc::new(RwLock::new(HashMap::new())),
             not_revoked: Arc::new(RwLock::new(HashMap::new())),
+            signer: Arc::new(signer),
+            signed_ok: Arc::new(RwLock::new(HashMap::new())),
         };
         a.migrate(&*storage.engine, now_ms())?;
         Ok(a)
@@ -295,7 +338,7 @@ impl Authenticator {
     /// Whether a credential (`jwt:JTI`, `key:ID`) is revoked here.
     pub fn is_revoked(&self, credential: &str) -> Result<bool, StorageError> {
         // The count first: a revocation landing after it moves it, and the next check reads.
-        let changes = self.memory.changes(AUTH_NAMESPACE);
+        let changes = self.memory.changes(REVOKED_NAMESPACE);
         let known = self
             .not_revoked
             .read()
@@ -305,9 +348,8 @@ impl Authenticator {
             return Ok(false);
         }
         let revoked = self
-            .memory
-            .get(AUTH_NAMESPACE, &revocation_key(credential), now_ms())?
-            .is_some();
+            .read::<Revocation>(REVOKED_NAMESPACE, &revocation_key(credential))?
+            .is_some_and(|r| r.credential == credential);
         if !revoked && let Ok(mut c) = self.not_revoked.write() {
             if c.len() >= TOKEN_CACHE_MAX {
                 c.clear();
@@ -318,44 +360,119 @@ impl Authenticator {
     }
 
     /// Revoke a credential until `expires_at` (seconds; `u64::MAX` for good). Returns the delta
-    /// to push to the peers; durable after the next sync.
+    /// to push to the peers (durable after the next sync), or `None` when it was revoked already
+    /// (nothing is written again).
     pub fn revoke(
         &self,
         credential: &str,
         expires_at: u64,
         now_ms: u64,
-    ) -> Result<Delta, StorageError> {
+    ) -> Result<Option<Delta>, StorageError> {
+        if self.is_revoked(credential)? {
+            return Ok(None);
+        }
         let value = Revocation {
             credential: credential.to_string(),
             expires_at,
             revoked_at_ms: now_ms,
         };
         self.put(
+            REVOKED_NAMESPACE,
             &revocation_key(credential),
             &value,
             ttl_until(expires_at, now_ms),
             now_ms,
         )
+        .map(Some)
     }
 
+    /// Store `value` under `key`, signed.
     fn put<T: Serialize>(
         &self,
+        ns: &str,
         key: &str,
         value: &T,
         ttl_ms: Option<u64>,
         now_ms: u64,
     ) -> Result<Delta, StorageError> {
-        let value_json =
+        let record =
             serde_json::to_string(value).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        let signed = SignedRecord {
+            kid: crate::jwt::kid(&self.signer.verifying_key()),
+            sig: hex::encode(self.signer.sign(&signing_input(key, &record)).to_bytes()),
+            record,
+        };
         let req = PutRequest {
-            value_json,
+            value_json: serde_json::to_string(&signed)
+                .map_err(|e| StorageError::Corrupt(e.to_string()))?,
             ttl_ms,
             ..PutRequest::default()
         };
-        let (_, delta) = self
-            .memory
-            .put_with_delta(AUTH_NAMESPACE, key, req, now_ms)?;
+        let (_, delta) = self.memory.put_with_delta(ns, key, req, now_ms)?;
         Ok(delta)
+    }
+
+    /// The record stored under `key`, if there is one and a node signed it (with the current or
+    /// a retired token-signing key). One that is not signed is ignored, and logged.
+    fn read<T: serde::de::DeserializeOwned>(
+        &self,
+        ns: &str,
+        key: &str,
+    ) -> Result<Option<T>, StorageError> {
+        let Some(item) = self.memory.get(ns, key, now_ms())? else {
+            return Ok(None);
+        };
+        let corrupt = |e: serde_json::Error| StorageError::Corrupt(format!("{ns}/{key}: {e}"));
+        let Ok(signed) = serde_json::from_str::<SignedRecord>(&item.value_json) else {
+            tracing::warn!(
+                namespace = ns,
+                key,
+                "unsigned authentication record ignored"
+            );
+            return Ok(None);
+        };
+        let cache_key = format!("{ns}\0{key}");
+        let known = self
+            .signed_ok
+            .read()
+            .ok()
+            .is_some_and(|c| c.get(&cache_key) == Some(&item.value_json));
+        if !known {
+            if !self.signature_ok(key, &signed) {
+                tracing::warn!(
+                    namespace = ns,
+                    key,
+                    "unsigned or forged authentication record ignored"
+                );
+                return Ok(None);
+            }
+            if let Ok(mut c) = self.signed_ok.write() {
+                if c.len() >= TOKEN_CACHE_MAX {
+                    c.clear();
+                }
+                c.insert(cache_key, item.value_json.clone());
+            }
+        }
+        serde_json::from_str(&signed.record)
+            .map(Some)
+            .map_err(corrupt)
+    }
+
+    fn signature_ok(&self, key: &str, signed: &SignedRecord) -> bool {
+        let Some(vk) = self.verifier.key(&signed.kid) else {
+            return false;
+        };
+        let Some(sig) = hex::decode(&signed.sig)
+            .ok()
+            .and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok())
+        else {
+            return false;
+        };
+        vk.verify_strict(
+            &signing_input(key, &signed.record),
+            &ed25519_dalek::Signature::from_bytes(&sig),
+        )
+        .is_ok()
     }
 
     fn check_api_key(&self, key: &str, now_s: u64) -> Result<Principal, AuthError> {
@@ -415,6 +532,7 @@ impl Authenticator {
     }
 
     /// Create an API key; returns the record, the full key (never stored) and the delta to push.
+    /// Refused (`None`) when the owner holds [`MAX_KEYS_PER_OWNER`] usable keys already.
     pub fn create_api_key(
         &self,
         name: &str,
@@ -423,12 +541,21 @@ impl Authenticator {
         parents: Vec<String>,
         now_s: u64,
         expires_at: u64,
-    ) -> Result<(ApiKeyRecord, String, Delta), StorageError> {
-        let mut id = [0u8; 8];
+    ) -> Result<Option<(ApiKeyRecord, String, Delta)>, StorageError> {
+        let mut usable = 0;
+        for k in self.list_api_keys(Some(owner), MAX_KEYS_PER_OWNER * 4)? {
+            if k.owner == owner && k.expires_at > now_s && !self.key_revoked(&k)? {
+                usable += 1;
+            }
+        }
+        if usable >= MAX_KEYS_PER_OWNER {
+            return Ok(None);
+        }
+        let mut id = [0u8; 4];
         let mut secret = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut id);
         rand::rngs::OsRng.fill_bytes(&mut secret);
-        let id = hex::encode(id);
+        let id = format!("{}{}", owner_prefix(owner), hex::encode(id));
         let secret = B64.encode(secret);
         let rec = ApiKeyRecord {
             id: id.clone(),
@@ -441,26 +568,23 @@ impl Authenticator {
             parents,
         };
         let delta = self.put_api_key(&rec, now_ms())?;
-        Ok((rec, format!("{API_KEY_PREFIX}{id}_{secret}"), delta))
+        Ok(Some((rec, format!("{API_KEY_PREFIX}{id}_{secret}"), delta)))
     }
 
     pub fn get_api_key(&self, id: &str) -> Result<Option<ApiKeyRecord>, StorageError> {
         if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
             return Ok(None);
         }
-        match self
-            .memory
-            .get(AUTH_NAMESPACE, &api_key_key(id), now_ms())?
-        {
-            Some(item) => serde_json::from_str(&item.value_json)
-                .map(Some)
-                .map_err(|e| StorageError::Corrupt(format!("api key {id}: {e}"))),
-            None => Ok(None),
-        }
+        // The record must be the one stored under this id (a signed record copied under another
+        // id does not verify: the signature covers the key it is stored under).
+        Ok(self
+            .read::<ApiKeyRecord>(AUTH_NAMESPACE, &api_key_key(id))?
+            .filter(|r| r.id == id))
     }
 
     fn put_api_key(&self, rec: &ApiKeyRecord, now_ms: u64) -> Result<Delta, StorageError> {
         self.put(
+            AUTH_NAMESPACE,
             &api_key_key(&rec.id),
             rec,
             ttl_until(rec.expires_at, now_ms),
@@ -468,16 +592,27 @@ impl Authenticator {
         )
     }
 
-    /// API keys in id order (most deployments hold a handful).
-    pub fn list_api_keys(&self, limit: usize) -> Result<Vec<ApiKeyRecord>, StorageError> {
-        self.memory
-            .list(AUTH_NAMESPACE, "apikey:", None, limit, now_ms())?
-            .into_iter()
-            .map(|item| {
-                serde_json::from_str(&item.value_json)
-                    .map_err(|e| StorageError::Corrupt(e.to_string()))
-            })
-            .collect()
+    /// API keys in id order, of `owner` only when given (one owner's keys share a prefix).
+    /// Records no node signed are left out.
+    pub fn list_api_keys(
+        &self,
+        owner: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ApiKeyRecord>, StorageError> {
+        let prefix = match owner {
+            Some(o) => format!("apikey:{}", owner_prefix(o)),
+            None => "apikey:".to_string(),
+        };
+        let mut out = Vec::new();
+        for item in self
+            .memory
+            .list(AUTH_NAMESPACE, &prefix, None, limit, now_ms())?
+        {
+            if let Some(rec) = self.read::<ApiKeyRecord>(AUTH_NAMESPACE, &item.key)? {
+                out.push(rec);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -508,16 +643,19 @@ mod tests {
         .expect("storage")
     }
 
-    fn setup() -> (SigningKey, Authenticator) {
-        let k = SigningKey::generate(&mut rand::rngs::OsRng);
-        let v = Verifier::new(
+    fn verifier(k: &SigningKey) -> Verifier {
+        Verifier::new(
             vec![k.verifying_key()],
             "swarm".into(),
             "swarm".into(),
             0,
             86_400,
-        );
-        let a = Authenticator::new(v, &storage()).expect("auth");
+        )
+    }
+
+    fn setup() -> (SigningKey, Authenticator) {
+        let k = SigningKey::generate(&mut rand::rngs::OsRng);
+        let a = Authenticator::new(verifier(&k), k.clone(), &storage()).expect("auth");
         (k, a)
     }
 
@@ -581,7 +719,7 @@ mod tests {
             let (_, a) = setup();
             let req = PutRequest { value_json: serde_json::to_string(&text).expect("json"), ..PutRequest::default() };
             a.memory.put(AUTH_NAMESPACE, "apikey:0123456789abcdef", req, now_ms()).expect("put");
-            proptest::prop_assert!(a.get_api_key("0123456789abcdef").is_err());
+            proptest::prop_assert!(a.get_api_key("0123456789abcdef").is_ok_and(|r| r.is_none()));
             proptest::prop_assert!(a.authenticate(None, Some("swk_0123456789abcdef_secret"), 1).is_err());
         }
     }
@@ -595,7 +733,8 @@ mod tests {
     ) -> (ApiKeyRecord, String) {
         let (rec, key, _) = a
             .create_api_key("ci", role, "alice", parents, now, exp)
-            .expect("create");
+            .expect("create")
+            .expect("under the cap");
         (rec, key)
     }
 
@@ -635,17 +774,121 @@ mod tests {
         }
     }
 
+    /// What a client of an older version (which did not reserve `_sys*`) could write, or a
+    /// record signed by a key the cluster does not accept: ignored, never a principal.
+    #[test]
+    fn unsigned_or_forged_records_are_ignored() {
+        let (k, a) = setup();
+        let t0 = now();
+        let rec = ApiKeyRecord {
+            id: "0123456789abcdef".into(),
+            name: "x".into(),
+            role: "admin".into(),
+            owner: "mallory".into(),
+            secret_hash: hex::encode(Sha256::digest(b"s")),
+            created_at: t0,
+            expires_at: t0 + 1000,
+            parents: vec![],
+        };
+        let plain = PutRequest {
+            value_json: serde_json::to_string(&rec).expect("json"),
+            ..PutRequest::default()
+        };
+        a.memory
+            .put(AUTH_NAMESPACE, "apikey:0123456789abcdef", plain, now_ms())
+            .expect("put");
+        assert_eq!(
+            a.authenticate(None, Some("swk_0123456789abcdef_s"), t0),
+            Err(AuthError::ApiKeyInvalid)
+        );
+        // Signed with a key the verifier does not accept.
+        let rogue = Authenticator::new(
+            verifier(&k),
+            SigningKey::generate(&mut rand::rngs::OsRng),
+            &storage(),
+        )
+        .expect("auth");
+        let delta = rogue
+            .put(
+                AUTH_NAMESPACE,
+                "apikey:0123456789abcdef",
+                &rec,
+                None,
+                now_ms(),
+            )
+            .expect("put");
+        a.memory.apply_delta(&delta, now_ms()).expect("apply");
+        assert_eq!(
+            a.authenticate(None, Some("swk_0123456789abcdef_s"), t0),
+            Err(AuthError::ApiKeyInvalid)
+        );
+        // A forged revocation does not revoke either.
+        let delta = rogue
+            .revoke("jwt:j9", t0 + 1000, now_ms())
+            .expect("revoke")
+            .expect("new");
+        a.memory.apply_delta(&delta, now_ms()).expect("apply");
+        assert!(!a.is_revoked("jwt:j9").expect("read"));
+        // Signed by the cluster's key: valid, and a revocation is written once.
+        let delta = a
+            .put(
+                AUTH_NAMESPACE,
+                "apikey:0123456789abcdef",
+                &rec,
+                None,
+                now_ms(),
+            )
+            .expect("put");
+        drop(delta);
+        assert!(
+            a.authenticate(None, Some("swk_0123456789abcdef_s"), t0)
+                .is_ok()
+        );
+        assert!(
+            a.revoke("jwt:j9", t0 + 1000, now_ms())
+                .expect("revoke")
+                .is_some()
+        );
+        assert!(
+            a.revoke("jwt:j9", t0 + 1000, now_ms())
+                .expect("revoke")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn one_owner_holds_a_bounded_number_of_keys() {
+        let (_, a) = setup();
+        let t0 = now();
+        for _ in 0..MAX_KEYS_PER_OWNER {
+            key_for(&a, "user", vec![], t0, t0 + 100);
+        }
+        assert!(
+            a.create_api_key("more", "user", "alice", vec![], t0, t0 + 100)
+                .expect("create")
+                .is_none()
+        );
+        // Another owner is not affected; a revoked key frees a place.
+        assert!(
+            a.create_api_key("b", "user", "bob", vec![], t0, t0 + 100)
+                .expect("create")
+                .is_some()
+        );
+        let first = a.list_api_keys(Some("alice"), 1000).expect("list");
+        assert_eq!(first.len(), MAX_KEYS_PER_OWNER);
+        a.revoke(&first[0].credential(), t0 + 100, now_ms())
+            .expect("revoke");
+        assert!(
+            a.create_api_key("again", "user", "alice", vec![], t0, t0 + 100)
+                .expect("create")
+                .is_some()
+        );
+    }
+
     #[test]
     fn a_revocation_from_a_peer_beats_the_not_revoked_cache() {
         let (k, here) = setup();
-        let v = Verifier::new(
-            vec![k.verifying_key()],
-            "swarm".into(),
-            "swarm".into(),
-            0,
-            3600,
-        );
-        let peer = Authenticator::new(v, &storage()).expect("auth");
+        let peer = Authenticator::new(verifier(&k), k.clone(), &storage()).expect("auth");
         let t = token(&k, "cached");
         let bearer = format!("Bearer {t}");
         // Checked (and remembered as not revoked) many times here.
@@ -655,7 +898,8 @@ mod tests {
         // Revoked on the peer; its delta applied here, as replication does.
         let delta = peer
             .revoke("jwt:cached", now() + 1000, now_ms())
-            .expect("revoke");
+            .expect("revoke")
+            .expect("a new revocation");
         here.memory.apply_delta(&delta, now_ms()).expect("apply");
         assert_eq!(
             here.authenticate(Some(&bearer), None, now()),
@@ -710,14 +954,7 @@ mod tests {
             )
             .expect("put");
         let k = SigningKey::generate(&mut rand::rngs::OsRng);
-        let v = Verifier::new(
-            vec![k.verifying_key()],
-            "swarm".into(),
-            "swarm".into(),
-            0,
-            86_400,
-        );
-        let a = Authenticator::new(v, &st).expect("auth");
+        let a = Authenticator::new(verifier(&k), k.clone(), &st).expect("auth");
         assert!(a.is_revoked("jwt:old-jti").expect("revoked"));
         assert!(
             a.authenticate(None, Some("swk_0123456789abcdef_s"), now())

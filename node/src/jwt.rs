@@ -173,6 +173,11 @@ impl Verifier {
 
     /// The time checks alone, for claims verified earlier: `iat` not in the future (beyond the
     /// leeway), a lifetime `exp - iat` of at most `max_ttl_s`, then `exp` and `nbf`.
+    /// The accepted verifying key with this key id (the current one or a retired one).
+    pub fn key(&self, kid: &str) -> Option<&VerifyingKey> {
+        self.keys.get(kid)
+    }
+
     pub fn check_times(&self, claims: &Claims, now_s: u64) -> Result<(), JwtError> {
         if claims.iat > now_s.saturating_add(self.leeway_s) {
             return Err(JwtError::IssuedInFuture);

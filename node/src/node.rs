@@ -208,7 +208,7 @@ impl Node {
             cfg.auth.leeway.0.as_secs(),
             cfg.auth.max_token_ttl.0.as_secs(),
         );
-        let auth = Authenticator::new(verifier, &storage)?;
+        let auth = Authenticator::new(verifier, signing_key.clone(), &storage)?;
         let tls = crate::server::tls_acceptor(&cfg)?;
         let listener = tokio::net::TcpListener::bind(cfg.gateway.bind)
             .await

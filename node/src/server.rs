@@ -280,8 +280,9 @@ impl Limits {
     }
 
     /// A permit for one more connection from `ip`, or `None` when a limit is reached.
+    /// (An IPv6 source is its /64, as for the rate limit: a host holds a whole /64.)
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ConnPermit> {
-        let ip = ip.to_canonical();
+        let ip = crate::gateway::source_ip(ip);
         let total = self.total.clone().try_acquire_owned().ok()?;
         let mut sources = self.sources();
         let n = sources.entry(ip).or_insert(0);

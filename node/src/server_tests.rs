@@ -224,6 +224,14 @@ fn limits_count_total_and_per_source() {
         limits.sources().is_empty(),
         "entries are dropped with their last connection"
     );
+    // An IPv6 host holds a whole /64: rotating addresses inside it is still one source.
+    let v6a: IpAddr = "2001:db8:1:2::1".parse().expect("ip");
+    let v6b: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("ip");
+    let other: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+    let _c1 = limits.admit(v6a).expect("first");
+    let _c2 = limits.admit(v6b).expect("second");
+    assert!(limits.admit(v6a).is_none(), "same /64, over its limit");
+    let _c3 = limits.admit(other).expect("another /64");
 }
 
 /// A CA and a gateway certificate for 127.0.0.1 written into `dir`, and a config using them.

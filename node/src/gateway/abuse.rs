@@ -29,13 +29,16 @@ pub(super) enum Source {
 
 impl Source {
     pub(super) fn from_ip(ip: IpAddr) -> Self {
-        match ip.to_canonical() {
-            IpAddr::V4(v4) => Source::Ip(IpAddr::V4(v4)),
-            IpAddr::V6(v6) => {
-                let bits = u128::from(v6) & !((1u128 << 64) - 1);
-                Source::Ip(IpAddr::V6(Ipv6Addr::from(bits)))
-            }
-        }
+        Source::Ip(source_ip(ip))
+    }
+}
+
+/// The address that stands for `ip`'s source in every per-source limit: an IPv4 address, or an
+/// IPv6 address with its last 64 bits cleared.
+pub(crate) fn source_ip(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
     }
 }
 

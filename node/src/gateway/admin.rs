@@ -10,7 +10,7 @@ use swarm_storage::{AuditEntry, VerifyReport};
 
 use super::extract::{ApiPath, ApiQuery, json_body};
 use super::{AppState, AuditCtx, Class, blocking, now_ms, now_s};
-use crate::auth::{ApiKeyRecord, MAX_KEY_CHAIN, Principal};
+use crate::auth::{ApiKeyRecord, MAX_KEY_CHAIN, MAX_KEYS_PER_OWNER, Principal};
 use crate::error::AppError;
 use crate::policy::Owner;
 
@@ -211,14 +211,19 @@ pub(super) async fn create_key(
                 "creating a key with a key that descends from {MAX_KEY_CHAIN} credentials"
             )));
         }
-        let out = st.auth.create_api_key(
+        let Some(out) = st.auth.create_api_key(
             &b.name,
             &role,
             &owner,
             parents,
             now,
             now.saturating_add(ttl_s),
-        )?;
+        )?
+        else {
+            return Err(AppError::Conflict(format!(
+                "`{owner}` holds {MAX_KEYS_PER_OWNER} usable API keys already; revoke one first"
+            )));
+        };
         ctx.set_action("keys.manage", &format!("keys/{}", out.0.id));
         st.commit_blocking(&ctx, 200)?;
         Ok(out)
@@ -247,7 +252,8 @@ pub(super) async fn list_keys(
     let st = s.clone();
     let keys = blocking(move || {
         let mut keys = Vec::new();
-        for k in st.auth.list_api_keys(st.limits.max_list)? {
+        let owner = (!admin).then_some(who.subject.as_str());
+        for k in st.auth.list_api_keys(owner, st.limits.max_list)? {
             if admin || k.owner == who.subject {
                 let revoked = st.auth.key_revoked(&k)?;
                 keys.push(KeyView::new(k, revoked));
@@ -283,11 +289,15 @@ pub(super) async fn revoke_key(
         let delta = st
             .auth
             .revoke(&rec.credential(), rec.expires_at, now_ms())?;
-        st.commit_blocking(&ctx, 200)?;
+        if delta.is_some() {
+            st.commit_blocking(&ctx, 200)?;
+        }
         Ok(delta)
     })
     .await?;
-    replicate(&s, &delta).await;
+    if let Some(delta) = delta {
+        replicate(&s, &delta).await;
+    }
     Ok(Json(json!({"id": id, "revoked": true})))
 }
 
@@ -331,14 +341,20 @@ pub(super) async fn revoke_token(
         Some(o) if o == who.subject => ctx.set_action("tokens.revoke", &resource),
         _ => s.authorize(&ctx, &who, "tokens.admin", &resource, None)?,
     }
+    let _permit = s.permit(Class::Security, &who)?;
     let st = s.clone();
     let credential = format!("jwt:{jti}");
+    // Revoking what is revoked already writes (and pushes) nothing again.
     let delta = blocking(move || {
         let delta = st.auth.revoke(&credential, exp, now_ms())?;
-        st.commit_blocking(&ctx, 200)?;
+        if delta.is_some() {
+            st.commit_blocking(&ctx, 200)?;
+        }
         Ok(delta)
     })
     .await?;
-    replicate(&s, &delta).await;
+    if let Some(delta) = delta {
+        replicate(&s, &delta).await;
+    }
     Ok(Json(json!({"jti": jti, "revoked": true})))
 }

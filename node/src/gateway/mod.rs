@@ -43,6 +43,7 @@ use crate::metrics::{self, Metrics};
 use crate::policy::{Owner, Policy};
 use audit_writer::AuditWriter;
 
+pub(crate) use abuse::source_ip;
 pub use extract::parse_json;
 
 /// Classes of work, each with its own bulkhead and response target (from the swarm file).

@@ -41,7 +41,7 @@ fn fixture_full(body_limit: usize, swarm: SwarmFile, limits: LimitsConfig) -> Fi
         0,
         365 * 86_400,
     );
-    let auth = Authenticator::new(verifier, &storage).expect("auth");
+    let auth = Authenticator::new(verifier, key.clone(), &storage).expect("auth");
     let mut roles = BTreeMap::new();
     roles.insert("auditor".to_string(), vec!["audit.read".to_string()]);
     let state = Inner::new(GatewayParts {
@@ -144,13 +144,22 @@ impl Fixture {
         let req = b
             .body(body.map(Body::from).unwrap_or_else(Body::empty))
             .expect("request");
+        self.send(req, 1 << 20).await
+    }
+
+    /// Route `req` and read the response (a body of at most `max` bytes) as JSON, or as text.
+    async fn send(
+        &self,
+        req: Request<Body>,
+        max: usize,
+    ) -> (StatusCode, Value, axum::http::HeaderMap) {
         let resp = router(self.state.clone())
             .oneshot(req)
             .await
             .expect("response");
         let status = resp.status();
         let headers = resp.headers().clone();
-        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        let bytes = axum::body::to_bytes(resp.into_body(), max)
             .await
             .expect("body");
         let v = serde_json::from_slice(&bytes)
@@ -763,18 +772,7 @@ mod bounded_abuse {
             let mut req = b.body(Body::empty()).expect("request");
             let addr = SocketAddr::new(ip.parse().expect("ip"), 40_000);
             req.extensions_mut().insert(ConnectInfo(addr));
-            let resp = router(self.state.clone())
-                .oneshot(req)
-                .await
-                .expect("response");
-            let status = resp.status();
-            let headers = resp.headers().clone();
-            let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
-                .await
-                .expect("body");
-            let v = serde_json::from_slice(&bytes)
-                .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
-            (status, v, headers)
+            self.send(req, 64 << 20).await
         }
 
         fn audit_all(&self) -> Vec<swarm_storage::AuditEntry> {
