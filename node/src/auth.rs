@@ -1,6 +1,7 @@
 //! Authentication: JWT bearer tokens and API keys, and the token revocation list.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use base64::Engine as _;
@@ -171,10 +172,12 @@ pub struct Authenticator {
     /// an Ed25519 verification costs more than the rest of a small request. Expiry and revocation
     /// are still checked on every request.
     verified: Arc<RwLock<HashMap<String, Claims>>>,
-    /// Credentials found not revoked, with the change count of [`AUTH_NAMESPACE`] they were
+    /// Credentials found not revoked, with the change count of [`REVOKED_NAMESPACE`] they were
     /// checked at: while that count stands still, nothing was revoked since, and the check costs
     /// no store read.
     not_revoked: Arc<RwLock<HashMap<String, u64>>>,
+    /// The change count of [`REVOKED_NAMESPACE`] (read without a lock on every request).
+    revocations: Arc<AtomicU64>,
     /// Signs the records this node writes (the cluster's token-signing key).
     signer: Arc<SigningKey>,
     /// Stored records whose signature was verified (store key → the stored text), so a record
@@ -220,6 +223,7 @@ impl Authenticator {
             memory: storage.memory.clone(),
             verified: Arc::new(RwLock::new(HashMap::new())),
             not_revoked: Arc::new(RwLock::new(HashMap::new())),
+            revocations: storage.memory.change_counter(REVOKED_NAMESPACE),
             signer: Arc::new(signer),
             signed_ok: Arc::new(RwLock::new(HashMap::new())),
         };
@@ -338,7 +342,7 @@ impl Authenticator {
     /// Whether a credential (`jwt:JTI`, `key:ID`) is revoked here.
     pub fn is_revoked(&self, credential: &str) -> Result<bool, StorageError> {
         // The count first: a revocation landing after it moves it, and the next check reads.
-        let changes = self.memory.changes(REVOKED_NAMESPACE);
+        let changes = self.revocations.load(Ordering::Acquire);
         let known = self
             .not_revoked
             .read()

@@ -100,10 +100,6 @@ pub(crate) struct DigestState {
     count: u64,
     reserved: u64,
     buckets: Vec<u64>,
-    /// Changes applied since the state was built (see [`MemoryStore::changes`]).
-    ///
-    /// [`MemoryStore::changes`]: crate::MemoryStore::changes
-    changes: u64,
 }
 
 impl Default for DigestState {
@@ -112,7 +108,6 @@ impl Default for DigestState {
             count: 0,
             reserved: 0,
             buckets: vec![0; BUCKETS],
-            changes: 0,
         }
     }
 }
@@ -141,7 +136,6 @@ impl DigestState {
 
     /// A record of `key` went from `old` to `new` (`None`: absent).
     pub(crate) fn replace(&mut self, key: &str, old: Option<&Entry>, new: Option<&Entry>) {
-        self.changes = self.changes.wrapping_add(1);
         if let Some(o) = old {
             self.toggle(key, o);
         }
@@ -153,10 +147,6 @@ impl DigestState {
             (true, false) => self.count = self.count.saturating_sub(1),
             _ => {}
         }
-    }
-
-    pub(crate) fn changes(&self) -> u64 {
-        self.changes
     }
 
     fn toggle(&mut self, key: &str, e: &Entry) {

@@ -8,6 +8,7 @@ mod legacy;
 mod replica;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -200,7 +201,16 @@ pub struct MemoryStore {
 }
 
 /// A namespace's digest; `None` until built.
-type NsSlot = Arc<Mutex<Option<DigestState>>>;
+type NsSlot = Arc<Ns>;
+
+/// What this replica keeps per namespace in memory.
+#[derive(Debug, Default)]
+struct Ns {
+    /// The digest and record count; `None` until built by one scan.
+    state: Mutex<Option<DigestState>>,
+    /// Moves after every change of a record of the namespace (see [`MemoryStore::change_counter`]).
+    changes: Arc<AtomicU64>,
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -590,7 +600,7 @@ impl MemoryStore {
             .entry(ns.to_string())
             .or_default()
             .clone();
-        let mut state = lock(&slot);
+        let mut state = lock(&slot.state);
         if state.is_none() {
             let mut d = DigestState::default();
             self.engine.for_each(
@@ -631,7 +641,7 @@ impl MemoryStore {
     ) -> Result<()> {
         let reserved = old.is_none() && new.is_some();
         if reserved {
-            let mut state = lock(slot);
+            let mut state = lock(&slot.state);
             let d = state
                 .as_mut()
                 .ok_or_else(|| StorageError::Engine(format!("digest of `{ns}` not built")))?;
@@ -644,7 +654,7 @@ impl MemoryStore {
             None => self.engine.remove(MEMORY_TREE, rkey),
         };
         self.cache.remove(rkey);
-        let mut state = lock(slot);
+        let mut state = lock(&slot.state);
         if let Some(d) = state.as_mut() {
             if reserved {
                 d.release();
@@ -652,6 +662,10 @@ impl MemoryStore {
             if res.is_ok() {
                 d.replace(key, old.map(entry_of).as_ref(), new.map(entry_of).as_ref());
             }
+        }
+        // After the write is visible: a reader that saw the old count reads again.
+        if res.is_ok() {
+            slot.changes.fetch_add(1, Ordering::Release);
         }
         res
     }

@@ -414,3 +414,44 @@ proptest! {
         prop_assert!(report.is_ok_and(|r| !r.ok));
     }
 }
+
+#[test]
+fn change_counter_moves_on_every_change_of_its_namespace_only() {
+    use std::sync::atomic::Ordering;
+    let a = Storage::with_engine(
+        Arc::new(MemEngine::new()),
+        SecretKey::generate(),
+        StorageOptions::new("a"),
+    )
+    .expect("storage");
+    let b = Storage::with_engine(
+        Arc::new(MemEngine::new()),
+        SecretKey::generate(),
+        StorageOptions::new("b"),
+    )
+    .expect("storage");
+    // Taken before the namespace exists, as a cache does at start.
+    let counter = b.memory.change_counter("watched");
+    let seen = || counter.load(Ordering::Acquire);
+    assert_eq!(seen(), 0);
+    put(&b, "watched", "k", "1", None);
+    assert_eq!(seen(), 1, "a local write");
+    put(&b, "other", "k", "1", None);
+    assert_eq!(seen(), 1, "another namespace");
+    let (_, delta) = a
+        .memory
+        .put_with_delta(
+            "watched",
+            "r",
+            PutRequest {
+                value_json: "2".into(),
+                ..Default::default()
+            },
+            2_000,
+        )
+        .expect("put");
+    b.memory.apply_delta(&delta, 2_000).expect("apply");
+    assert_eq!(seen(), 2, "a replicated delta");
+    assert!(b.memory.delete("watched", "k", 1_500).expect("delete"));
+    assert_eq!(seen(), 3, "a delete");
+}

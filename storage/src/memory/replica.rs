@@ -14,6 +14,8 @@
 //! replica that refused it learns the tombstone from anti-entropy.
 
 use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use super::{
     MEMORY_TREE, MemoryItem, MemoryStore, PutRequest, StoredRecord, StoredValue, decode_record,
@@ -220,14 +222,16 @@ impl MemoryStore {
     }
 
     /// The anti-entropy digest of a namespace: cheap (kept up to date by every write).
-    /// A counter that moves on every change of a record of `ns` on this replica (local writes
-    /// and deletes, replicated deltas, shredding), for caches of what a namespace holds: a value
-    /// read after the counter showed `n` is current as long as the counter still shows `n`. Read
-    /// it before the value. `0` while the namespace has not been written since start.
-    pub fn changes(&self, ns: &str) -> u64 {
-        let slot = lock(&self.digests).get(ns).cloned();
-        slot.and_then(|s| lock(&s).as_ref().map(DigestState::changes))
-            .unwrap_or(0)
+    /// A counter that moves (after the write) on every change of a record of `ns` on this
+    /// replica: local writes and deletes, replicated deltas, shredding. For caches of what a
+    /// namespace holds: a value read after the counter showed `n` (load it with `Acquire`, before
+    /// the read) is current as long as the counter still shows `n`. Lock-free to read.
+    pub fn change_counter(&self, ns: &str) -> Arc<AtomicU64> {
+        lock(&self.digests)
+            .entry(ns.to_string())
+            .or_default()
+            .changes
+            .clone()
     }
 
     pub fn digest(&self, ns: &str) -> Result<NamespaceDigest> {
@@ -243,7 +247,7 @@ impl MemoryStore {
             return Ok(DigestState::default().snapshot());
         }
         let slot = self.ns_state(ns)?;
-        let state = lock(&slot);
+        let state = lock(&slot.state);
         Ok(state
             .as_ref()
             .map(DigestState::snapshot)
