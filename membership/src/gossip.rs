@@ -1167,6 +1167,16 @@ mod tests {
     }
 
     /// Deliver every pending frame between the nodes (instant, lossless), a few rounds.
+    /// node-1, node-2 and node-3, the last two seeded with node-1, after their frames settled.
+    fn three_joined() -> Vec<Gossip> {
+        let mut nodes = vec![node(1), node(2), node(3)];
+        let seed = nodes[0].identity().addr;
+        nodes[1].set_seeds(vec![seed]);
+        nodes[2].set_seeds(vec![seed]);
+        exchange(&mut nodes);
+        nodes
+    }
+
     fn exchange(nodes: &mut [Gossip]) {
         for _ in 0..20 {
             let mut moved = false;
@@ -1187,11 +1197,7 @@ mod tests {
 
     #[test]
     fn members_join_through_a_seed_and_learn_metadata() {
-        let mut nodes = vec![node(1), node(2), node(3)];
-        let seed = nodes[0].identity().addr;
-        nodes[1].set_seeds(vec![seed]);
-        nodes[2].set_seeds(vec![seed]);
-        exchange(&mut nodes);
+        let mut nodes = three_joined();
         for n in &nodes {
             let v = n.members();
             assert_eq!(v.len(), 3, "{v:?}");
@@ -1305,11 +1311,7 @@ mod tests {
 
     #[test]
     fn forged_leave_and_metadata_relayed_by_a_peer_are_ignored() {
-        let mut nodes = vec![node(1), node(2), node(3)];
-        let seed = nodes[0].identity().addr;
-        nodes[1].set_seeds(vec![seed]);
-        nodes[2].set_seeds(vec![seed]);
-        exchange(&mut nodes);
+        let mut nodes = three_joined();
         assert!(nodes.iter().all(|n| n.members().len() == 3));
         let victim = nodes[1].identity().clone();
         // node-3 is compromised: it claims node-2 left and spoofs node-2's metadata, signing
@@ -1429,11 +1431,7 @@ mod tests {
 
     #[test]
     fn a_relayed_leave_signed_by_its_node_is_accepted() {
-        let mut nodes = vec![node(1), node(2), node(3)];
-        let seed = nodes[0].identity().addr;
-        nodes[1].set_seeds(vec![seed]);
-        nodes[2].set_seeds(vec![seed]);
-        exchange(&mut nodes);
+        let mut nodes = three_joined();
         nodes[1].leave();
         // node-2's own frames reach node-1 only; node-3 hears of the leave through node-1.
         let cut = |from: &str, to: &str| from == "node-2" && to == "node-3";

@@ -160,8 +160,18 @@ fn ttl_until(expires_at_s: u64, now_ms: u64) -> Option<u64> {
 }
 
 const API_KEY_PREFIX: &str = "swk_";
-/// Most verified tokens remembered; past it the cache starts over.
-const TOKEN_CACHE_MAX: usize = 8192;
+/// Most entries each of the authenticator's caches holds; past it the cache starts over.
+const CACHE_MAX: usize = 8192;
+
+/// Remember `value` under `key` in one of the authenticator's bounded caches.
+fn remember<V>(cache: &RwLock<HashMap<String, V>>, key: String, value: V) {
+    if let Ok(mut c) = cache.write() {
+        if c.len() >= CACHE_MAX {
+            c.clear();
+        }
+        c.insert(key, value);
+    }
+}
 
 /// Checks credentials against the replicated authentication state. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -325,12 +335,7 @@ impl Authenticator {
             .verifier
             .verify(token, now_s)
             .map_err(AuthError::Token)?;
-        if let Ok(mut c) = self.verified.write() {
-            if c.len() >= TOKEN_CACHE_MAX {
-                c.clear();
-            }
-            c.insert(token.to_string(), claims.clone());
-        }
+        remember(&self.verified, token.to_string(), claims.clone());
         Ok(claims)
     }
 
@@ -354,11 +359,8 @@ impl Authenticator {
         let revoked = self
             .read::<Revocation>(REVOKED_NAMESPACE, &revocation_key(credential))?
             .is_some_and(|r| r.credential == credential);
-        if !revoked && let Ok(mut c) = self.not_revoked.write() {
-            if c.len() >= TOKEN_CACHE_MAX {
-                c.clear();
-            }
-            c.insert(credential.to_string(), changes);
+        if !revoked {
+            remember(&self.not_revoked, credential.to_string(), changes);
         }
         Ok(revoked)
     }
@@ -450,12 +452,7 @@ impl Authenticator {
                 );
                 return Ok(None);
             }
-            if let Ok(mut c) = self.signed_ok.write() {
-                if c.len() >= TOKEN_CACHE_MAX {
-                    c.clear();
-                }
-                c.insert(cache_key, item.value_json.clone());
-            }
+            remember(&self.signed_ok, cache_key, item.value_json.clone());
         }
         serde_json::from_str(&signed.record)
             .map(Some)
@@ -834,16 +831,14 @@ mod tests {
         a.memory.apply_delta(&delta, now_ms()).expect("apply");
         assert!(!a.is_revoked("jwt:j9").expect("read"));
         // Signed by the cluster's key: valid, and a revocation is written once.
-        let delta = a
-            .put(
-                AUTH_NAMESPACE,
-                "apikey:0123456789abcdef",
-                &rec,
-                None,
-                now_ms(),
-            )
-            .expect("put");
-        drop(delta);
+        a.put(
+            AUTH_NAMESPACE,
+            "apikey:0123456789abcdef",
+            &rec,
+            None,
+            now_ms(),
+        )
+        .expect("put");
         assert!(
             a.authenticate(None, Some("swk_0123456789abcdef_s"), t0)
                 .is_ok()

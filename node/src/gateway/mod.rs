@@ -264,14 +264,19 @@ impl Inner {
                 code: r.last_code.map(String::from),
             };
             tracing::info!(source = %r.source, count = r.count, "anonymous requests refused");
-            match self.audit_writer.submit(event) {
-                Ok(()) => self.metrics.audit_entries.fetch_add(1, Ordering::Relaxed),
-                Err(e) => {
-                    tracing::error!(error = %e, "audit entry lost");
-                    self.metrics.audit_failures.fetch_add(1, Ordering::Relaxed)
-                }
-            };
+            self.submit_audit(event);
         }
+    }
+
+    /// Queue an audit entry of a request or a refusal, counting it (or its loss) in `/metrics`.
+    fn submit_audit(&self, event: AuditEvent) {
+        match self.audit_writer.submit(event) {
+            Ok(()) => self.metrics.audit_entries.fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                tracing::error!(error = %e, "audit entry lost");
+                self.metrics.audit_failures.fetch_add(1, Ordering::Relaxed)
+            }
+        };
     }
 
     fn bulkhead(&self, class: Class) -> &Bulkhead {
@@ -639,19 +644,7 @@ async fn track(State(s): State<AppState>, mut req: Request, next: Next) -> Respo
             401 | 403 => "denied",
             _ => "error",
         };
-        let event = ctx.event(&s.node, outcome, status.as_u16(), code);
-        match s.audit_writer.submit(event) {
-            Ok(_) => s
-                .metrics
-                .audit_entries
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            Err(e) => {
-                tracing::error!(error = %e, "audit append failed");
-                s.metrics
-                    .audit_failures
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            }
-        };
+        s.submit_audit(ctx.event(&s.node, outcome, status.as_u16(), code));
     }
     if method != "OPTIONS" {
         s.metrics.observe_request(
