@@ -14,6 +14,8 @@ fn op(summary: &str, permission: &str) -> Value {
             "401": {"$ref": "#/components/responses/Error"},
             "403": {"$ref": "#/components/responses/Error"},
             "404": {"$ref": "#/components/responses/Error"},
+            "408": {"$ref": "#/components/responses/Error"},
+            "409": {"$ref": "#/components/responses/Error"},
             "413": {"$ref": "#/components/responses/Error"},
             "429": {"$ref": "#/components/responses/Error"},
             "503": {"$ref": "#/components/responses/Error"}
