@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{Pki, local};
-use swarm_actors::{RefusalHook, Replicator, STREAM_ANTI_ENTROPY, STREAM_DELTAS};
+use swarm_actors::{RefusalHook, Replicator, StreamKind};
 use swarm_config::ReplicationConfig;
 use swarm_membership::{GossipSettings, IncomingStream, Membership, MembershipConfig, NodeMeta};
 use swarm_storage::{
@@ -70,8 +70,8 @@ async fn node(pki: &Pki, name: &str, seeds: Vec<std::net::SocketAddr>) -> Node {
     let serve = repl.clone();
     tokio::spawn(async move {
         while let Some(s) = rx.recv().await {
-            if s.kind == STREAM_DELTAS || s.kind == STREAM_ANTI_ENTROPY {
-                serve.serve(s.peer, s.kind, s.send, s.recv);
+            if let Some(kind) = StreamKind::from_byte(s.kind) {
+                serve.serve_quic(s.peer, kind, s.send, s.recv);
             }
         }
     });
@@ -219,7 +219,7 @@ async fn bad_deltas_are_refused_counted_and_change_nothing() {
     // Garbage on a delta stream: refused, and the stream is closed; nothing is stored.
     let (mut send, _recv) = a
         .membership
-        .open_stream("node-b", STREAM_DELTAS)
+        .open_stream("node-b", StreamKind::Deltas.byte())
         .await
         .expect("stream");
     send.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff])

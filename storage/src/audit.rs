@@ -26,6 +26,8 @@ const META_TREE: &str = "meta";
 const HEAD_KEY: &[u8] = b"audit_head";
 /// Most entries stored under one key.
 pub const MAX_BLOCK: usize = 512;
+/// Bytes of a stored record besides its ciphertext, at most: seq, prev, nonce, length, mac.
+const RECORD_OVERHEAD: usize = 10 + 32 + 24 + 5 + 32;
 
 /// What happened, by whom, to what, with which outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +52,24 @@ pub struct AuditEntry {
     pub seq: u64,
     #[serde(flatten)]
     pub event: AuditEvent,
+}
+
+/// Where audit events go: a narrow seam, so whatever audits (the gateway, replication and
+/// membership refusals, the memory service, agents) holds the node's one writer without depending
+/// on the crate that owns it. The node's writer batches appends and shares one sync among the
+/// commits of a batch (group commit); a test's sink records what it was given.
+pub trait AuditSink: Send + Sync + std::fmt::Debug {
+    /// Queue `event` (a read, a refusal, something the node did on its own). Never blocks the
+    /// caller for long: when the queue is full the event is appended in place, never dropped.
+    fn submit(&self, event: AuditEvent) -> Result<()>;
+
+    /// Append `event` and make it, and every write made before this call, durable. For state
+    /// changes: the caller acknowledges only after this returns. Blocking (waits for the batch's
+    /// sync): call off the async workers.
+    fn commit(&self, event: AuditEvent) -> Result<()>;
+
+    /// Wait until every event submitted so far is appended (before the final sync at shutdown).
+    fn flush(&self) {}
 }
 
 /// The stored form of one entry.
@@ -193,10 +213,16 @@ impl AuditLog {
             let mut seq = first;
             let mut prev = head.last_mac;
             let mut records = Vec::with_capacity(chunk.len());
+            // One buffer for every entry's plaintext, one allocation for the block: this runs
+            // for every request the gateway serves.
+            let mut plain = Vec::with_capacity(512);
+            let mut block_len = 16;
             for event in chunk {
-                let plain =
-                    postcard::to_stdvec(event).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+                plain.clear();
+                plain = postcard::to_extend(event, plain)
+                    .map_err(|e| StorageError::Corrupt(e.to_string()))?;
                 let sealed = crypto::seal(&self.seal_key, &seq.to_be_bytes(), &plain)?;
+                block_len += RECORD_OVERHEAD + sealed.ct.len();
                 let mac = self.link_mac(seq, &prev, &sealed);
                 records.push(AuditRecord {
                     seq,
@@ -207,7 +233,7 @@ impl AuditLog {
                 prev = mac;
                 seq += 1;
             }
-            let block = postcard::to_stdvec(&AuditBlock { records })
+            let block = postcard::to_extend(&AuditBlock { records }, Vec::with_capacity(block_len))
                 .map_err(|e| StorageError::Corrupt(e.to_string()))?;
             self.engine.put(AUDIT_TREE, &first.to_be_bytes(), &block)?;
             self.write_head(seq - 1, &prev)?;

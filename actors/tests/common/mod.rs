@@ -13,7 +13,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use swarm_actors::{ActorCluster, STREAM_RACTOR};
+use swarm_actors::{ActorCluster, StreamKind};
 use swarm_membership::{Endpoint, TlsIdentity};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -190,7 +190,7 @@ pub async fn connect_quic(
 ) -> Result<quinn::Connection, swarm_actors::ClusterError> {
     let pc = ep.connect(addr, peer).await.expect("quic connect");
     let (mut send, recv) = pc.conn.open_bi().await.expect("open stream");
-    send.write_all(&[STREAM_RACTOR]).await.expect("kind byte");
+    send.write_all(&[StreamKind::Ractor.byte()]).await.expect("kind byte");
     cluster.connect(pc.peer.clone(), send, recv).await?;
     Ok(pc.conn)
 }

@@ -1,0 +1,58 @@
+//! The crate's one error type. [`Error::kind`] is the stable code for logs, metrics and clients.
+
+use std::time::Duration;
+
+use swarm_storage::StorageError;
+
+/// Why a stream, a replicated write or a round failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no live peer to hold a second copy")]
+    NoReplica,
+    #[error("no peer acknowledged the write as durable within {0:?}")]
+    Timeout(Duration),
+    #[error("stream to {peer}: {message}")]
+    Stream { peer: String, message: String },
+    #[error("bad frame from {peer}: {message}")]
+    Frame { peer: String, message: String },
+    #[error("frame of {size} bytes is over the {max}-byte limit")]
+    FrameTooLarge { size: usize, max: usize },
+    #[error("cannot encode a message: {0}")]
+    Encode(String),
+    #[error("{peer} refused the write: {code}")]
+    Refused { peer: String, code: String },
+    #[error("the replicator is stopped")]
+    Stopped,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// A write is durable (and audited) on this node, but its push failed or, with `w=2`, no
+    /// peer confirmed it. The code is the push's.
+    #[error("written here but not confirmed by a peer: {0}")]
+    NotReplicated(Box<Error>),
+    /// A `w=2` write on a node that does not replicate.
+    #[error("this node does not replicate")]
+    NoReplicator,
+    /// Nothing to act on, e.g. a delete of a key that is not there.
+    #[error("{0} not found")]
+    NotFound(String),
+}
+
+impl Error {
+    /// Stable short code.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::NoReplica => "no_replica",
+            Error::Timeout(_) => "replication_timeout",
+            Error::Stream { .. } => "replication_stream",
+            Error::Frame { .. } => "bad_frame",
+            Error::FrameTooLarge { .. } => "frame_too_large",
+            Error::Encode(_) => "encode",
+            Error::Refused { .. } => "refused",
+            Error::Stopped => "stopped",
+            Error::Storage(e) => e.kind(),
+            Error::NotReplicated(e) => e.kind(),
+            Error::NoReplicator => "no_replica",
+            Error::NotFound(_) => "not_found",
+        }
+    }
+}

@@ -1,0 +1,726 @@
+//! Memory replication between peers: the IO shell around the sans-IO [`protocol`].
+//!
+//! - **Push.** A write is applied locally and made durable by the caller, then
+//!   [`Replicator::push`] queues its [`Delta`] to every live peer (a bounded queue per peer, one
+//!   long-lived stream each; a full queue drops the delta, and anti-entropy repairs it). With
+//!   `w=2` the caller waits until one peer acknowledges the delta as durable, or gets an error.
+//! - **Anti-entropy.** Periodically, and at once when a peer comes back, a node runs a round with
+//!   a peer ([`protocol::Initiator`] / [`protocol::Responder`]); entries travel in bounded chunks.
+//!   The destroyed-subject sets are exchanged first, so an erased subject is never revived.
+//! - **Catch-up.** A restarted node calls [`Replicator::catch_up`] before it serves: it runs a
+//!   round itself with a live peer, whatever the names.
+//! - **Tombstones** are dropped once they are older than `tombstone_gc_after` and every member is
+//!   alive and has completed an anti-entropy round with this node since.
+//!
+//! [`Replicator`] is a handle over a task it owns (a bounded command channel); every stream and
+//! round it starts stops with [`Replicator::shutdown`]. The network is a [`Peers`]: QUIC through
+//! the membership service, or the in-memory [`MemNet`] of the tests.
+
+pub mod protocol;
+pub mod transport;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use swarm_config::ReplicationConfig;
+use swarm_membership::MemberEvent;
+use swarm_storage::{Delta, Storage, StorageError};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::Error;
+use crate::stream::{StreamKind, decode, encode};
+use protocol::{Ae, Initiator, Limits, Local, Push, Responder, Step};
+pub use transport::{Duplex, FrameRx, FrameTx, MemIncoming, MemNet, MemPeers, Peers};
+
+/// Deltas applied per blocking batch on the receiving side.
+const APPLY_BATCH: usize = 256;
+/// Commands queued to the replicator's task.
+const COMMANDS: usize = 1024;
+/// Longest wait for the peer's next message in a round.
+const ROUND_IDLE: Duration = Duration::from_secs(10);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ReplStats {
+    pub deltas_sent: AtomicU64,
+    pub deltas_dropped: AtomicU64,
+    pub deltas_applied: AtomicU64,
+    pub deltas_stale: AtomicU64,
+    pub deltas_refused: AtomicU64,
+    pub lag_ms_sum: AtomicU64,
+    pub lag_ms_max: AtomicU64,
+    pub ae_rounds: AtomicU64,
+    pub ae_failed: AtomicU64,
+    pub ae_bytes_sent: AtomicU64,
+    pub ae_bytes_received: AtomicU64,
+    pub ae_entries: AtomicU64,
+    pub tombstones_dropped: AtomicU64,
+    /// Refusals by code.
+    pub refused_by_code: Mutex<BTreeMap<String, u64>>,
+}
+
+/// Called when a peer's delta is refused: (peer, code, detail). The node audits it.
+pub type RefusalHook = Arc<dyn Fn(&str, &str, &str) + Send + Sync>;
+
+type Waiters = Mutex<HashMap<u64, oneshot::Sender<Result<String, String>>>>;
+
+enum Cmd {
+    /// Queue a frame to these peers.
+    Send { peers: Vec<String>, frame: Bytes },
+    /// Serve a stream a peer opened.
+    Serve {
+        peer: String,
+        kind: StreamKind,
+        duplex: Duplex,
+    },
+}
+
+/// State shared by the handle, its task and the streams it runs.
+struct Shared {
+    me: String,
+    local: Local,
+    peers: Arc<dyn Peers>,
+    cfg: ReplicationConfig,
+    limits: Limits,
+    seq: AtomicU64,
+    waiters: Waiters,
+    /// Deltas queued to peers and not yet written.
+    queued: AtomicU64,
+    last_sync: Mutex<HashMap<String, u64>>,
+    syncing: Mutex<HashSet<String>>,
+    /// Becomes true after the first completed anti-entropy round.
+    first_sync: watch::Sender<bool>,
+    stop: CancellationToken,
+}
+
+impl Shared {
+    fn stats(&self) -> &ReplStats {
+        &self.local.stats
+    }
+
+    /// Run `fut` until it ends or the replicator stops.
+    fn spawn(self: &Arc<Self>, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = fut => {}
+            }
+        });
+    }
+
+    fn resolve(&self, seq: u64, r: Result<String, String>) {
+        if let Some(tx) = lock(&self.waiters).remove(&seq) {
+            let _ = tx.send(r);
+        }
+    }
+}
+
+/// This node's replication: pushes, acknowledgements, anti-entropy.
+#[derive(Clone)]
+pub struct Replicator {
+    shared: Arc<Shared>,
+    cmd: mpsc::Sender<Cmd>,
+    task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Replicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicator")
+            .field("me", &self.shared.me)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Replicator {
+    /// Start the replicator's task (anti-entropy, tombstone GC, the queues to peers); streams
+    /// peers open arrive through [`Replicator::serve`].
+    pub fn start(
+        storage: Storage,
+        peers: impl Peers,
+        cfg: ReplicationConfig,
+        on_refused: RefusalHook,
+    ) -> Self {
+        Self::with_limits(storage, Arc::new(peers), cfg, on_refused, Limits::default())
+    }
+
+    /// [`Replicator::start`] with the round's chunk sizes given (tests use small ones).
+    pub fn with_limits(
+        storage: Storage,
+        peers: Arc<dyn Peers>,
+        cfg: ReplicationConfig,
+        on_refused: RefusalHook,
+        limits: Limits,
+    ) -> Self {
+        let shared = Arc::new(Shared {
+            me: peers.me().to_string(),
+            local: Local {
+                storage,
+                stats: Arc::new(ReplStats::default()),
+                on_refused,
+            },
+            peers,
+            cfg,
+            limits,
+            seq: AtomicU64::new(1),
+            waiters: Mutex::default(),
+            queued: AtomicU64::new(0),
+            last_sync: Mutex::default(),
+            syncing: Mutex::default(),
+            first_sync: watch::channel(false).0,
+            stop: CancellationToken::new(),
+        });
+        let (cmd, rx) = mpsc::channel(COMMANDS);
+        let task = tokio::spawn(
+            run(shared.clone(), rx).instrument(tracing::info_span!("replicator", node = %shared.me)),
+        );
+        Self {
+            shared,
+            cmd,
+            task: Arc::new(Mutex::new(Some(task))),
+        }
+    }
+
+    /// Stop the task and every stream and round it runs; later pushes fail with
+    /// [`Error::Stopped`]. Idempotent.
+    pub async fn shutdown(&self) {
+        self.shared.stop.cancel();
+        let task = lock(&self.task).take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+    }
+
+    /// Wait (at most `limit`) until one anti-entropy round has completed; says whether it did.
+    pub async fn wait_first_sync(&self, limit: Duration) -> bool {
+        let mut rx = self.shared.first_sync.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|done| *done))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Catch up before serving: run rounds with live peers until one completes (true). When no
+    /// peer is alive for `alone` (a cold start, or the only node), or no round completes
+    /// within `limit`, returns false: the node serves its local data as it is.
+    pub async fn catch_up(&self, alone: Duration, limit: Duration) -> bool {
+        let start = tokio::time::Instant::now();
+        loop {
+            let peers = self.shared.peers.live_peers();
+            for p in &peers {
+                match self.sync_with(p).await {
+                    Ok(n) => {
+                        tracing::info!(peer = %p, entries = n, "caught up with a peer before serving");
+                        return true;
+                    }
+                    Err(e) => tracing::debug!(peer = %p, error = %e, "catch-up round failed"),
+                }
+            }
+            if *self.shared.first_sync.borrow() {
+                return true;
+            }
+            let waited = start.elapsed();
+            if (peers.is_empty() && waited >= alone) || waited >= limit {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn stats(&self) -> &ReplStats {
+        self.shared.stats()
+    }
+
+    /// Deltas queued to peers and not yet written to their streams.
+    pub fn pending(&self) -> u64 {
+        self.shared.queued.load(Ordering::Relaxed)
+    }
+
+    /// Queue `delta` to every live peer. With `w2`, wait until one of them has it durable.
+    pub async fn push(&self, delta: &Delta, w2: bool) -> Result<(), Error> {
+        let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
+        let frame = encode(&Push::Delta {
+            seq,
+            ack: w2,
+            delta: delta.clone(),
+        })?;
+        let peers = self.shared.peers.live_peers();
+        if w2 && peers.is_empty() {
+            return Err(Error::NoReplica);
+        }
+        let waiter = w2.then(|| {
+            let (tx, rx) = oneshot::channel();
+            lock(&self.shared.waiters).insert(seq, tx);
+            rx
+        });
+        if self.cmd.send(Cmd::Send { peers, frame }).await.is_err() {
+            lock(&self.shared.waiters).remove(&seq);
+            return Err(Error::Stopped);
+        }
+        let Some(rx) = waiter else {
+            return Ok(());
+        };
+        let t = self.shared.cfg.w2_timeout.0;
+        let r = tokio::time::timeout(t, rx).await;
+        lock(&self.shared.waiters).remove(&seq);
+        match r {
+            Ok(Ok(Ok(_peer))) => Ok(()),
+            Ok(Ok(Err(code))) => Err(Error::Refused {
+                peer: "peer".into(),
+                code,
+            }),
+            Ok(Err(_)) | Err(_) => Err(Error::Timeout(t)),
+        }
+    }
+
+    /// Tell every live peer that these subjects were erased (best effort: anti-entropy
+    /// exchanges the destroyed sets first in every round).
+    pub fn push_erasure(&self, subjects: Vec<String>) {
+        let Ok(frame) = encode(&Push::Erase { subjects }) else {
+            return;
+        };
+        let peers = self.shared.peers.live_peers();
+        if self.cmd.try_send(Cmd::Send { peers, frame }).is_err() {
+            tracing::debug!("replicator busy or stopped; erasure left to anti-entropy");
+        }
+    }
+
+    /// Serve a QUIC stream a peer opened (its kind byte already read).
+    pub fn serve_quic(
+        &self,
+        peer: String,
+        kind: StreamKind,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
+        let duplex = Duplex::quic(&peer, send, recv);
+        self.serve(peer, kind, duplex);
+    }
+
+    /// Serve a stream a peer opened (kind [`StreamKind::Deltas`] or
+    /// [`StreamKind::AntiEntropy`]); other kinds are dropped.
+    pub fn serve(&self, peer: String, kind: StreamKind, duplex: Duplex) {
+        if let Err(e) = self.cmd.try_send(Cmd::Serve { peer, kind, duplex }) {
+            tracing::debug!(error = %e, "replicator busy or stopped; stream dropped");
+        }
+    }
+
+    /// One anti-entropy round with `peer`, as initiator; returns the entries exchanged.
+    pub async fn sync_with(&self, peer: &str) -> Result<u64, Error> {
+        round_as_initiator(&self.shared, peer).await
+    }
+}
+
+/// The replicator's task: commands, membership events, the anti-entropy tick.
+async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Cmd>) {
+    let mut events = shared.peers.subscribe();
+    let mut tick = tokio::time::interval(shared.cfg.anti_entropy_every.0);
+    let mut links: HashMap<String, mpsc::Sender<Bytes>> = HashMap::new();
+    let mut rounds = 0u64;
+    loop {
+        tokio::select! {
+            _ = shared.stop.cancelled() => break,
+            cmd = rx.recv() => match cmd {
+                None => break,
+                Some(Cmd::Send { peers, frame }) => {
+                    for p in peers {
+                        let tx = link(&shared, &mut links, &p);
+                        if tx.try_send(frame.clone()).is_ok() {
+                            shared.queued.fetch_add(1, Ordering::Relaxed);
+                            shared.stats().deltas_sent.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            shared.stats().deltas_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Some(Cmd::Serve { peer, kind, duplex }) => serve(&shared, peer, kind, duplex),
+            },
+            ev = events.recv() => match ev {
+                Ok(MemberEvent::Up(id)) => {
+                    // A member that comes back: repair at once (give its connection a moment).
+                    // Only the smaller name starts it, so the two do not run the same round
+                    // twice; the member itself catches up with a round of its own at start.
+                    if shared.me < id.name {
+                        let s = shared.clone();
+                        shared.spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            round_logged(&s, id.name).await;
+                        });
+                    }
+                }
+                Ok(MemberEvent::Down(id) | MemberEvent::Left(id)) => {
+                    links.remove(&id.name);
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => {
+                    // No more membership events (the membership service stopped): keep serving
+                    // commands and ticks.
+                    events = broadcast::channel(1).1;
+                }
+            },
+            _ = tick.tick() => {
+                rounds += 1;
+                let peers = shared.peers.live_peers();
+                if !peers.is_empty() {
+                    let peer = peers[rand_index(peers.len())].clone();
+                    let s = shared.clone();
+                    shared.spawn(async move { round_logged(&s, peer).await });
+                }
+                if rounds.is_multiple_of(12) {
+                    let s = shared.clone();
+                    shared.spawn(async move { gc_tombstones(&s).await });
+                }
+            }
+        }
+    }
+    shared.stop.cancel();
+    tracing::debug!("replicator stopped");
+}
+
+/// The queue to `peer`, starting its stream when there is none.
+fn link(
+    shared: &Arc<Shared>,
+    links: &mut HashMap<String, mpsc::Sender<Bytes>>,
+    peer: &str,
+) -> mpsc::Sender<Bytes> {
+    if let Some(tx) = links.get(peer)
+        && !tx.is_closed()
+    {
+        return tx.clone();
+    }
+    let (tx, rx) = mpsc::channel(shared.cfg.peer_queue.max(1));
+    links.insert(peer.to_string(), tx.clone());
+    let s = shared.clone();
+    let span = tracing::debug_span!("delta_stream", peer = %peer, dir = "out");
+    let peer = peer.to_string();
+    shared.spawn(sender(s, peer, rx).instrument(span));
+    tx
+}
+
+/// One peer's outgoing delta stream; ends (dropping what is queued) when the stream breaks.
+async fn sender(shared: Arc<Shared>, peer: String, mut rx: mpsc::Receiver<Bytes>) {
+    let mut duplex = match shared.peers.open(&peer, StreamKind::Deltas).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(error = %e, "no delta stream");
+            drop_queue(&shared, rx);
+            return;
+        }
+    };
+    let acks_for = shared.cfg.w2_timeout.0;
+    let mut linger: Option<tokio::time::Instant> = None;
+    loop {
+        let until = linger.unwrap_or_else(|| tokio::time::Instant::now() + acks_for);
+        tokio::select! {
+            frame = rx.recv(), if linger.is_none() => {
+                let Some(frame) = frame else {
+                    // No more to send (the link was dropped): wait a while for the
+                    // acknowledgements of what was sent, then close.
+                    linger = Some(tokio::time::Instant::now() + acks_for);
+                    continue;
+                };
+                shared.queued.fetch_sub(1, Ordering::Relaxed);
+                if let Err(e) = duplex.tx.send(frame).await {
+                    tracing::debug!(error = %e, "delta stream broke");
+                    break;
+                }
+            }
+            reply = duplex.rx.next() => match reply {
+                Ok(Some(bytes)) => match decode::<Push>(&bytes) {
+                    Ok(Push::Ack { seq }) => shared.resolve(seq, Ok(peer.clone())),
+                    Ok(Push::Refused { seq, code }) => shared.resolve(seq, Err(code)),
+                    _ => {}
+                },
+                // The peer closed its side or the stream broke: stop sending on it.
+                Ok(None) | Err(_) => break,
+            },
+            _ = tokio::time::sleep_until(until), if linger.is_some() => break,
+        }
+    }
+    drop_queue(&shared, rx);
+}
+
+fn drop_queue(shared: &Shared, mut rx: mpsc::Receiver<Bytes>) {
+    rx.close();
+    let mut lost = 0;
+    while rx.try_recv().is_ok() {
+        lost += 1;
+    }
+    shared.queued.fetch_sub(lost, Ordering::Relaxed);
+    shared
+        .stats()
+        .deltas_dropped
+        .fetch_add(lost, Ordering::Relaxed);
+}
+
+fn serve(shared: &Arc<Shared>, peer: String, kind: StreamKind, duplex: Duplex) {
+    let s = shared.clone();
+    match kind {
+        StreamKind::Deltas => {
+            let span = tracing::debug_span!("delta_stream", peer = %peer, dir = "in");
+            shared.spawn(receive_deltas(s, peer, duplex).instrument(span));
+        }
+        StreamKind::AntiEntropy => {
+            let span = tracing::debug_span!("anti_entropy", peer = %peer, role = "responder");
+            shared.spawn(
+                async move {
+                    match round_as_responder(&s, &peer, duplex).await {
+                        Ok(()) => {
+                            s.first_sync.send_replace(true);
+                        }
+                        Err(e) => tracing::debug!(error = %e, "anti-entropy round failed"),
+                    }
+                }
+                .instrument(span),
+            );
+        }
+        other => tracing::debug!(%peer, kind = other.name(), "not a replication stream"),
+    }
+}
+
+async fn receive_deltas(shared: Arc<Shared>, peer: String, duplex: Duplex) {
+    let Duplex { mut tx, mut rx } = duplex;
+    // A reader decodes frames into a bounded queue; this loop applies what has arrived in
+    // batches (one sync per batch).
+    let (qtx, mut qrx) = mpsc::channel::<Push>(APPLY_BATCH * 4);
+    let s = shared.clone();
+    let p2 = peer.clone();
+    let reader = async move {
+        loop {
+            match rx.next().await {
+                Ok(Some(b)) => match decode::<Push>(&b) {
+                    Ok(p) => {
+                        if qtx.send(p).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => s.local.refused(&p2, "bad_frame", &e),
+                },
+                Ok(None) => return,
+                Err(e) => {
+                    s.local.refused(&p2, "bad_frame", &e.to_string());
+                    return;
+                }
+            }
+        }
+    };
+    let applier = async {
+        while let Some(first) = qrx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < APPLY_BATCH {
+                match qrx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            let local = shared.local.clone();
+            let p2 = peer.clone();
+            let Ok(replies) = tokio::task::spawn_blocking(move || {
+                protocol::receive_pushes(&local, &p2, batch, now_ms())
+            })
+            .await
+            else {
+                return;
+            };
+            for r in replies {
+                let Ok(bytes) = encode(&r) else { continue };
+                if tx.send(bytes).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    // The reader ends at the end of the stream; the applier then finishes what was queued.
+    tokio::join!(reader, applier);
+}
+
+async fn round_logged(shared: &Arc<Shared>, peer: String) {
+    match round_as_initiator(shared, &peer).await {
+        Ok(n) if n > 0 => tracing::info!(%peer, entries = n, "anti-entropy repaired entries"),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(%peer, error = %e, "anti-entropy round failed"),
+    }
+}
+
+/// Run a blocking step of the protocol off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Storage(StorageError::Engine(e.to_string())))
+}
+
+/// Frames of a round, counting bytes.
+struct RoundIo<'a> {
+    shared: &'a Shared,
+    peer: &'a str,
+    duplex: Duplex,
+}
+
+impl RoundIo<'_> {
+    async fn send_all(&mut self, step: &Step) -> Result<(), Error> {
+        for m in &step.send {
+            let bytes = encode(m)?;
+            self.shared
+                .stats()
+                .ae_bytes_sent
+                .fetch_add(bytes.len() as u64 + 4, Ordering::Relaxed);
+            self.duplex.tx.send(bytes).await?;
+        }
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> Result<Ae, Error> {
+        let stream = |message: &str| Error::Stream {
+            peer: self.peer.to_string(),
+            message: message.to_string(),
+        };
+        let bytes = tokio::time::timeout(ROUND_IDLE, self.duplex.rx.next())
+            .await
+            .map_err(|_| stream("no message within the round's idle limit"))??
+            .ok_or_else(|| stream("stream ended mid-round"))?;
+        self.shared
+            .stats()
+            .ae_bytes_received
+            .fetch_add(bytes.len() as u64 + 4, Ordering::Relaxed);
+        decode(&bytes).map_err(|message| Error::Frame {
+            peer: self.peer.to_string(),
+            message,
+        })
+    }
+}
+
+/// One round with `peer` as initiator (at most one at a time per peer).
+async fn round_as_initiator(shared: &Arc<Shared>, peer: &str) -> Result<u64, Error> {
+    if !lock(&shared.syncing).insert(peer.to_string()) {
+        return Err(Error::Stream {
+            peer: peer.to_string(),
+            message: "a round with this peer is already running".into(),
+        });
+    }
+    let started = now_ms();
+    let r = initiate(shared, peer)
+        .instrument(tracing::debug_span!("anti_entropy", %peer, role = "initiator"))
+        .await;
+    lock(&shared.syncing).remove(peer);
+    let stats = shared.stats();
+    match &r {
+        Ok(n) => {
+            stats.ae_rounds.fetch_add(1, Ordering::Relaxed);
+            stats.ae_entries.fetch_add(*n, Ordering::Relaxed);
+            lock(&shared.last_sync).insert(peer.to_string(), started);
+            shared.first_sync.send_replace(true);
+        }
+        Err(_) => {
+            stats.ae_failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    r
+}
+
+async fn initiate(shared: &Arc<Shared>, peer: &str) -> Result<u64, Error> {
+    let duplex = shared.peers.open(peer, StreamKind::AntiEntropy).await?;
+    let mut io = RoundIo {
+        shared,
+        peer,
+        duplex,
+    };
+    let (local, p, limits) = (shared.local.clone(), peer.to_string(), shared.limits);
+    let (mut round, step) = blocking(move || Initiator::start(&local, &p, limits)).await??;
+    io.send_all(&step).await?;
+    while !round.is_finished() {
+        let msg = io.recv().await?;
+        let local = shared.local.clone();
+        let (r, step) = blocking(move || {
+            let step = round.on_message(&local, msg, now_ms());
+            (round, step)
+        })
+        .await?;
+        round = r;
+        io.send_all(&step?).await?;
+    }
+    io.duplex.tx.finish();
+    Ok(round.entries)
+}
+
+async fn round_as_responder(shared: &Arc<Shared>, peer: &str, duplex: Duplex) -> Result<(), Error> {
+    let mut io = RoundIo {
+        shared,
+        peer,
+        duplex,
+    };
+    let mut round = Responder::new(peer, shared.limits);
+    while !round.is_finished() {
+        let msg = io.recv().await?;
+        let local = shared.local.clone();
+        let (r, step) = blocking(move || {
+            let step = round.on_message(&local, msg, now_ms());
+            (round, step)
+        })
+        .await?;
+        round = r;
+        io.send_all(&step?).await?;
+    }
+    Ok(())
+}
+
+/// Drop tombstones every member has had the chance to see.
+async fn gc_tombstones(shared: &Arc<Shared>) {
+    let members = shared.peers.members();
+    if members.iter().any(|(_, alive)| !alive) {
+        return; // someone may come back with old state
+    }
+    let synced = lock(&shared.last_sync).clone();
+    let mut horizon = now_ms().saturating_sub(
+        u64::try_from(shared.cfg.tombstone_gc_after.0.as_millis()).unwrap_or(u64::MAX),
+    );
+    for (name, _) in &members {
+        match synced.get(name) {
+            Some(t) => horizon = horizon.min(*t),
+            None => return,
+        }
+    }
+    let store = shared.local.storage.memory.clone();
+    match blocking(move || store.gc_tombstones(horizon)).await {
+        Ok(Ok(n)) => {
+            shared
+                .stats()
+                .tombstones_dropped
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "tombstone GC failed"),
+        Err(e) => tracing::warn!(error = %e, "tombstone GC failed"),
+    }
+}
+
+fn rand_index(n: usize) -> usize {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    (h.finish() % n.max(1) as u64) as usize
+}
+
+/// Decode a replication frame (fuzzing hook; not an API).
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_decode_frames(data: &[u8]) -> usize {
+    let a = decode::<Push>(data).is_ok() as usize;
+    let b = decode::<Ae>(data).is_ok() as usize;
+    a + b
+}
+
+#[cfg(test)]
+mod tests;
