@@ -192,11 +192,8 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip_and_an_oversized_one_fails_the_stream() {
         let (a, b) = tokio::io::duplex(1 << 16);
-        let (ra, wa) = tokio::io::split(a);
-        let (rb, _wb) = tokio::io::split(b);
-        drop(ra);
-        let mut w = FrameWriter::new(wa, "peer");
-        let mut r = FrameReader::with_max(rb, "peer", 1024);
+        let mut w = FrameWriter::new(a, "peer");
+        let mut r = FrameReader::with_max(b, "peer", 1024);
         w.send_msg(&("hello".to_string(), 7u32)).await.unwrap();
         let got: (String, u32) = r.next_msg().await.unwrap().unwrap();
         assert_eq!(got, ("hello".to_string(), 7));
@@ -208,10 +205,8 @@ mod tests {
     #[tokio::test]
     async fn garbage_is_a_frame_error_and_eof_is_none() {
         let (a, b) = tokio::io::duplex(1 << 16);
-        let (_ra, wa) = tokio::io::split(a);
-        let (rb, _wb) = tokio::io::split(b);
-        let mut w = FrameWriter::new(wa, "peer");
-        let mut r = FrameReader::new(rb, "peer");
+        let mut w = FrameWriter::new(a, "peer");
+        let mut r = FrameReader::new(b, "peer");
         w.send(Bytes::from_static(&[0xff, 0xff, 0xff])).await.unwrap();
         assert!(matches!(
             r.next_msg::<(String, u64)>().await,

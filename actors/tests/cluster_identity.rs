@@ -87,7 +87,7 @@ async fn an_impostor_dialing_in_gets_no_session() {
                     while let Ok((send, mut recv)) = pc.conn.accept_bi().await {
                         let mut kind = [0u8];
                         if recv.read_exact(&mut kind).await.is_ok()
-                            && kind[0] == swarm_actors::STREAM_RACTOR
+                            && kind[0] == swarm_actors::StreamKind::Ractor.byte()
                         {
                             cluster.accept(pc.peer.clone(), send, recv).expect("accept");
                         }

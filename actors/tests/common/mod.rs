@@ -259,7 +259,7 @@ pub fn peer_main() {
                 while let Ok((send, mut recv)) = pc.conn.accept_bi().await {
                     let mut kind = [0u8];
                     if recv.read_exact(&mut kind).await.is_ok()
-                        && kind[0] == STREAM_RACTOR
+                        && kind[0] == StreamKind::Ractor.byte()
                         && let Err(e) = cluster.accept(pc.peer.clone(), send, recv)
                     {
                         eprintln!("peer: accept failed: {e}");
