@@ -9,7 +9,9 @@
 # afresh and running all of them in turn, so drift of this shared machine hits them alike; the
 # summary gives the median of the rounds. llama-server is built here from the llama.cpp sources
 # vendored in the llama-cpp-python sdist from PyPI (needs cmake; not part of CI).
-# Usage: [ROUNDS=3] [SKIP_LLAMA=1] bench/inference.sh [max_tokens] [concurrencies]
+# BEFORE=<swarm binary> adds `before-cb`: that (older) build with continuous batching, run right
+# after `swarm-cb` in every round, for a side-by-side of two versions of our engine.
+# Usage: [ROUNDS=3] [SKIP_LLAMA=1] [BEFORE=path] bench/inference.sh [max_tokens] [concurrencies]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 max_tokens=${1:-32}
@@ -49,11 +51,17 @@ pid=""
 trap '[ -n "$pid" ] && kill $pid 2>/dev/null; rm -rf "$work"' EXIT
 wait_http() { for _ in $(seq 600); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done; echo "server at $1 did not come up" >&2; return 1; }
 
-run_swarm() { # label max_running
-  local dir=$work/$1
-  "$swarm" init --dir "$dir" --http-port 18280 --gossip-port 18281 >/dev/null
+run_swarm() { # label max_running [binary]
+  local dir=$work/$1 bin=${3:-$swarm}
+  "$bin" init --dir "$dir" --http-port 18280 --gossip-port 18281 >/dev/null
   sed -i "s|^models = \[\]|models = [{ name = \"SmolLM2-135M-Instruct\", path = \"$gguf\" }]\nmax_running = $2\nkv_tokens = 65536|" "$dir/node-1/node.toml"
-  SWARM_LOG=warn "$swarm" node --config "$dir/node-1/node.toml" >/dev/null 2>"$dir/log" &
+  # Plain HTTP on loopback, as loadgen.py and llama-server speak it (init configures HTTPS).
+  python3 - "$dir/node-1/node.toml" <<'PY2'
+import re, sys
+t = open(sys.argv[1]).read()
+open(sys.argv[1], "w").write(re.sub(r"\n\[gateway\.tls\]\ncert = .*\nkey = .*\n", "\n", t))
+PY2
+  SWARM_LOG=warn "$bin" node --config "$dir/node-1/node.toml" >/dev/null 2>"$dir/log" &
   pid=$!
   for _ in $(seq 300); do curl -s http://127.0.0.1:18280/health | grep -q '"inference":"ready"' && break; sleep 0.2; done
   local tok; tok=$(cat "$dir/admin.token")
@@ -76,6 +84,7 @@ for round in $(seq "${ROUNDS:-3}"); do
   echo "# round $round"
   run_swarm swarm-1 1
   run_swarm swarm-cb 32
+  if [ -n "${BEFORE:-}" ]; then run_swarm before-cb 32 "$BEFORE"; fi
   if [ -z "${SKIP_LLAMA:-}" ]; then
     run_llama llama-1 1
     run_llama llama-8 8

@@ -23,3 +23,5 @@ if ("swarm-cb", 16) in tput and ("swarm-1", 16) in tput:
 llama = [tput[(l, 16)] for l in ("llama-1", "llama-8") if (l, 16) in tput]
 if ("swarm-cb", 16) in tput and llama:
     print(f"batching / best llama-server at 16: {tput[('swarm-cb', 16)] / max(llama):.2f}x (target 1x)")
+if ("swarm-cb", 16) in tput and ("before-cb", 16) in tput:
+    print(f"this build / BEFORE at 16: {tput[('swarm-cb', 16)] / tput[('before-cb', 16)]:.2f}x")

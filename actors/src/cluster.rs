@@ -2,7 +2,7 @@
 //!
 //! Each node runs one ractor_cluster `NodeServer` and one [`RouterMsg`] router in the process group
 //! [`ROUTER_GROUP`]. The caller (the node crate) owns the QUIC connections and drives sessions from
-//! membership events: for each peer it opens one bidirectional stream, writes [`STREAM_RACTOR`] and
+//! membership events: for each peer it opens one bidirectional stream, writes [`StreamKind::Ractor`](crate::StreamKind::Ractor) and
 //! hands it to [`ActorCluster::connect`]; the peer reads that byte and hands its end to
 //! [`ActorCluster::accept`]; a member going down or leaving is [`ActorCluster::disconnect`].
 //!
@@ -21,10 +21,11 @@
 //! id is that of the peer's session.
 
 mod router;
+mod sessions;
 mod wire;
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -43,10 +44,10 @@ use tokio::sync::watch;
 
 use router::Router;
 pub use router::{ROUTER_GROUP, RouterMsg};
+pub use sessions::spawn_sessions;
 use wire::{NameCheck, WireError};
 
-/// Kind byte the opener writes first on a bidi stream that carries a ractor session.
-pub const STREAM_RACTOR: u8 = 1;
+use crate::Error;
 
 /// Host part of every swarm ractor node name (`<certificate name>@swarm`).
 const RACTOR_HOST: &str = "swarm";
@@ -55,68 +56,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Read buffer in front of a QUIC receive stream (ractor reads a frame in several small reads).
 const READ_BUFFER: usize = 64 * 1024;
 const SUBSCRIPTION: &str = "swarm.actors.sessions";
-
-/// Why the cluster layer could not do something.
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
-    #[error("cannot start the actor cluster: {0}")]
-    Start(String),
-    #[error("the actor cluster is stopped")]
-    Stopped,
-    #[error("session with {peer} refused: it claims ractor node {claimed:?}")]
-    NameMismatch { peer: String, claimed: String },
-    #[error("session with {0} closed before it was ready")]
-    Closed(String),
-    #[error("session with {0} not ready in time")]
-    Timeout(String),
-    #[error("connect to {0}: {1}")]
-    Connect(String, String),
-    #[error("ractor's TCP transport is for loopback only, not {0}")]
-    NotLoopback(SocketAddr),
-}
-
-impl ClusterError {
-    /// Stable short code for logs and metrics.
-    pub fn code(&self) -> &'static str {
-        match self {
-            ClusterError::Start(_) => "start",
-            ClusterError::Stopped => "stopped",
-            ClusterError::NameMismatch { .. } => "name_mismatch",
-            ClusterError::Closed(_) => "closed",
-            ClusterError::Timeout(_) => "timeout",
-            ClusterError::Connect(..) => "connect",
-            ClusterError::NotLoopback(_) => "not_loopback",
-        }
-    }
-}
-
-/// Why a call to a peer's router failed. Every variant names the peer.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RpcError {
-    #[error("no session with {0}")]
-    NoSession(String),
-    #[error("{0} has no router")]
-    NoRouter(String),
-    #[error("{0} did not answer in time")]
-    Timeout(String),
-    #[error("{0} went away during the call")]
-    PeerGone(String),
-    #[error("{0} answered with the wrong reply")]
-    BadReply(String),
-}
-
-impl RpcError {
-    /// Stable short code for logs and metrics.
-    pub fn code(&self) -> &'static str {
-        match self {
-            RpcError::NoSession(_) => "no_session",
-            RpcError::NoRouter(_) => "no_router",
-            RpcError::Timeout(_) => "timeout",
-            RpcError::PeerGone(_) => "peer_gone",
-            RpcError::BadReply(_) => "bad_reply",
-        }
-    }
-}
 
 /// Where a session we opened or accepted stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -390,11 +329,11 @@ impl rustls::server::ResolvesServerCert for NoCertificate {
 }
 
 /// The TLS "encryption" of ractor's TCP listener: one that refuses every connection.
-fn refuse_every_tcp_session() -> Result<ractor_cluster::IncomingEncryptionMode, ClusterError> {
+fn refuse_every_tcp_session() -> Result<ractor_cluster::IncomingEncryptionMode, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| ClusterError::Start(e.to_string()))?
+        .map_err(|e| Error::ClusterStart(e.to_string()))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(NoCertificate));
     Ok(ractor_cluster::IncomingEncryptionMode::Tls(
@@ -415,7 +354,7 @@ impl ActorCluster {
     /// mode; its TCP listener on 127.0.0.1 port 0 fails every TLS handshake, so it admits no
     /// session whoever knows `cookie`) and this node's router, joined to [`ROUTER_GROUP`]. One per
     /// process: ractor's registry and groups are global.
-    pub async fn start(node_name: &str, cookie: &str) -> Result<Self, ClusterError> {
+    pub async fn start(node_name: &str, cookie: &str) -> Result<Self, Error> {
         let (changed, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             node: node_name.to_string(),
@@ -435,18 +374,18 @@ impl ActorCluster {
         .with_listen_addr(Ipv4Addr::LOCALHOST.into());
         let (server, _) = Actor::spawn(None, server, ())
             .await
-            .map_err(|e| ClusterError::Start(e.to_string()))?;
+            .map_err(|e| Error::ClusterStart(e.to_string()))?;
         server
             .cast(NodeServerMessage::SubscribeToEvents {
                 id: SUBSCRIPTION.to_string(),
                 subscription: Box::new(Events(shared.clone())),
             })
-            .map_err(|e| ClusterError::Start(e.to_string()))?;
+            .map_err(|e| Error::ClusterStart(e.to_string()))?;
         let router = match Actor::spawn(None, Router, node_name.to_string()).await {
             Ok((router, _)) => router,
             Err(e) => {
                 server.stop(None);
-                return Err(ClusterError::Start(e.to_string()));
+                return Err(Error::ClusterStart(e.to_string()));
             }
         };
         ractor::pg::join(ROUTER_GROUP.to_string(), vec![router.get_cell()]);
@@ -464,32 +403,32 @@ impl ActorCluster {
     }
 
     /// The dialing side (`is_server = false`): `send`/`recv` is a bidi stream the caller opened on
-    /// the QUIC connection to `peer` and already wrote [`STREAM_RACTOR`] on; `peer` is the name in
+    /// the QUIC connection to `peer` and already wrote [`StreamKind::Ractor`](crate::StreamKind::Ractor) on; `peer` is the name in
     /// the peer's certificate. Returns once the session is ready (or refused, closed, timed out).
     pub async fn connect(
         &self,
         peer: String,
         send: quinn::SendStream,
         recv: quinn::RecvStream,
-    ) -> Result<(), ClusterError> {
+    ) -> Result<(), Error> {
         let label = self.quic_label(&peer);
         self.shared.register(&label, &peer, true);
         let stream = self.stream(&label, &peer, send, recv);
         if let Err(e) = ractor_cluster::client_connect_external(&self.server, stream).await {
             self.shared.forget(&label);
-            return Err(ClusterError::Connect(peer, e.to_string()));
+            return Err(Error::Connect(peer, e.to_string()));
         }
         self.wait_ready(&label, peer).await
     }
 
     /// The accepting side (`is_server = true`): the caller accepted the bidi stream from `peer`
-    /// (its certificate name) and read [`STREAM_RACTOR`].
+    /// (its certificate name) and read [`StreamKind::Ractor`](crate::StreamKind::Ractor).
     pub fn accept(
         &self,
         peer: String,
         send: quinn::SendStream,
         recv: quinn::RecvStream,
-    ) -> Result<(), ClusterError> {
+    ) -> Result<(), Error> {
         let label = self.quic_label(&peer);
         self.shared.register(&label, &peer, false);
         let stream = self.stream(&label, &peer, send, recv);
@@ -500,12 +439,12 @@ impl ActorCluster {
             })
             .map_err(|_| {
                 self.shared.forget(&label);
-                ClusterError::Stopped
+                Error::ClusterStopped
             })
     }
 
     /// Close every session with `peer` (member down or left). Calls in flight fail with
-    /// [`RpcError::PeerGone`]; new ones with [`RpcError::NoSession`].
+    /// [`Error::PeerGone`]; new ones with [`Error::NoSession`].
     pub fn disconnect(&self, peer: &str) {
         let mut inner = self.shared.lock();
         let mut actors: Vec<_> = inner
@@ -532,35 +471,33 @@ impl ActorCluster {
     }
 
     /// Ping `peer`'s router; returns the round-trip time. Never waits past `timeout`.
-    pub async fn ping(&self, peer: &str, timeout: Duration) -> Result<Duration, RpcError> {
+    pub async fn ping(&self, peer: &str, timeout: Duration) -> Result<Duration, Error> {
         let started = Instant::now();
         let router = self.remote_router(peer)?;
         let nonce = self.shared.next_nonce.fetch_add(1, Ordering::Relaxed);
         let call = router.call(|reply| RouterMsg::Ping(nonce, reply), Some(timeout));
         match tokio::time::timeout(timeout, call).await {
-            Err(_) | Ok(Ok(CallResult::Timeout)) => Err(RpcError::Timeout(peer.to_string())),
-            Ok(Err(_)) | Ok(Ok(CallResult::SenderError)) => {
-                Err(RpcError::PeerGone(peer.to_string()))
-            }
+            Err(_) | Ok(Ok(CallResult::Timeout)) => Err(Error::RpcTimeout(peer.to_string())),
+            Ok(Err(_)) | Ok(Ok(CallResult::SenderError)) => Err(Error::PeerGone(peer.to_string())),
             Ok(Ok(CallResult::Success(n))) if n == nonce => Ok(started.elapsed()),
-            Ok(Ok(CallResult::Success(_))) => Err(RpcError::BadReply(peer.to_string())),
+            Ok(Ok(CallResult::Success(_))) => Err(Error::BadReply(peer.to_string())),
         }
     }
 
     /// The router of exactly `peer`: the group member whose ractor node id is its session's.
-    fn remote_router(&self, peer: &str) -> Result<ActorRef<RouterMsg>, RpcError> {
+    fn remote_router(&self, peer: &str) -> Result<ActorRef<RouterMsg>, Error> {
         let node_id = self
             .shared
             .lock()
             .ready
             .get(peer)
             .map(|r| r.node_id)
-            .ok_or_else(|| RpcError::NoSession(peer.to_string()))?;
+            .ok_or_else(|| Error::NoSession(peer.to_string()))?;
         ractor::pg::get_members(&ROUTER_GROUP.to_string())
             .into_iter()
             .find(|c| matches!(c.get_id(), ActorId::Remote { node_id: n, .. } if n == node_id))
             .map(ActorRef::from)
-            .ok_or_else(|| RpcError::NoRouter(peer.to_string()))
+            .ok_or_else(|| Error::NoRouter(peer.to_string()))
     }
 
     /// Stop the router, the NodeServer and every session.
@@ -587,20 +524,20 @@ impl ActorCluster {
 
     /// Benchmarks and tests only: dial `peer` over ractor_cluster's own (unencrypted) TCP
     /// transport at a loopback `addr`. The session's name is checked against `peer` like any other.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "test-util"))]
     pub async fn connect_loopback_tcp(
         &self,
         peer: String,
-        addr: SocketAddr,
-    ) -> Result<(), ClusterError> {
+        addr: std::net::SocketAddr,
+    ) -> Result<(), Error> {
         if !addr.ip().is_loopback() {
-            return Err(ClusterError::NotLoopback(addr));
+            return Err(Error::NotLoopback(addr));
         }
         let label = addr.to_string();
         self.shared.register(&label, &peer, true);
         if let Err(e) = ractor_cluster::client_connect(&self.server, addr).await {
             self.shared.forget(&label);
-            return Err(ClusterError::Connect(peer, e.to_string()));
+            return Err(Error::Connect(peer, e.to_string()));
         }
         self.wait_ready(&label, peer).await
     }
@@ -626,22 +563,22 @@ impl ActorCluster {
         })
     }
 
-    async fn wait_ready(&self, label: &str, peer: String) -> Result<(), ClusterError> {
+    async fn wait_ready(&self, label: &str, peer: String) -> Result<(), Error> {
         let mut changes = self.shared.changed.subscribe();
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
         let result = loop {
             match self.shared.phase(label) {
                 Some(Phase::Ready) => break Ok(()),
                 Some(Phase::Refused(claimed)) => {
-                    break Err(ClusterError::NameMismatch { peer, claimed });
+                    break Err(Error::NameMismatch { peer, claimed });
                 }
-                Some(Phase::Closed) => break Err(ClusterError::Closed(peer)),
-                None => break Err(ClusterError::Stopped),
+                Some(Phase::Closed) => break Err(Error::SessionClosed(peer)),
+                None => break Err(Error::ClusterStopped),
                 Some(Phase::Opening) => {}
             }
             match tokio::time::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) => break Err(ClusterError::Stopped),
+                Ok(Err(_)) => break Err(Error::ClusterStopped),
                 Err(_) => {
                     let actor = self
                         .shared
@@ -652,7 +589,7 @@ impl ActorCluster {
                     if let Some(a) = actor {
                         a.stop(Some("not ready in time".to_string()));
                     }
-                    break Err(ClusterError::Timeout(peer));
+                    break Err(Error::SessionTimeout(peer));
                 }
             }
         };
@@ -671,7 +608,7 @@ impl ActorCluster {
 
 /// Feed `data` to the login-name check of an incoming actor session, in chunks of
 /// `chunk` bytes (for fuzzing the frame decoder; not an API).
-#[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub fn fuzz_login_name_check(expected: &str, data: &[u8], chunk: usize) -> Result<(), String> {
     let mut check = NameCheck::new(expected.to_string());
     for part in data.chunks(chunk.max(1)) {
@@ -688,14 +625,14 @@ mod tests {
     fn error_codes_are_stable() {
         let p = || "node-2".to_string();
         let codes: Vec<_> = [
-            RpcError::NoSession(p()),
-            RpcError::NoRouter(p()),
-            RpcError::Timeout(p()),
-            RpcError::PeerGone(p()),
-            RpcError::BadReply(p()),
+            Error::NoSession(p()),
+            Error::NoRouter(p()),
+            Error::RpcTimeout(p()),
+            Error::PeerGone(p()),
+            Error::BadReply(p()),
         ]
         .iter()
-        .map(RpcError::code)
+        .map(Error::kind)
         .collect();
         assert_eq!(
             codes,
@@ -707,11 +644,11 @@ mod tests {
                 "bad_reply"
             ]
         );
-        let e = ClusterError::NameMismatch {
+        let e = Error::NameMismatch {
             peer: p(),
             claimed: "mallory@swarm".into(),
         };
-        assert_eq!(e.code(), "name_mismatch");
+        assert_eq!(e.kind(), "name_mismatch");
         assert!(e.to_string().contains("mallory@swarm"));
     }
 
@@ -728,14 +665,14 @@ mod tests {
             .ping("nobody", Duration::from_secs(5))
             .await
             .expect_err("no session");
-        assert_eq!(e, RpcError::NoSession("nobody".into()));
+        assert!(matches!(&e, Error::NoSession(p) if p == "nobody"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(1));
         assert!(cluster.sessions().is_empty());
         let e = cluster
             .connect_loopback_tcp("x".into(), "10.0.0.1:1".parse().expect("addr"))
             .await
             .expect_err("not loopback");
-        assert_eq!(e.code(), "not_loopback");
+        assert_eq!(e.kind(), "not_loopback");
         cluster.shutdown().await;
     }
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use swarm_storage::StorageError;
 
-/// Why a stream, a replicated write or a round failed.
+/// Why a stream, a replicated write, a round, an actor session or a router call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("no live peer to hold a second copy")]
@@ -35,6 +35,34 @@ pub enum Error {
     /// Nothing to act on, e.g. a delete of a key that is not there.
     #[error("{0} not found")]
     NotFound(String),
+
+    // The actor cluster (`cluster`): ractor_cluster sessions over QUIC streams.
+    #[error("cannot start the actor cluster: {0}")]
+    ClusterStart(String),
+    #[error("the actor cluster is stopped")]
+    ClusterStopped,
+    #[error("session with {peer} refused: it claims ractor node {claimed:?}")]
+    NameMismatch { peer: String, claimed: String },
+    #[error("session with {0} closed before it was ready")]
+    SessionClosed(String),
+    #[error("session with {0} not ready in time")]
+    SessionTimeout(String),
+    #[error("connect to {0}: {1}")]
+    Connect(String, String),
+    #[error("ractor's TCP transport is for loopback only, not {0}")]
+    NotLoopback(std::net::SocketAddr),
+
+    // Calls to a peer's router; every variant names the peer.
+    #[error("no session with {0}")]
+    NoSession(String),
+    #[error("{0} has no router")]
+    NoRouter(String),
+    #[error("{0} did not answer in time")]
+    RpcTimeout(String),
+    #[error("{0} went away during the call")]
+    PeerGone(String),
+    #[error("{0} answered with the wrong reply")]
+    BadReply(String),
 }
 
 impl Error {
@@ -53,6 +81,17 @@ impl Error {
             Error::NotReplicated(e) => e.kind(),
             Error::NoReplicator => "no_replica",
             Error::NotFound(_) => "not_found",
+            Error::ClusterStart(_) => "start",
+            Error::ClusterStopped => "stopped",
+            Error::NameMismatch { .. } => "name_mismatch",
+            Error::SessionClosed(_) => "closed",
+            Error::SessionTimeout(_) | Error::RpcTimeout(_) => "timeout",
+            Error::Connect(..) => "connect",
+            Error::NotLoopback(_) => "not_loopback",
+            Error::NoSession(_) => "no_session",
+            Error::NoRouter(_) => "no_router",
+            Error::PeerGone(_) => "peer_gone",
+            Error::BadReply(_) => "bad_reply",
         }
     }
 }

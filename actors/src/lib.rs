@@ -1,33 +1,39 @@
-//! Agents as supervised actors (filled by later issues): ractor / ractor_cluster over QUIC
-//! streams, placement, the task queue with anti-collision dispatch, SPARC workflows and memory
-//! replication. It will own the `Inference` trait that agents call and `swarm-gpu` implements.
+//! The cluster's actor services: a ractor_cluster actor cluster whose sessions run over QUIC
+//! streams between members, CRDT memory replication between peers, the memory service and
+//! inference across the cluster.
 //!
 //! - `cluster`: ractor_cluster sessions carried on one QUIC bidirectional stream per peer, the
 //!   certificate-name check on every session, and the remotable router ([`ActorCluster`]).
 //! - `replication`: CRDT memory between peers: delta pushes (optionally `w=2`), anti-entropy
 //!   by digests, erasures and tombstone GC ([`Replicator`]).
+//! - `memory`: the [`Memory`] service, one memory operation as a whole (write, audit commit,
+//!   push, outcome) for the gateway and agents.
+//! - `inference`: the [`Inference`] trait agents and the gateway call, and its cluster
+//!   implementation ([`ClusterInference`]): routing by load, the peer protocol's client and server.
 
 mod cluster;
-mod replication;
+mod dispatch;
+mod error;
+pub mod inference;
+mod memory;
+pub mod replication;
+pub mod stream;
 
-use serde::{Deserialize, Serialize};
-
-pub use cluster::{
-    ActorCluster, ClusterError, ROUTER_GROUP, RouterMsg, RpcError, STREAM_RACTOR,
-    fuzz_login_name_check,
-};
+pub use cluster::{ActorCluster, ROUTER_GROUP, RouterMsg, spawn_sessions};
+pub use dispatch::{Services, StreamService};
+pub use error::Error;
+pub use inference::{ClusterInference, Inference};
+pub use memory::{Caller, Memory, RefusalCodes};
+pub use replication::protocol::Limits as RoundLimits;
 pub use replication::{
-    RefusalHook, ReplError, ReplStats, Replicator, STREAM_ANTI_ENTROPY, STREAM_DELTAS,
-    fuzz_decode_frames,
+    Duplex, FrameRx, FrameTx, MemIncoming, MemNet, MemPeers, Peers, RefusalHook, ReplStats,
+    Replicator,
 };
-
-/// Priorities of the task queue (DESIGN §6), highest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Priority {
-    Critical,
-    High,
-    Normal,
-    Low,
-    Background,
-}
+pub use stream::StreamKind;
+// Fuzzing hooks into the frame decoders (feature `fuzzing`, for fuzz/; not an API).
+#[cfg(feature = "fuzzing")]
+pub use cluster::fuzz_login_name_check;
+#[cfg(feature = "fuzzing")]
+pub use inference::fuzz_decode_frames as fuzz_decode_inference_frames;
+#[cfg(feature = "fuzzing")]
+pub use replication::fuzz_decode_frames;

@@ -194,11 +194,13 @@ mod tests {
         let (a, b) = tokio::io::duplex(1 << 16);
         let mut w = FrameWriter::new(a, "peer");
         let mut r = FrameReader::with_max(b, "peer", 1024);
-        w.send_msg(&("hello".to_string(), 7u32)).await.unwrap();
-        let got: (String, u32) = r.next_msg().await.unwrap().unwrap();
+        w.send_msg(&("hello".to_string(), 7u32))
+            .await
+            .expect("send");
+        let got: (String, u32) = r.next_msg().await.expect("read").expect("a frame");
         assert_eq!(got, ("hello".to_string(), 7));
         // 2 KiB announced against a 1 KiB limit: refused from the length alone.
-        w.send(Bytes::from(vec![0u8; 2048])).await.unwrap();
+        w.send(Bytes::from(vec![0u8; 2048])).await.expect("send");
         assert!(matches!(r.next().await, Err(Error::Stream { .. })));
     }
 
@@ -207,12 +209,14 @@ mod tests {
         let (a, b) = tokio::io::duplex(1 << 16);
         let mut w = FrameWriter::new(a, "peer");
         let mut r = FrameReader::new(b, "peer");
-        w.send(Bytes::from_static(&[0xff, 0xff, 0xff])).await.unwrap();
+        w.send(Bytes::from_static(&[0xff, 0xff, 0xff]))
+            .await
+            .expect("send");
         assert!(matches!(
             r.next_msg::<(String, u64)>().await,
             Err(Error::Frame { .. })
         ));
         drop(w);
-        assert!(r.next().await.unwrap().is_none());
+        assert!(r.next().await.expect("clean end").is_none());
     }
 }

@@ -1,7 +1,9 @@
-//! `swarm-chaos`: the fault runner (real node processes, workload, nemesis, invariant checker)
-//! arrives with the replication issue. Until then it says so and exits non-zero.
+//! `swarm-chaos`: a placeholder binary. It holds the name and the place of the chaos runner that a
+//! later issue writes (real node processes, a workload, a nemesis, an invariant checker, a
+//! report); today it runs nothing, says so and exits with status 2, so that a script calling it
+//! cannot mistake it for a passing run.
 
 fn main() -> std::process::ExitCode {
-    eprintln!("swarm-chaos: no scenarios yet (they need the cluster and replication issues)");
+    eprintln!("swarm-chaos: placeholder; there are no chaos scenarios in this build");
     std::process::ExitCode::from(2)
 }

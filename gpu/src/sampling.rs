@@ -1,7 +1,7 @@
 //! Sampling parameters, their validation, the token sampler and stop strings.
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 use crate::error::{InferError, Result};
 
@@ -88,7 +88,7 @@ impl Sampler {
     pub fn new(p: &SamplingParams) -> Self {
         let rng = match p.seed {
             Some(s) => StdRng::seed_from_u64(s),
-            None => StdRng::from_entropy(),
+            None => rand::make_rng(),
         };
         Self {
             rng,
@@ -150,7 +150,7 @@ impl Sampler {
             probs = pairs.iter().map(|p| p.1).collect();
         }
         let total: f32 = probs.iter().sum();
-        let mut r = self.rng.r#gen::<f32>() * total;
+        let mut r = self.rng.random::<f32>() * total;
         for (i, p) in probs.iter().enumerate() {
             if r < *p {
                 return cand[i].0;

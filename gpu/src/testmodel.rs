@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -64,7 +64,7 @@ fn weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
     let hd = spec.hidden / spec.heads;
     let mut rand = |rows: usize, cols: usize, scale: f32| -> Result<Tensor> {
         let data: Vec<f32> = (0..rows * cols)
-            .map(|_| rng.gen_range(-scale..scale))
+            .map(|_| rng.random_range(-scale..scale))
             .collect();
         Ok(Tensor::from_vec(data, (rows, cols), &dev)?)
     };

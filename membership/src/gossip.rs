@@ -23,7 +23,7 @@
 //! or answer), so the key is bound to the certificate name by mutual TLS. A record, direct or
 //! relayed, is applied only once it verifies against its subject's key: a record that fails is a
 //! forged claim (dropped, counted as `forged_claim`, logged, reported as
-//! [`GossipError::ForgedClaim`] on the frame that carried it); a record about a node whose key is
+//! [`MembershipError::ForgedClaim`] on the frame that carried it); a record about a node whose key is
 //! not known yet is held (newest per node, bounded) until the key arrives, and not relayed
 //! meanwhile. foca's own SWIM updates (suspect, down) are not records and are not covered.
 
@@ -43,7 +43,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use crate::{MemberState, NodeMeta, lock};
+use crate::{MemberState, MembershipError, NodeMeta, lock};
 
 /// A foca packet.
 pub const FRAME_FOCA: u8 = 1;
@@ -102,45 +102,6 @@ impl foca::Identity for NodeId {
 
     fn win_addr_conflict(&self, adversary: &Self) -> bool {
         self.incarnation > adversary.incarnation
-    }
-}
-
-/// Why a frame or command was refused. `code()` is stable (logs, metrics).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum GossipError {
-    #[error("empty frame")]
-    Empty,
-    #[error("unknown frame kind {0}")]
-    UnknownKind(u8),
-    #[error("frame of {size} bytes is over the {limit}-byte limit")]
-    TooBig { size: usize, limit: usize },
-    #[error("cannot decode frame: {0}")]
-    Decode(String),
-    #[error("peer `{peer}` claims to be `{claimed}`")]
-    IdentityMismatch { peer: String, claimed: String },
-    #[error("metadata is {size} bytes encoded; the limit is {limit}")]
-    MetaTooLarge { size: usize, limit: usize },
-    #[error("peer `{peer}` relayed a claim about `{about}` that `{about}` did not sign")]
-    ForgedClaim { peer: String, about: String },
-    #[error("cannot make the record-signing key: {0}")]
-    KeyGen(String),
-    #[error("gossip: {0}")]
-    Foca(String),
-}
-
-impl GossipError {
-    pub fn code(&self) -> &'static str {
-        match self {
-            GossipError::Empty => "empty",
-            GossipError::UnknownKind(_) => "unknown_kind",
-            GossipError::TooBig { .. } => "too_big",
-            GossipError::Decode(_) => "decode",
-            GossipError::IdentityMismatch { .. } => "identity_mismatch",
-            GossipError::MetaTooLarge { .. } => "meta_too_large",
-            GossipError::ForgedClaim { .. } => "forged_claim",
-            GossipError::KeyGen(_) => "keygen",
-            GossipError::Foca(_) => "foca",
-        }
     }
 }
 
@@ -500,23 +461,22 @@ impl Records {
 #[derive(Debug)]
 struct Handler(Arc<Mutex<Records>>);
 
-#[derive(Debug, thiserror::Error)]
-#[error("bad broadcast: {0}")]
-struct BroadcastError(String);
-
 impl BroadcastHandler<NodeId> for Handler {
     type Key = RecordKey;
-    type Error = BroadcastError;
+    // Our own error type: foca only asks for `Error + Send + Sync + 'static`, and wraps it in
+    // its `Error::CustomBroadcast`, which `handle_frame` reports as `foca`.
+    type Error = MembershipError;
 
     fn receive_item(
         &mut self,
         data: &[u8],
         sender: Option<&NodeId>,
-    ) -> Result<Option<RecordKey>, BroadcastError> {
-        let s: Signed = postcard::from_bytes(data).map_err(|e| BroadcastError(e.to_string()))?;
+    ) -> Result<Option<RecordKey>, MembershipError> {
+        let bad = |e: postcard::Error| MembershipError::Decode(format!("bad broadcast: {e}"));
+        let s: Signed = postcard::from_bytes(data).map_err(bad)?;
         lock(&self.0)
             .receive(s, sender.map(|id| id.name.as_str()))
-            .map_err(|e| BroadcastError(e.to_string()))
+            .map_err(bad)
     }
 }
 
@@ -550,7 +510,7 @@ pub struct Gossip {
     rng: StdRng,
     out: Vec<(NodeId, Bytes)>,
     events: Vec<MemberEvent>,
-    /// Frames refused since start, by error code.
+    /// Frames refused since start, by [`MembershipError::kind`].
     pub refused: BTreeMap<&'static str, u64>,
 }
 
@@ -571,12 +531,12 @@ impl Gossip {
         meta: NodeMeta,
         settings: &GossipSettings,
         seed: u64,
-    ) -> Result<Self, GossipError> {
+    ) -> Result<Self, MembershipError> {
         // A fresh key per start, from the operating system (never from `seed`, which may be
         // predictable): the member's records are verified against it.
         let mut secret = [0u8; 32];
         rand::TryRng::try_fill_bytes(&mut rand::rngs::SysRng, &mut secret)
-            .map_err(|e| GossipError::KeyGen(e.to_string()))?;
+            .map_err(|e| MembershipError::KeyGen(e.to_string()))?;
         let signing = SigningKey::from_bytes(&secret);
         secret.fill(0);
         let mut recs = Records::default();
@@ -650,7 +610,7 @@ impl Gossip {
     }
 
     /// Replace this node's metadata and spread the new version.
-    pub fn set_meta(&mut self, meta: NodeMeta) -> Result<(), GossipError> {
+    pub fn set_meta(&mut self, meta: NodeMeta) -> Result<(), MembershipError> {
         let rec = Record::Meta {
             name: self.me.name.clone(),
             incarnation: self.me.incarnation,
@@ -662,7 +622,7 @@ impl Gossip {
         self.meta = meta;
         self.foca
             .add_broadcast(&bytes)
-            .map_err(|e| GossipError::Foca(e.to_string()))?;
+            .map_err(|e| MembershipError::Foca(e.to_string()))?;
         self.pump();
         Ok(())
     }
@@ -715,13 +675,13 @@ impl Gossip {
     }
 
     /// A frame from the peer the transport authenticated as `from`.
-    pub fn handle_frame(&mut self, from: &str, data: &[u8]) -> Result<(), GossipError> {
+    pub fn handle_frame(&mut self, from: &str, data: &[u8]) -> Result<(), MembershipError> {
         let mut r = self.frame(from, data);
         let forged = std::mem::take(&mut lock(&self.records).forged);
         for f in forged {
             tracing::warn!(peer = %f.relayer, about = %f.about, "forged gossip claim dropped");
             if r.is_ok() && f.relayer == from {
-                r = Err(GossipError::ForgedClaim {
+                r = Err(MembershipError::ForgedClaim {
                     peer: f.relayer,
                     about: f.about,
                 });
@@ -730,27 +690,27 @@ impl Gossip {
             }
         }
         if let Err(e) = &r {
-            *self.refused.entry(e.code()).or_default() += 1;
+            *self.refused.entry(e.kind()).or_default() += 1;
         }
         self.pump();
         r
     }
 
-    fn frame(&mut self, from: &str, data: &[u8]) -> Result<(), GossipError> {
-        let (&kind, body) = data.split_first().ok_or(GossipError::Empty)?;
+    fn frame(&mut self, from: &str, data: &[u8]) -> Result<(), MembershipError> {
+        let (&kind, body) = data.split_first().ok_or(MembershipError::Empty)?;
         if body.len() > MAX_PACKET {
-            return Err(GossipError::TooBig {
+            return Err(MembershipError::TooBig {
                 size: body.len(),
                 limit: MAX_PACKET,
             });
         }
-        let decode = |e: postcard::Error| GossipError::Decode(e.to_string());
+        let decode = |e: postcard::Error| MembershipError::Decode(e.to_string());
         match kind {
             FRAME_FOCA => {
                 let header = Codec::<NodeId>::decode_header(&mut PostcardCodec, body)
-                    .map_err(|e| GossipError::Decode(e.to_string()))?;
+                    .map_err(|e| MembershipError::Decode(e.to_string()))?;
                 if header.src.name != from {
-                    return Err(GossipError::IdentityMismatch {
+                    return Err(MembershipError::IdentityMismatch {
                         peer: from.to_string(),
                         claimed: header.src.name,
                     });
@@ -760,18 +720,18 @@ impl Gossip {
                 }
                 self.foca
                     .handle_data(body, &mut self.rt)
-                    .map_err(|e| GossipError::Foca(e.to_string()))
+                    .map_err(|e| MembershipError::Foca(e.to_string()))
             }
             FRAME_META_REQUEST => {
                 let MetaRequest { asker, key } = postcard::from_bytes(body).map_err(decode)?;
                 if asker.name != from {
-                    return Err(GossipError::IdentityMismatch {
+                    return Err(MembershipError::IdentityMismatch {
                         peer: from.to_string(),
                         claimed: asker.name,
                     });
                 }
                 let key = VerifyingKey::from_bytes(&key)
-                    .map_err(|e| GossipError::Decode(format!("record-signing key: {e}")))?;
+                    .map_err(|e| MembershipError::Decode(format!("record-signing key: {e}")))?;
                 if asker.name != self.me.name {
                     lock(&self.records).learn_key(&asker.name, asker.incarnation, key);
                 }
@@ -802,10 +762,10 @@ impl Gossip {
                     name, incarnation, ..
                 } = &rec
                 else {
-                    return Err(GossipError::Decode("expected a metadata record".into()));
+                    return Err(MembershipError::Decode("expected a metadata record".into()));
                 };
                 if name != from {
-                    return Err(GossipError::IdentityMismatch {
+                    return Err(MembershipError::IdentityMismatch {
                         peer: from.to_string(),
                         claimed: name.clone(),
                     });
@@ -814,7 +774,7 @@ impl Gossip {
                     return Ok(());
                 }
                 let key = VerifyingKey::from_bytes(&key)
-                    .map_err(|e| GossipError::Decode(format!("record-signing key: {e}")))?;
+                    .map_err(|e| MembershipError::Decode(format!("record-signing key: {e}")))?;
                 let mut recs = lock(&self.records);
                 recs.learn_key(name, *incarnation, key);
                 // Checked like any record: a record the sender did not sign with the key it just
@@ -826,7 +786,7 @@ impl Gossip {
                 let (asker, m): (NodeId, foca::Member<NodeId>) =
                     postcard::from_bytes(body).map_err(decode)?;
                 if asker.name != from {
-                    return Err(GossipError::IdentityMismatch {
+                    return Err(MembershipError::IdentityMismatch {
                         peer: from.to_string(),
                         claimed: asker.name,
                     });
@@ -838,10 +798,10 @@ impl Gossip {
                 // announce carries our new incarnation, which clears its suspicion.
                 self.foca
                     .apply_many(std::iter::once(m), true, &mut self.rt)
-                    .map_err(|e| GossipError::Foca(e.to_string()))?;
+                    .map_err(|e| MembershipError::Foca(e.to_string()))?;
                 self.foca
                     .announce(asker, &mut self.rt)
-                    .map_err(|e| GossipError::Foca(e.to_string()))
+                    .map_err(|e| MembershipError::Foca(e.to_string()))
             }
             FRAME_DOWN_DIGEST => {
                 let ids: Vec<NodeId> = postcard::from_bytes(body).map_err(decode)?;
@@ -861,11 +821,11 @@ impl Gossip {
                 if !stale.is_empty() {
                     self.foca
                         .apply_many(stale.into_iter(), true, &mut self.rt)
-                        .map_err(|e| GossipError::Foca(e.to_string()))?;
+                        .map_err(|e| MembershipError::Foca(e.to_string()))?;
                 }
                 Ok(())
             }
-            other => Err(GossipError::UnknownKind(other)),
+            other => Err(MembershipError::UnknownKind(other)),
         }
     }
 
@@ -930,7 +890,7 @@ impl Gossip {
     }
 
     /// Encode `rec` (within [`MAX_META_BYTES`]) and sign it.
-    fn sign(&self, rec: &Record) -> Result<Signed, GossipError> {
+    fn sign(&self, rec: &Record) -> Result<Signed, MembershipError> {
         let record = encode_record(rec)?;
         let sig = self
             .signing
@@ -941,8 +901,8 @@ impl Gossip {
     }
 
     /// A signed record as a custom broadcast.
-    fn signed_broadcast(&self, rec: &Record) -> Result<Vec<u8>, GossipError> {
-        postcard::to_stdvec(&self.sign(rec)?).map_err(|e| GossipError::Decode(e.to_string()))
+    fn signed_broadcast(&self, rec: &Record) -> Result<Vec<u8>, MembershipError> {
+        postcard::to_stdvec(&self.sign(rec)?).map_err(|e| MembershipError::Decode(e.to_string()))
     }
 
     fn request_meta(&mut self, id: NodeId) {
@@ -1130,10 +1090,10 @@ impl Gossip {
     }
 }
 
-fn encode_record(r: &Record) -> Result<Vec<u8>, GossipError> {
-    let bytes = postcard::to_stdvec(r).map_err(|e| GossipError::Decode(e.to_string()))?;
+fn encode_record(r: &Record) -> Result<Vec<u8>, MembershipError> {
+    let bytes = postcard::to_stdvec(r).map_err(|e| MembershipError::Decode(e.to_string()))?;
     if bytes.len() > MAX_META_BYTES {
-        return Err(GossipError::MetaTooLarge {
+        return Err(MembershipError::MetaTooLarge {
             size: bytes.len(),
             limit: MAX_META_BYTES,
         });
@@ -1255,7 +1215,7 @@ mod tests {
         let (_, announce) = b.take_output().into_iter().next().expect("announce");
         // node-3's connection carrying node-2's packet.
         let e = a.handle_frame("node-3", &announce).expect_err("refused");
-        assert_eq!(e.code(), "identity_mismatch");
+        assert_eq!(e.kind(), "identity_mismatch");
         assert_eq!(a.members().len(), 1, "nobody was added");
         let req = framed(
             FRAME_META_REQUEST,
@@ -1266,7 +1226,7 @@ mod tests {
             .expect("enc"),
         );
         assert_eq!(
-            a.handle_frame("node-3", &req).expect_err("refused").code(),
+            a.handle_frame("node-3", &req).expect_err("refused").kind(),
             "identity_mismatch"
         );
         assert_eq!(a.refused.get("identity_mismatch"), Some(&2));
@@ -1391,7 +1351,7 @@ mod tests {
         };
         let frame = framed(FRAME_META, &postcard::to_stdvec(&frame).expect("enc"));
         let e = a.handle_frame("node-2", &frame).expect_err("bad signature");
-        assert_eq!(e.code(), "forged_claim");
+        assert_eq!(e.kind(), "forged_claim");
         assert_eq!(a.refused.get("forged_claim"), Some(&1));
     }
 
@@ -1448,26 +1408,26 @@ mod tests {
     #[test]
     fn malformed_frames_have_codes() {
         let mut a = node(1);
-        assert_eq!(a.handle_frame("x", &[]).expect_err("empty").code(), "empty");
+        assert_eq!(a.handle_frame("x", &[]).expect_err("empty").kind(), "empty");
         assert_eq!(
-            a.handle_frame("x", &[9, 1, 2]).expect_err("kind").code(),
+            a.handle_frame("x", &[9, 1, 2]).expect_err("kind").kind(),
             "unknown_kind"
         );
         assert_eq!(
             a.handle_frame("x", &[FRAME_FOCA, 0xff])
                 .expect_err("decode")
-                .code(),
+                .kind(),
             "decode"
         );
         let big = vec![FRAME_FOCA; MAX_PACKET + 2];
         assert_eq!(
-            a.handle_frame("x", &big).expect_err("big").code(),
+            a.handle_frame("x", &big).expect_err("big").kind(),
             "too_big"
         );
         assert_eq!(
             a.handle_frame("x", &[FRAME_META, 1])
                 .expect_err("meta")
-                .code(),
+                .kind(),
             "decode"
         );
     }
@@ -1480,7 +1440,7 @@ mod tests {
             ..NodeMeta::default()
         };
         let e = a.set_meta(meta).expect_err("too large");
-        assert_eq!(e.code(), "meta_too_large");
+        assert_eq!(e.kind(), "meta_too_large");
         assert!(e.to_string().contains("512"), "{e}");
         // The old metadata stays.
         assert_eq!(a.members()[0].meta_version, 1);
@@ -1496,7 +1456,7 @@ mod tests {
         assert_eq!(
             a.handle_frame("node-3", &frame)
                 .expect_err("wrong sender")
-                .code(),
+                .kind(),
             "identity_mismatch"
         );
         a.take_output();

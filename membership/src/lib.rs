@@ -9,9 +9,11 @@
 //!   no clock.
 //! - [`Membership`]: the running service: one endpoint, foca packets on QUIC datagrams, one
 //!   connection per peer, the member view as a watch channel, member events, incoming streams.
+//! - [`MembershipError`]: the crate's one error type, with a stable [`kind`](MembershipError::kind).
 //! - `sim` (feature `sim`): many [`Gossip`] members in one process with virtual time, loss, delay
 //!   and partitions.
 
+mod error;
 mod gossip;
 mod service;
 #[cfg(feature = "sim")]
@@ -27,15 +29,14 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+pub use error::MembershipError;
 pub use gossip::{
     FRAME_DOWN_DIGEST, FRAME_FOCA, FRAME_META, FRAME_META_REQUEST, FRAME_SUSPECT, Gossip,
-    GossipError, GossipSettings, MAX_META_BYTES, MAX_PACKET, MemberEvent, MemberInfo, NodeId,
+    GossipSettings, MAX_META_BYTES, MAX_PACKET, MemberEvent, MemberInfo, NodeId,
 };
-pub use service::{
-    IncomingStream, Membership, MembershipConfig, MembershipError, Refusal, Stats, View,
-};
+pub use service::{IncomingStream, Membership, MembershipConfig, Refusal, Stats, View};
 pub use transport::{
-    ALPN, Accepted, Endpoint, PeerConnection, PendingPeer, TlsIdentity, TransportError, cert_name,
+    ALPN, Accepted, Endpoint, PeerConnection, PendingPeer, TlsIdentity, cert_name,
 };
 
 /// What a node tells its peers about itself (kept small: the encoded record must fit

@@ -19,9 +19,9 @@ use foca::Timer;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::gossip::{Gossip, GossipError, GossipSettings, MemberEvent, MemberInfo, NodeId};
-use crate::transport::{Accepted, Endpoint, PeerConnection, TlsIdentity, TransportError};
-use crate::{MemberState, NodeMeta, lock};
+use crate::gossip::{Gossip, GossipSettings, MemberEvent, MemberInfo, NodeId};
+use crate::transport::{Accepted, Endpoint, PeerConnection, TlsIdentity};
+use crate::{MemberState, MembershipError, NodeMeta, lock};
 
 /// Frames waiting for the state machine; beyond this, datagrams are dropped.
 const FRAME_QUEUE: usize = 4096;
@@ -77,33 +77,6 @@ impl View {
     }
 }
 
-/// Why the service failed.
-#[derive(Debug, thiserror::Error)]
-pub enum MembershipError {
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-    #[error(transparent)]
-    Gossip(#[from] GossipError),
-    #[error("no connection to `{0}`")]
-    NoConnection(String),
-    #[error("stream to `{peer}`: {message}")]
-    Stream { peer: String, message: String },
-    #[error("the membership service has stopped")]
-    Stopped,
-}
-
-impl MembershipError {
-    pub fn code(&self) -> &'static str {
-        match self {
-            MembershipError::Transport(e) => e.kind(),
-            MembershipError::Gossip(e) => e.code(),
-            MembershipError::NoConnection(_) => "no_connection",
-            MembershipError::Stream { .. } => "stream",
-            MembershipError::Stopped => "stopped",
-        }
-    }
-}
-
 /// A refused connection or frame, for the audit log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -112,7 +85,7 @@ pub struct Refusal {
 }
 
 enum Cmd {
-    SetMeta(NodeMeta, oneshot::Sender<Result<(), GossipError>>),
+    SetMeta(NodeMeta, oneshot::Sender<Result<(), MembershipError>>),
     AddSeeds(Vec<SocketAddr>),
     Leave(oneshot::Sender<()>),
     Shutdown,
@@ -218,7 +191,7 @@ impl Membership {
     }
 
     /// The QUIC address actually bound.
-    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+    pub fn local_addr(&self) -> Result<SocketAddr, MembershipError> {
         self.endpoint.local_addr()
     }
 
@@ -265,7 +238,7 @@ impl Membership {
             .send(Cmd::SetMeta(meta, tx))
             .await
             .map_err(|_| MembershipError::Stopped)?;
-        Ok(rx.await.map_err(|_| MembershipError::Stopped)??)
+        rx.await.map_err(|_| MembershipError::Stopped)?
     }
 
     /// Announce to more seeds (config reload).
@@ -367,54 +340,73 @@ async fn accept_loop(w: Wiring) {
 
 /// Read datagrams and streams of one kept connection until it closes.
 fn serve_connection(w: &Wiring, pc: &PeerConnection) {
+    use tracing::Instrument;
+    // One span per peer connection; each accepted stream gets its own below it.
+    let span = tracing::debug_span!(
+        "peer_connection",
+        peer = %pc.peer,
+        remote = %pc.conn.remote_address(),
+        id = pc.conn.stable_id()
+    );
     let (conn, peer) = (pc.conn.clone(), pc.peer.clone());
     let w2 = w.clone();
-    tokio::spawn(async move {
-        while let Ok(d) = conn.read_datagram().await {
-            if w2.frames.try_send((peer.clone(), d)).is_err() {
-                lock(&w2.stats).frames_dropped += 1;
+    tokio::spawn(
+        async move {
+            while let Ok(d) = conn.read_datagram().await {
+                if w2.frames.try_send((peer.clone(), d)).is_err() {
+                    lock(&w2.stats).frames_dropped += 1;
+                }
             }
+            let _ = w2
+                .conn_events
+                .send(ConnEvent::Lost {
+                    peer,
+                    id: conn.stable_id(),
+                })
+                .await;
         }
-        let _ = w2
-            .conn_events
-            .send(ConnEvent::Lost {
-                peer,
-                id: conn.stable_id(),
-            })
-            .await;
-    });
+        .instrument(span.clone()),
+    );
     let (conn, peer) = (pc.conn.clone(), pc.peer.clone());
     let w = w.clone();
-    tokio::spawn(async move {
-        while let Ok((send, mut recv)) = conn.accept_bi().await {
-            let Some(streams) = w.streams.clone() else {
-                let _ = recv.stop(1u32.into());
-                continue;
-            };
-            let peer = peer.clone();
-            tokio::spawn(async move {
-                let mut kind = [0u8; 1];
-                match tokio::time::timeout(STREAM_KIND_TIMEOUT, recv.read_exact(&mut kind)).await {
-                    Ok(Ok(())) => {
-                        let s = IncomingStream {
-                            peer,
-                            kind: kind[0],
-                            send,
-                            recv,
-                        };
-                        if let Err(e) = streams.try_send(s) {
-                            let mut s = e.into_inner();
-                            let _ = s.recv.stop(2u32.into());
+    tokio::spawn(
+        async move {
+            while let Ok((send, mut recv)) = conn.accept_bi().await {
+                let Some(streams) = w.streams.clone() else {
+                    let _ = recv.stop(1u32.into());
+                    continue;
+                };
+                let peer = peer.clone();
+                tokio::spawn(
+                    async move {
+                        let mut kind = [0u8; 1];
+                        match tokio::time::timeout(STREAM_KIND_TIMEOUT, recv.read_exact(&mut kind))
+                            .await
+                        {
+                            Ok(Ok(())) => {
+                                let s = IncomingStream {
+                                    peer,
+                                    kind: kind[0],
+                                    send,
+                                    recv,
+                                };
+                                if let Err(e) = streams.try_send(s) {
+                                    let mut s = e.into_inner();
+                                    let _ = s.recv.stop(2u32.into());
+                                }
+                            }
+                            _ => {
+                                tracing::debug!(%peer, "stream said nothing; dropped");
+                                let _ = recv.stop(1u32.into());
+                            }
                         }
                     }
-                    _ => {
-                        tracing::debug!(%peer, "stream said nothing; dropped");
-                        let _ = recv.stop(1u32.into());
-                    }
-                }
-            });
+                    .instrument(tracing::debug_span!("peer_stream")),
+                );
+            }
         }
-    });
+        .instrument(span),
+    );
 }
 
 struct Entry {
@@ -502,8 +494,8 @@ impl Driver {
                     if let Err(e) = self.gossip.handle_frame(&peer, &data) {
                         lock(&self.wiring.stats).frames_refused += 1;
                         match e {
-                            GossipError::IdentityMismatch { .. }
-                            | GossipError::ForgedClaim { .. } => {
+                            MembershipError::IdentityMismatch { .. }
+                            | MembershipError::ForgedClaim { .. } => {
                                 self.wiring.refuse(peer, e.to_string())
                             }
                             _ => tracing::debug!(%peer, error = %e, "frame refused"),
@@ -901,7 +893,7 @@ mod tests {
         })
         .await
         .expect_err("in use");
-        assert_eq!(e.code(), "bind");
+        assert_eq!(e.kind(), "bind");
         assert!(e.to_string().contains(&taken.to_string()), "{e}");
     }
 }

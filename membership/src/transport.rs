@@ -17,53 +17,10 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::MembershipError;
+
 /// ALPN protocol of swarm's node-to-node QUIC.
 pub const ALPN: &[u8] = b"swarm/1";
-
-/// Why a transport operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum TransportError {
-    #[error("cannot read {path}: {message}")]
-    Pem { path: String, message: String },
-    #[error("certificate has no node name (DNS subject alternative name)")]
-    NoName,
-    #[error(
-        "certificate carries {count} DNS subject alternative names; a node certificate must carry exactly one, its node name"
-    )]
-    SeveralNames { count: usize },
-    #[error(
-        "certificate's extended key usage lacks TLS client authentication: it is not a node certificate (a gateway's, say)"
-    )]
-    NotNodeCertificate,
-    #[error("TLS setup: {0}")]
-    Tls(String),
-    #[error("cannot bind QUIC (UDP) to {addr}: {source} (is another node using this port?)")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("connect to {addr}: {message}")]
-    Connect { addr: SocketAddr, message: String },
-    #[error("peer {0} presented no certificate")]
-    NoPeerCertificate(SocketAddr),
-}
-
-impl TransportError {
-    /// Stable short code for logs and metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            TransportError::Pem { .. } => "pem",
-            TransportError::NoName => "no_name",
-            TransportError::SeveralNames { .. } => "several_names",
-            TransportError::NotNodeCertificate => "not_node_certificate",
-            TransportError::Tls(_) => "tls",
-            TransportError::Bind { .. } => "bind",
-            TransportError::Connect { .. } => "connect",
-            TransportError::NoPeerCertificate(_) => "no_peer_certificate",
-        }
-    }
-}
 
 /// A node's TLS identity: the cluster CA, its certificate and key, and the name they carry.
 pub struct TlsIdentity {
@@ -83,8 +40,8 @@ impl std::fmt::Debug for TlsIdentity {
 
 impl TlsIdentity {
     /// Load PEM files (as `swarm init` writes them).
-    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TransportError> {
-        let pem_err = |p: &Path, e: rustls::pki_types::pem::Error| TransportError::Pem {
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, MembershipError> {
+        let pem_err = |p: &Path, e: rustls::pki_types::pem::Error| MembershipError::Pem {
             path: p.display().to_string(),
             message: e.to_string(),
         };
@@ -93,7 +50,7 @@ impl TlsIdentity {
         // The private key through the same mode-checked reader as the master key: a key file
         // that group or others can read is refused.
         let key_pem =
-            swarm_config::secret::read_secret_file(key).map_err(|e| TransportError::Pem {
+            swarm_config::secret::read_secret_file(key).map_err(|e| MembershipError::Pem {
                 path: key.display().to_string(),
                 message: e.to_string(),
             })?;
@@ -115,32 +72,32 @@ impl TlsIdentity {
 }
 
 /// The node name a certificate carries: its one DNS subject alternative name. A certificate with
-/// several DNS names is refused ([`TransportError::SeveralNames`]): it would let one node answer
+/// several DNS names is refused ([`MembershipError::SeveralNames`]): it would let one node answer
 /// to several identities; so is one whose extended key usage excludes TLS clients
-/// ([`TransportError::NotNodeCertificate`]), such as a gateway's HTTPS certificate.
-pub fn cert_name(cert: &CertificateDer<'_>) -> Result<String, TransportError> {
+/// ([`MembershipError::NotNodeCertificate`]), such as a gateway's HTTPS certificate.
+pub fn cert_name(cert: &CertificateDer<'_>) -> Result<String, MembershipError> {
     let (_, x) = x509_parser::parse_x509_certificate(cert.as_ref())
-        .map_err(|e| TransportError::Tls(format!("bad certificate: {e}")))?;
+        .map_err(|e| MembershipError::Tls(format!("bad certificate: {e}")))?;
     // Every node is a TLS client too (it dials its peers); a certificate restricted to serving
     // (the gateway's HTTPS certificate, from the same CA) is no node's identity.
     let eku = x
         .extended_key_usage()
-        .map_err(|e| TransportError::Tls(format!("bad extended key usage: {e}")))?;
+        .map_err(|e| MembershipError::Tls(format!("bad extended key usage: {e}")))?;
     if eku.is_some_and(|e| !(e.value.client_auth || e.value.any)) {
-        return Err(TransportError::NotNodeCertificate);
+        return Err(MembershipError::NotNodeCertificate);
     }
     let san = x
         .subject_alternative_name()
-        .map_err(|e| TransportError::Tls(format!("bad subject alternative name: {e}")))?
-        .ok_or(TransportError::NoName)?;
+        .map_err(|e| MembershipError::Tls(format!("bad subject alternative name: {e}")))?
+        .ok_or(MembershipError::NoName)?;
     let mut names = san.value.general_names.iter().filter_map(|n| match n {
         x509_parser::extensions::GeneralName::DNSName(d) => Some(*d),
         _ => None,
     });
-    let name = names.next().ok_or(TransportError::NoName)?;
+    let name = names.next().ok_or(MembershipError::NoName)?;
     let more = names.count();
     if more > 0 {
-        return Err(TransportError::SeveralNames { count: more + 1 });
+        return Err(MembershipError::SeveralNames { count: more + 1 });
     }
     Ok(name.to_string())
 }
@@ -276,21 +233,21 @@ pub struct PeerConnection {
 
 impl Endpoint {
     /// Bind `addr` (UDP) with this identity.
-    pub fn bind(id: &TlsIdentity, addr: SocketAddr) -> Result<Self, TransportError> {
+    pub fn bind(id: &TlsIdentity, addr: SocketAddr) -> Result<Self, MembershipError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(id.ca.clone())
-            .map_err(|e| TransportError::Tls(format!("cluster CA: {e}")))?;
+            .map_err(|e| MembershipError::Tls(format!("cluster CA: {e}")))?;
         let roots = Arc::new(roots);
-        let tls = |e: rustls::Error| TransportError::Tls(e.to_string());
+        let tls = |e: rustls::Error| MembershipError::Tls(e.to_string());
 
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             roots.clone(),
             provider.clone(),
         )
         .build()
-        .map_err(|e| TransportError::Tls(e.to_string()))?;
+        .map_err(|e| MembershipError::Tls(e.to_string()))?;
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls)?
@@ -299,7 +256,7 @@ impl Endpoint {
             .map_err(tls)?;
         server.alpn_protocols = vec![ALPN.to_vec()];
         let server =
-            QuicServerConfig::try_from(server).map_err(|e| TransportError::Tls(e.to_string()))?;
+            QuicServerConfig::try_from(server).map_err(|e| MembershipError::Tls(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
         server.transport_config(transport_config());
 
@@ -308,7 +265,7 @@ impl Endpoint {
             provider.clone(),
         )
         .build()
-        .map_err(|e| TransportError::Tls(e.to_string()))?;
+        .map_err(|e| MembershipError::Tls(e.to_string()))?;
         let mut client = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls)?
@@ -318,12 +275,12 @@ impl Endpoint {
             .map_err(tls)?;
         client.alpn_protocols = vec![ALPN.to_vec()];
         let client =
-            QuicClientConfig::try_from(client).map_err(|e| TransportError::Tls(e.to_string()))?;
+            QuicClientConfig::try_from(client).map_err(|e| MembershipError::Tls(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(client));
         client.transport_config(transport_config());
 
         let mut inner = quinn::Endpoint::server(server, addr)
-            .map_err(|source| TransportError::Bind { addr, source })?;
+            .map_err(|source| MembershipError::Bind { addr, source })?;
         inner.set_default_client_config(client);
         Ok(Self {
             inner,
@@ -332,10 +289,10 @@ impl Endpoint {
         })
     }
 
-    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+    pub fn local_addr(&self) -> Result<SocketAddr, MembershipError> {
         self.inner
             .local_addr()
-            .map_err(|source| TransportError::Bind {
+            .map_err(|source| MembershipError::Bind {
                 addr: SocketAddr::from(([0, 0, 0, 0], 0)),
                 source,
             })
@@ -351,8 +308,8 @@ impl Endpoint {
         &self,
         addr: SocketAddr,
         peer: &str,
-    ) -> Result<PeerConnection, TransportError> {
-        let err = |message: String| TransportError::Connect { addr, message };
+    ) -> Result<PeerConnection, MembershipError> {
+        let err = |message: String| MembershipError::Connect { addr, message };
         let conn = self
             .inner
             .connect(addr, peer)
@@ -365,7 +322,7 @@ impl Endpoint {
 
     /// Dial a seed whose node name is not known yet: any certificate from the cluster CA is
     /// accepted, and the name it carries becomes the peer's identity.
-    pub async fn connect_any(&self, addr: SocketAddr) -> Result<PeerConnection, TransportError> {
+    pub async fn connect_any(&self, addr: SocketAddr) -> Result<PeerConnection, MembershipError> {
         self.connect(addr, ANY_PEER).await
     }
 
@@ -408,15 +365,15 @@ impl Endpoint {
     }
 }
 
-fn peer_name(conn: &quinn::Connection) -> Result<String, TransportError> {
+fn peer_name(conn: &quinn::Connection) -> Result<String, MembershipError> {
     let remote = conn.remote_address();
     let certs = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .ok_or(TransportError::NoPeerCertificate(remote))?;
+        .ok_or(MembershipError::NoPeerCertificate(remote))?;
     let first = certs
         .first()
-        .ok_or(TransportError::NoPeerCertificate(remote))?;
+        .ok_or(MembershipError::NoPeerCertificate(remote))?;
     cert_name(first)
 }
 

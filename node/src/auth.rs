@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use ed25519_dalek::{Signer as _, SigningKey};
-use rand::RngCore;
+use rand::TryRng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use swarm_storage::{Delta, Engine, MemoryStore, PutRequest, Storage, StorageError, trees};
@@ -195,6 +195,16 @@ pub struct Authenticator {
     signed_ok: Arc<RwLock<HashMap<String, String>>>,
 }
 
+/// A signed record of the authentication state, ready to be written: the gateway hands it to the
+/// memory service ([`swarm_actors::Memory::put_record`]), which writes, audits and pushes it.
+#[derive(Debug)]
+pub struct RecordWrite {
+    /// [`AUTH_NAMESPACE`] or [`REVOKED_NAMESPACE`].
+    pub namespace: &'static str,
+    pub key: String,
+    pub request: PutRequest,
+}
+
 /// A record as stored in the reserved namespaces: its JSON and a node's signature over it and
 /// the key it is stored under.
 #[derive(Debug, Serialize, Deserialize)]
@@ -270,7 +280,7 @@ impl Authenticator {
             }
             match serde_json::from_slice::<Old>(&v) {
                 Ok(old) => {
-                    self.put_api_key(&old.rec, now_ms)?;
+                    self.write_here(self.api_key_record(&old.rec, now_ms)?, now_ms)?;
                     if old.revoked {
                         self.revoke(&old.rec.credential(), old.rec.expires_at, now_ms)?;
                     }
@@ -365,15 +375,15 @@ impl Authenticator {
         Ok(revoked)
     }
 
-    /// Revoke a credential until `expires_at` (seconds; `u64::MAX` for good). Returns the delta
-    /// to push to the peers (durable after the next sync), or `None` when it was revoked already
-    /// (nothing is written again).
-    pub fn revoke(
+    /// The signed record that revokes a credential until `expires_at` (seconds; `u64::MAX` for
+    /// good), to be written through the memory service (which audits and pushes it); `None`
+    /// when it is revoked already (nothing to write again).
+    pub fn revocation(
         &self,
         credential: &str,
         expires_at: u64,
         now_ms: u64,
-    ) -> Result<Option<Delta>, StorageError> {
+    ) -> Result<Option<RecordWrite>, StorageError> {
         if self.is_revoked(credential)? {
             return Ok(None);
         }
@@ -382,40 +392,77 @@ impl Authenticator {
             expires_at,
             revoked_at_ms: now_ms,
         };
-        self.put(
+        self.signed(
             REVOKED_NAMESPACE,
-            &revocation_key(credential),
+            revocation_key(credential),
             &value,
             ttl_until(expires_at, now_ms),
-            now_ms,
         )
         .map(Some)
     }
 
-    /// Store `value` under `key`, signed.
+    /// Revoke a credential by writing its record here only (no audit, no push): the start-up
+    /// migration, whose records reach the peers by anti-entropy. Returns the delta written, or
+    /// `None` when it was revoked already.
+    fn revoke(
+        &self,
+        credential: &str,
+        expires_at: u64,
+        now_ms: u64,
+    ) -> Result<Option<Delta>, StorageError> {
+        match self.revocation(credential, expires_at, now_ms)? {
+            Some(w) => self.write_here(w, now_ms).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Write a signed record into the local replica only (see [`Authenticator::revoke`]).
+    fn write_here(&self, w: RecordWrite, now_ms: u64) -> Result<Delta, StorageError> {
+        let (_, delta) = self
+            .memory
+            .put_with_delta(w.namespace, &w.key, w.request, now_ms)?;
+        Ok(delta)
+    }
+
+    /// Store `value` under `key`, signed, here only.
+    #[cfg(test)]
     fn put<T: Serialize>(
         &self,
-        ns: &str,
+        ns: &'static str,
         key: &str,
         value: &T,
         ttl_ms: Option<u64>,
         now_ms: u64,
     ) -> Result<Delta, StorageError> {
+        self.write_here(self.signed(ns, key.to_string(), value, ttl_ms)?, now_ms)
+    }
+
+    /// `value` as the record to store under `key` of `ns`, signed.
+    fn signed<T: Serialize>(
+        &self,
+        ns: &'static str,
+        key: String,
+        value: &T,
+        ttl_ms: Option<u64>,
+    ) -> Result<RecordWrite, StorageError> {
         let record =
             serde_json::to_string(value).map_err(|e| StorageError::Corrupt(e.to_string()))?;
         let signed = SignedRecord {
             kid: crate::jwt::kid(&self.signer.verifying_key()),
-            sig: hex::encode(self.signer.sign(&signing_input(key, &record)).to_bytes()),
+            sig: hex::encode(self.signer.sign(&signing_input(&key, &record)).to_bytes()),
             record,
         };
-        let req = PutRequest {
+        let request = PutRequest {
             value_json: serde_json::to_string(&signed)
                 .map_err(|e| StorageError::Corrupt(e.to_string()))?,
             ttl_ms,
             ..PutRequest::default()
         };
-        let (_, delta) = self.memory.put_with_delta(ns, key, req, now_ms)?;
-        Ok(delta)
+        Ok(RecordWrite {
+            namespace: ns,
+            key,
+            request,
+        })
     }
 
     /// The record stored under `key`, if there is one and a node signed it (with the current or
@@ -532,9 +579,10 @@ impl Authenticator {
         Ok(chain)
     }
 
-    /// Create an API key; returns the record, the full key (never stored) and the delta to push.
-    /// Refused (`None`) when the owner holds [`MAX_KEYS_PER_OWNER`] usable keys already.
-    pub fn create_api_key(
+    /// A new API key: its record, the full key (never stored) and the signed record to write
+    /// through the memory service (which audits and pushes it). Refused (`None`) when the owner
+    /// holds [`MAX_KEYS_PER_OWNER`] usable keys already.
+    pub fn new_api_key(
         &self,
         name: &str,
         role: &str,
@@ -542,7 +590,7 @@ impl Authenticator {
         parents: Vec<String>,
         now_s: u64,
         expires_at: u64,
-    ) -> Result<Option<(ApiKeyRecord, String, Delta)>, StorageError> {
+    ) -> Result<Option<(ApiKeyRecord, String, RecordWrite)>, StorageError> {
         let mut usable = 0;
         for k in self.list_api_keys(Some(owner), MAX_KEYS_PER_OWNER * 4)? {
             if k.owner == owner && k.expires_at > now_s && !self.key_revoked(&k)? {
@@ -554,8 +602,10 @@ impl Authenticator {
         }
         let mut id = [0u8; 4];
         let mut secret = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut id);
-        rand::rngs::OsRng.fill_bytes(&mut secret);
+        let mut os = rand::rngs::SysRng;
+        os.try_fill_bytes(&mut id)
+            .and_then(|()| os.try_fill_bytes(&mut secret))
+            .map_err(|e| StorageError::Engine(format!("OS random generator: {e}")))?;
         let id = format!("{}{}", owner_prefix(owner), hex::encode(id));
         let secret = B64.encode(secret);
         let rec = ApiKeyRecord {
@@ -568,8 +618,32 @@ impl Authenticator {
             expires_at,
             parents,
         };
-        let delta = self.put_api_key(&rec, now_ms())?;
-        Ok(Some((rec, format!("{API_KEY_PREFIX}{id}_{secret}"), delta)))
+        let record = self.api_key_record(&rec, now_ms())?;
+        Ok(Some((
+            rec,
+            format!("{API_KEY_PREFIX}{id}_{secret}"),
+            record,
+        )))
+    }
+
+    /// [`Authenticator::new_api_key`], written here only (no audit, no push).
+    #[cfg(test)]
+    fn create_api_key(
+        &self,
+        name: &str,
+        role: &str,
+        owner: &str,
+        parents: Vec<String>,
+        now_s: u64,
+        expires_at: u64,
+    ) -> Result<Option<(ApiKeyRecord, String, Delta)>, StorageError> {
+        let Some((rec, key, w)) =
+            self.new_api_key(name, role, owner, parents, now_s, expires_at)?
+        else {
+            return Ok(None);
+        };
+        let delta = self.write_here(w, now_ms())?;
+        Ok(Some((rec, key, delta)))
     }
 
     pub fn get_api_key(&self, id: &str) -> Result<Option<ApiKeyRecord>, StorageError> {
@@ -583,13 +657,12 @@ impl Authenticator {
             .filter(|r| r.id == id))
     }
 
-    fn put_api_key(&self, rec: &ApiKeyRecord, now_ms: u64) -> Result<Delta, StorageError> {
-        self.put(
+    fn api_key_record(&self, rec: &ApiKeyRecord, now_ms: u64) -> Result<RecordWrite, StorageError> {
+        self.signed(
             AUTH_NAMESPACE,
-            &api_key_key(&rec.id),
+            api_key_key(&rec.id),
             rec,
             ttl_until(rec.expires_at, now_ms),
-            now_ms,
         )
     }
 
@@ -655,7 +728,7 @@ mod tests {
     }
 
     fn setup() -> (SigningKey, Authenticator) {
-        let k = SigningKey::generate(&mut rand::rngs::OsRng);
+        let k = SigningKey::from_bytes(&rand::random());
         let a = Authenticator::new(verifier(&k), k.clone(), &storage()).expect("auth");
         (k, a)
     }
@@ -805,7 +878,7 @@ mod tests {
         // Signed with a key the verifier does not accept.
         let rogue = Authenticator::new(
             verifier(&k),
-            SigningKey::generate(&mut rand::rngs::OsRng),
+            SigningKey::from_bytes(&rand::random()),
             &storage(),
         )
         .expect("auth");
@@ -952,7 +1025,7 @@ mod tests {
                 old.to_string().as_bytes(),
             )
             .expect("put");
-        let k = SigningKey::generate(&mut rand::rngs::OsRng);
+        let k = SigningKey::from_bytes(&rand::random());
         let a = Authenticator::new(verifier(&k), k.clone(), &st).expect("auth");
         assert!(a.is_revoked("jwt:old-jti").expect("revoked"));
         assert!(

@@ -270,7 +270,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             command: ModelCommand::Pull { name, dir },
         } => {
             let Some(entry) = swarm_gpu::catalog::find(&name) else {
-                bail!("{}", swarm_gpu::catalog::PullError::Unknown(name));
+                bail!("{}", swarm_gpu::InferError::UnknownModel(name));
             };
             pull_model(&entry, &dir.join("models"))?;
             Ok(ExitCode::SUCCESS)

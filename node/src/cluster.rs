@@ -1,22 +1,22 @@
 //! The node's place in the cluster: starts membership (QUIC + gossip) from the node config,
 //! publishes this node's metadata, audits refused peers.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use swarm_actors::{ActorCluster, Replicator, STREAM_ANTI_ENTROPY, STREAM_DELTAS, STREAM_RACTOR};
+use swarm_actors::{ActorCluster, Replicator, Services};
 use swarm_config::NodeConfig;
 use swarm_membership::{
-    DeviceMeta, GossipSettings, IncomingStream, MemberEvent, MemberState, Membership,
-    MembershipConfig, MembershipError, ModelMeta, NodeMeta, TlsIdentity,
+    DeviceMeta, GossipSettings, IncomingStream, Membership, MembershipConfig, MembershipError,
+    ModelMeta, NodeMeta, TlsIdentity,
 };
-use tokio::sync::{broadcast, mpsc};
+use swarm_storage::AuditSink;
+use tokio::sync::mpsc;
 
 use crate::gateway::AppState;
-use crate::inference::{Inference, STREAM_INFERENCE};
+use crate::inference::Inference;
 
 /// Start the membership service for `cfg`; `gateway` is the address clients reach this node's
 /// gateway at.
@@ -97,8 +97,14 @@ fn devices() -> Vec<DeviceMeta> {
         .clone()
 }
 
-/// Background duties while the node runs: audit refused peers, republish load when it changes.
-pub fn spawn_duties(state: AppState, membership: Membership, gateway: SocketAddr) {
+/// Background duties while the node runs: audit refused peers (into `audit`, the node's audit
+/// writer), republish load when it changes.
+pub fn spawn_duties(
+    state: AppState,
+    audit: Arc<dyn AuditSink>,
+    membership: Membership,
+    gateway: SocketAddr,
+) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut last_load = 0u32;
@@ -108,7 +114,14 @@ pub fn spawn_duties(state: AppState, membership: Membership, gateway: SocketAddr
             tick.tick().await;
             n += 1;
             for r in membership.take_refusals() {
-                state.audit_system("cluster.connect", &r.remote, "denied", &r.reason);
+                crate::gateway::audit_system(
+                    audit.as_ref(),
+                    &state.node,
+                    "cluster.connect",
+                    &r.remote,
+                    "denied",
+                    &r.reason,
+                );
             }
             // Served models spread at once when they change (a model finished loading or
             // stopped); load changes at most every 2 s (gateway load every 5 s) so they do not
@@ -136,31 +149,17 @@ pub fn spawn_duties(state: AppState, membership: Membership, gateway: SocketAddr
 
 /// Hand streams peers open to whoever serves their kind; unknown kinds are refused.
 pub fn spawn_streams(
-    mut rx: mpsc::Receiver<IncomingStream>,
+    rx: mpsc::Receiver<IncomingStream>,
     actors: ActorCluster,
     replicator: Replicator,
     inference: Arc<Inference>,
 ) {
-    tokio::spawn(async move {
-        while let Some(mut s) = rx.recv().await {
-            match s.kind {
-                STREAM_RACTOR => {
-                    let peer = s.peer.clone();
-                    if let Err(e) = actors.accept(s.peer, s.send, s.recv) {
-                        tracing::warn!(%peer, error = %e, "actor session refused");
-                    }
-                }
-                STREAM_DELTAS | STREAM_ANTI_ENTROPY => {
-                    replicator.serve(s.peer, s.kind, s.send, s.recv);
-                }
-                STREAM_INFERENCE => inference.serve_peer(s.peer, s.send, s.recv),
-                kind => {
-                    tracing::debug!(peer = %s.peer, kind, "stream of unknown kind refused");
-                    let _ = s.recv.stop(3u32.into());
-                }
-            }
-        }
-    });
+    Services {
+        actors,
+        replicator,
+        inference: Some(inference.cluster.clone()),
+    }
+    .spawn_dispatch(rx);
 }
 
 /// The actor cluster's cookie, derived from the cluster CA certificate. It is NOT a secret
@@ -174,69 +173,4 @@ pub fn actor_cookie(cfg: &NodeConfig) -> String {
     use sha2::{Digest, Sha256};
     let ca = std::fs::read(cfg.resolve(&cfg.tls.ca_cert)).unwrap_or_default();
     hex::encode(&Sha256::digest([b"swarm actor cookie\0".as_slice(), &ca].concat())[..16])
-}
-
-/// Keep one actor session per live peer: the node with the smaller name opens it (on a QUIC
-/// stream of the peer connection); sessions close when the member goes down or leaves.
-pub fn spawn_sessions(membership: Membership, actors: ActorCluster) {
-    tokio::spawn(async move {
-        let me = membership.name().to_string();
-        let mut events = membership.subscribe();
-        let mut tick = tokio::time::interval(Duration::from_secs(2));
-        let connecting: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
-        loop {
-            tokio::select! {
-                ev = events.recv() => match ev {
-                    Ok(MemberEvent::Down(id) | MemberEvent::Left(id)) => actors.disconnect(&id.name),
-                    Ok(MemberEvent::Up(id)) if me < id.name => {
-                        // A member that comes back is a new process: its old session is stale.
-                        actors.disconnect(&id.name);
-                        open_session(&membership, &actors, &connecting, id.name);
-                    }
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => break,
-                },
-                _ = tick.tick() => {
-                    let have: HashSet<String> = actors.sessions().into_iter().collect();
-                    for m in membership.view().members {
-                        let live = matches!(m.state, MemberState::Alive | MemberState::Suspect);
-                        if live && me < m.name && !have.contains(&m.name) {
-                            open_session(&membership, &actors, &connecting, m.name);
-                        }
-                    }
-                }
-            }
-        }
-    });
-}
-
-fn open_session(
-    membership: &Membership,
-    actors: &ActorCluster,
-    connecting: &Arc<std::sync::Mutex<HashSet<String>>>,
-    peer: String,
-) {
-    {
-        let mut c = connecting.lock().unwrap_or_else(|e| e.into_inner());
-        if !c.insert(peer.clone()) {
-            return;
-        }
-    }
-    let (membership, actors, connecting) = (membership.clone(), actors.clone(), connecting.clone());
-    tokio::spawn(async move {
-        let r = match membership.open_stream(&peer, STREAM_RACTOR).await {
-            Ok((send, recv)) => actors
-                .connect(peer.clone(), send, recv)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = r {
-            tracing::debug!(%peer, error = %e, "actor session not opened (will retry)");
-        }
-        connecting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&peer);
-    });
 }

@@ -161,6 +161,14 @@ impl AppError {
 
 impl From<StorageError> for AppError {
     fn from(e: StorageError) -> Self {
+        AppError::from_storage(&e)
+    }
+}
+
+impl AppError {
+    /// What a client gets for a store error (by reference: the memory service audits a refusal
+    /// with the same status and code before the handler answers).
+    pub fn from_storage(e: &StorageError) -> Self {
         match e {
             StorageError::InvalidInput { field, message } => AppError::BadRequest {
                 code: "invalid_field",
@@ -175,7 +183,7 @@ impl From<StorageError> for AppError {
             StorageError::NamespaceFull(ns) => {
                 AppError::Conflict(format!("namespace `{ns}` is full"))
             }
-            StorageError::Erased(s) => AppError::Gone(s),
+            StorageError::Erased(s) => AppError::Gone(s.clone()),
             StorageError::ClockSkew { .. } => AppError::Unprocessable(e.to_string()),
             other => AppError::Internal(other.to_string()),
         }

@@ -62,7 +62,10 @@ pub fn init_cluster(opts: &InitOptions) -> Result<Vec<PathBuf>> {
     let issuer = Issuer::new(ca_params, ca_key);
 
     // JWT signing key.
-    let signing = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+    let mut seed = [0u8; 32];
+    rand::TryRng::try_fill_bytes(&mut rand::rngs::SysRng, &mut seed)
+        .context("reading the OS random generator")?;
+    let signing = ed25519_dalek::SigningKey::from_bytes(&seed);
     write_secret_file(&dir.join("jwt.key"), &hex::encode(signing.to_bytes()))?;
     std::fs::write(
         dir.join("jwt.pub"),
@@ -212,7 +215,7 @@ pub fn mint(
 ) -> Result<String> {
     let now = crate::gateway::now_s();
     let mut jti = [0u8; 12];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut jti);
+    rand::Rng::fill_bytes(&mut rand::rng(), &mut jti);
     Ok(jwt::sign(
         key,
         &Claims {

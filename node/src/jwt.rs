@@ -223,7 +223,7 @@ mod tests {
     use super::*;
 
     fn key() -> SigningKey {
-        SigningKey::generate(&mut rand::rngs::OsRng)
+        SigningKey::from_bytes(&rand::random())
     }
 
     const MAX_TTL: u64 = 365 * 86_400;

@@ -37,7 +37,8 @@ pub struct Metrics {
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     /// Requests refused by the per-source rate limit (429 before authentication).
     pub rate_limited: AtomicU64,
-    pub audit_entries: AtomicU64,
+    /// Shared with the audit writer, which counts what it appends (and what it loses, below).
+    pub audit_entries: std::sync::Arc<AtomicU64>,
     pub audit_failures: std::sync::Arc<AtomicU64>,
     pub in_flight: AtomicU64,
 }

@@ -2,15 +2,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use swarm_actors::{ActorCluster, RefusalHook, Replicator};
 use swarm_config::secret::{ENV_JWT_SIGNING_KEY, ENV_MASTER_KEY, read_secret, read_secret_file};
 use swarm_config::{ConfigError, NodeConfig};
 use swarm_membership::Membership;
-use swarm_storage::{MemoryLimits, SecretKey, Storage, StorageError, StorageOptions};
+use swarm_storage::{AuditSink, MemoryLimits, SecretKey, Storage, StorageError, StorageOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -55,7 +53,7 @@ impl NodeError {
             NodeError::Key { .. } => "bad_key",
             NodeError::Bind { .. } => "bind_failed",
             NodeError::GatewayTls { .. } => "gateway_tls",
-            NodeError::Membership(e) => e.code(),
+            NodeError::Membership(e) => e.kind(),
             NodeError::Actors(_) => "actors",
         }
     }
@@ -72,6 +70,7 @@ pub struct NodeHandle {
     pub membership: Membership,
     pub actors: ActorCluster,
     pub state: gateway::AppState,
+    replicator: Option<Replicator>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
 }
@@ -115,6 +114,9 @@ impl NodeHandle {
         })
         .await
         .map_err(|e| StorageError::Engine(e.to_string()))??;
+        if let Some(r) = &self.replicator {
+            r.shutdown().await;
+        }
         self.actors.shutdown().await;
         self.membership.shutdown().await;
         tracing::info!(node = %self.name, "node stopped");
@@ -225,69 +227,67 @@ impl Node {
         let actors = ActorCluster::start(membership.name(), &cluster::actor_cookie(&cfg))
             .await
             .map_err(|e| NodeError::Actors(e.to_string()))?;
-        // Refused replicated changes are audited once the gateway state exists.
-        let audit_to: Arc<OnceLock<gateway::AppState>> = Arc::default();
-        let hook_to = audit_to.clone();
-        let hook: RefusalHook = Arc::new(move |peer: &str, code: &str, detail: &str| {
-            if let Some(s) = hook_to.get() {
-                s.audit_system(
+        // One audit writer, before anything that audits: refused replicated changes, refused
+        // peers, the memory service and the gateway all write into it.
+        let audit_writer = Arc::new(
+            gateway::AuditWriter::spawn(storage.audit.clone(), storage.engine.clone())
+                .map_err(|e| StorageError::Engine(format!("start the audit writer: {e}")))?,
+        );
+        let audit: Arc<dyn AuditSink> = audit_writer.clone();
+        let hook: RefusalHook = {
+            let (audit, node) = (audit.clone(), cfg.node.name.clone());
+            Arc::new(move |peer: &str, code: &str, detail: &str| {
+                gateway::audit_system(
+                    audit.as_ref(),
+                    &node,
                     "memory.replicate",
                     peer,
                     "denied",
                     &format!("{code}: {detail}"),
                 );
-            }
-        });
+            })
+        };
         let replicator = Replicator::start(
             storage.clone(),
             membership.clone(),
             cfg.replication.clone(),
             hook,
         );
-        // A node with seeds catches up with a peer before it serves, so a node that was down
-        // does not hand out (or take writes for) what the cluster deleted or erased meanwhile.
-        // Alone after a second (no peer up yet: a cold start), it serves at once.
-        if !cfg.gossip.seeds.is_empty() {
-            let start = std::time::Instant::now();
-            loop {
-                if replicator.wait_first_sync(Duration::from_millis(100)).await {
-                    tracing::info!("caught up with a peer before serving");
-                    break;
-                }
-                let alone = membership.view().alive() <= 1;
-                if (alone && start.elapsed() > Duration::from_secs(1))
-                    || start.elapsed() > Duration::from_secs(5)
-                {
-                    tracing::warn!(
-                        "no anti-entropy round with a peer yet; serving local data as it is"
-                    );
-                    break;
-                }
-            }
-        }
         let inference = Inference::start(&cfg, Some(membership.clone())).await;
-        let state = Inner::new(GatewayParts {
-            node: cfg.node.name.clone(),
-            storage,
-            auth,
-            policy: Policy::new(&cfg.roles),
-            swarm,
-            limits: cfg.limits.clone(),
-            body_limit: cfg.gateway.body_limit,
-            max_token_ttl_s: cfg.auth.max_token_ttl.0.as_secs(),
-            signing_key,
-            issuer: cfg.auth.issuer.clone(),
-            audience: cfg.auth.audience.clone(),
-            membership: Some(membership.clone()),
-            actors: Some(actors.clone()),
-            replicator: Some(replicator.clone()),
-            inference: inference.clone(),
-        })
-        .map_err(|e| StorageError::Engine(format!("start the audit writer: {e}")))?;
-        cluster::spawn_duties(state.clone(), membership.clone(), http_addr);
-        let _ = audit_to.set(state.clone());
-        cluster::spawn_streams(streams_rx, actors.clone(), replicator, inference);
-        cluster::spawn_sessions(membership.clone(), actors.clone());
+        let state = Inner::with_audit(
+            GatewayParts {
+                node: cfg.node.name.clone(),
+                storage,
+                auth,
+                policy: Policy::new(&cfg.roles),
+                swarm,
+                limits: cfg.limits.clone(),
+                body_limit: cfg.gateway.body_limit,
+                max_token_ttl_s: cfg.auth.max_token_ttl.0.as_secs(),
+                signing_key,
+                issuer: cfg.auth.issuer.clone(),
+                audience: cfg.auth.audience.clone(),
+                membership: Some(membership.clone()),
+                actors: Some(actors.clone()),
+                replicator: Some(replicator.clone()),
+                inference: inference.clone(),
+            },
+            audit_writer,
+        );
+        cluster::spawn_duties(state.clone(), audit, membership.clone(), http_addr);
+        cluster::spawn_streams(streams_rx, actors.clone(), replicator.clone(), inference);
+        swarm_actors::spawn_sessions(membership.clone(), actors.clone());
+        // A node with seeds catches up with a peer before it serves (streams are already
+        // dispatched, so rounds peers start towards it are served too), whatever its name: a
+        // node that was down must not hand out, or take writes for, what the cluster deleted or
+        // erased meanwhile. With no live peer for two seconds (a cold start) it serves as it is.
+        if !cfg.gossip.seeds.is_empty()
+            && !replicator
+                .catch_up(Duration::from_secs(2), Duration::from_secs(10))
+                .await
+        {
+            tracing::warn!("no anti-entropy round with a peer yet; serving local data as it is");
+        }
         let (tx, rx) = watch::channel(false);
         let app = gateway::router(Arc::clone(&state));
         let https = tls.is_some();
@@ -298,9 +298,7 @@ impl Node {
             crate::server::ServeOptions::from_config(&cfg.gateway),
             rx,
         ));
-        let gossip_addr = membership
-            .local_addr()
-            .map_err(swarm_membership::MembershipError::from)?;
+        let gossip_addr = membership.local_addr()?;
         tracing::info!(node = %cfg.node.name, %http_addr, https, %gossip_addr, secured = state.secured, audited = state.audited, "node started");
         Ok(NodeHandle {
             name: cfg.node.name.clone(),
@@ -309,6 +307,7 @@ impl Node {
             membership,
             actors,
             state,
+            replicator: Some(replicator),
             shutdown: tx,
             server,
         })

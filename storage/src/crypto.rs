@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hmac::{Hmac, Mac};
-use rand::RngCore;
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use zeroize::Zeroize;
@@ -49,7 +49,9 @@ impl SecretKey {
 
     pub fn generate() -> Self {
         let mut b = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut b);
+        // Straight from the OS: this is a long-lived key. `UnwrapErr` panics only if the OS has
+        // no entropy to give at all, which no caller could recover from.
+        rand::rand_core::UnwrapErr(rand::rngs::SysRng).fill_bytes(&mut b);
         SecretKey(b)
     }
 
@@ -94,7 +96,7 @@ pub fn seal(key: &SecretKey, aad: &[u8], plain: &[u8]) -> Result<Sealed> {
     // ThreadRng is a CSPRNG (ChaCha12) seeded and periodically reseeded from the OS: random
     // 192-bit nonces without a system call per value.
     let mut nonce = [0u8; 24];
-    rand::thread_rng().fill_bytes(&mut nonce);
+    rand::rng().fill_bytes(&mut nonce);
     let ct = cipher
         .encrypt(XNonce::from_slice(&nonce), Payload { msg: plain, aad })
         .map_err(|_| StorageError::Engine("encryption failed".into()))?;

@@ -3,12 +3,41 @@
 //! A [`Delta`] travels only inside mutually authenticated TLS between peers; each replica seals
 //! the value again under its own data keys when it applies it (see `MemoryStore::apply_delta`).
 //! The wire form is postcard; [`decode_delta`] never panics, whatever the bytes.
+//!
+//! [`MemoryType`] lives here, not in `memory`, because a delta carries it: `memory` builds on
+//! this module and this module never reaches back into `memory`.
 
 use serde::{Deserialize, Serialize};
 
 use crate::crdt::{Version, Versioned};
 use crate::error::{Result, StorageError};
-use crate::memory::MemoryType;
+
+/// The kinds of agent memory, each with its default lifetime.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryType {
+    /// Conversation state: expires after a day unless a TTL says otherwise.
+    Session,
+    /// Facts and knowledge: kept until deleted.
+    #[default]
+    Semantic,
+    /// An agent's own state: kept until deleted (retention applies).
+    Agent,
+    /// Execution traces: expire after a week unless a TTL says otherwise.
+    Trace,
+}
+
+impl MemoryType {
+    pub fn default_ttl_ms(self) -> Option<u64> {
+        match self {
+            MemoryType::Session => Some(86_400_000),
+            MemoryType::Trace => Some(7 * 86_400_000),
+            MemoryType::Semantic | MemoryType::Agent => None,
+        }
+    }
+}
 
 /// A replicated change: the whole record of `namespace`/`key` at `version`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

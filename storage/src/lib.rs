@@ -8,9 +8,9 @@
 //! - `hlc`: the hybrid logical clock; `crdt`: the LWW map with tombstones and TTLs and its laws.
 //! - `memory`: namespaced agent memory ([`MemoryStore`]) on top of all of the above;
 //!   `memory/replica.rs`: its replication (apply peers' deltas, digests, tombstone GC, erasure
-//!   across replicas). `delta`: the replicated [`Delta`] and its codec; `digest`: the
-//!   anti-entropy [`NamespaceDigest`]. `memory/legacy.rs`: rewrites stores from before keyed
-//!   subject ids.
+//!   across replicas). `delta`: the replicated [`Delta`], the [`MemoryType`] it carries, and its
+//!   codec; `memory` uses `delta`, never the other way round. `digest`: the anti-entropy
+//!   [`NamespaceDigest`]. `memory/legacy.rs`: rewrites stores from before keyed subject ids.
 //! - `audit`: the hash-chained [`AuditLog`].
 //!
 //! [`Storage`] wires them together for one node.
@@ -31,19 +31,19 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use audit::{
-    AuditBlock, AuditEntry, AuditEvent, AuditLog, AuditRecord, MAX_BLOCK, VerifyReport,
+    AuditBlock, AuditEntry, AuditEvent, AuditLog, AuditRecord, AuditSink, MAX_BLOCK, VerifyReport,
     decode_audit_block,
 };
 pub use crdt::{LwwMap, Version, Versioned};
 pub use crypto::{KeyId, KeyRef, Keyring, Sealed, SecretKey, SubjectId, open, seal};
-pub use delta::{ApplyOutcome, Delta, DeltaValue, decode_delta, encode_delta};
+pub use delta::{ApplyOutcome, Delta, DeltaValue, MemoryType, decode_delta, encode_delta};
 pub use digest::{BUCKETS, NamespaceDigest, bucket_of};
 pub use engine::{Engine, MemEngine, Pairs};
 pub use error::{Result, StorageError};
 pub use hlc::{Hlc, HlcClock};
 pub use memory::{
     DEFAULT_MAX_TAG_BYTES, DEFAULT_MAX_TAGS, ListPage, MemoryItem, MemoryLimits, MemoryStore,
-    MemoryType, Protection, PutRequest, StoredRecord, StoredValue, decode_record, validate_name,
+    Protection, PutRequest, StoredRecord, StoredValue, decode_record, validate_name,
 };
 pub use sled_engine::SledEngine;
 

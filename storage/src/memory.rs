@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crdt::{Version, Versioned};
 use crate::crypto::{self, KeyId, KeyRef, Keyring, Sealed};
-use crate::delta::Delta;
+use crate::delta::{Delta, MemoryType};
 use crate::digest::{DigestState, Entry};
 use crate::engine::Engine;
 use crate::error::{Result, StorageError};
@@ -26,33 +26,6 @@ pub(crate) const MEMORY_TREE: &str = "memory";
 const LOCK_STRIPES: usize = 64;
 /// Most bytes of decrypted values the read cache holds.
 const READ_CACHE_BYTES: usize = 64 << 20;
-
-/// The kinds of agent memory, each with its default lifetime.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum MemoryType {
-    /// Conversation state: expires after a day unless a TTL says otherwise.
-    Session,
-    /// Facts and knowledge: kept until deleted.
-    #[default]
-    Semantic,
-    /// An agent's own state: kept until deleted (retention applies).
-    Agent,
-    /// Execution traces: expire after a week unless a TTL says otherwise.
-    Trace,
-}
-
-impl MemoryType {
-    pub fn default_ttl_ms(self) -> Option<u64> {
-        match self {
-            MemoryType::Session => Some(86_400_000),
-            MemoryType::Trace => Some(7 * 86_400_000),
-            MemoryType::Semantic | MemoryType::Agent => None,
-        }
-    }
-}
 
 /// What is stored for a live value: which key sealed it (a subject by its keyed id, never by
 /// name) and the sealed JSON.

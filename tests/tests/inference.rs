@@ -266,6 +266,28 @@ fn requests_route_to_the_node_with_the_model_and_broken_models_are_reported() ->
         (400, Some("temperature")),
         "{e}"
     );
+
+    // A client of node-2 that goes away mid-stream cancels the sequence on node-1 (the QUIC
+    // stream's end reaches it) and frees its KV there.
+    let resp = clients[1].post_raw("/v1/chat/completions", &chat(400, true))?;
+    assert_eq!(resp.header("x-swarm-node"), Some("node-1"));
+    let mut reader = std::io::BufReader::new(resp.into_reader());
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    assert!(line.starts_with("data: "), "{line}");
+    drop(reader);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&clients[0], "swarm_inference_kv_blocks_used")? > 0.0
+        || metric(&clients[0], "swarm_inference_cancelled_total")? < 1.0
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "the remote stream's sequence was not cancelled: {}",
+                clients[0].get_text("/metrics")?
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Ok(())
 }
 

@@ -200,7 +200,10 @@ fn a_restarted_highest_named_node_serves_what_it_missed_at_once() -> Result<()> 
         assert_eq!(status, 200, "{v}");
         acked.push(path);
     }
-    assert_eq!(cs[1].request("DELETE", "/v1/memory/outage/old", None)?.0, 200);
+    assert_eq!(
+        cs[1].request("DELETE", "/v1/memory/outage/old", None)?.0,
+        200
+    );
     // Restarted, it serves only after a round with a peer: its very first reads see it all.
     let started = Instant::now();
     nodes[2] = NodeProc::start(&configs[2])?;
@@ -210,7 +213,11 @@ fn a_restarted_highest_named_node_serves_what_it_missed_at_once() -> Result<()> 
         let (status, v) = c3.get(p)?;
         assert_eq!(status, 200, "{p} on the restarted node-3: {v}");
     }
-    assert_eq!(c3.get("/v1/memory/outage/old")?.0, 404, "deleted during the outage");
+    assert_eq!(
+        c3.get("/v1/memory/outage/old")?.0,
+        404,
+        "deleted during the outage"
+    );
     let log = std::fs::read_to_string(configs[2].with_extension("log"))?;
     assert!(
         log.contains("caught up with a peer before serving"),

@@ -87,7 +87,7 @@ enum Cmd {
     Serve {
         peer: String,
         kind: StreamKind,
-        duplex: Duplex,
+        duplex: Box<Duplex>,
     },
 }
 
@@ -188,7 +188,8 @@ impl Replicator {
         });
         let (cmd, rx) = mpsc::channel(COMMANDS);
         let task = tokio::spawn(
-            run(shared.clone(), rx).instrument(tracing::info_span!("replicator", node = %shared.me)),
+            run(shared.clone(), rx)
+                .instrument(tracing::info_span!("replicator", node = %shared.me)),
         );
         Self {
             shared,
@@ -315,6 +316,7 @@ impl Replicator {
     /// Serve a stream a peer opened (kind [`StreamKind::Deltas`] or
     /// [`StreamKind::AntiEntropy`]); other kinds are dropped.
     pub fn serve(&self, peer: String, kind: StreamKind, duplex: Duplex) {
+        let duplex = Box::new(duplex);
         if let Err(e) = self.cmd.try_send(Cmd::Serve { peer, kind, duplex }) {
             tracing::debug!(error = %e, "replicator busy or stopped; stream dropped");
         }
@@ -348,7 +350,7 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Cmd>) {
                         }
                     }
                 }
-                Some(Cmd::Serve { peer, kind, duplex }) => serve(&shared, peer, kind, duplex),
+                Some(Cmd::Serve { peer, kind, duplex }) => serve(&shared, peer, kind, *duplex),
             },
             ev = events.recv() => match ev {
                 Ok(MemberEvent::Up(id)) => {

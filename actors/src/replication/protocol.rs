@@ -218,7 +218,10 @@ pub struct Step {
 fn unexpected(peer: &str, what: &str, got: &Ae) -> Error {
     Error::Frame {
         peer: peer.to_string(),
-        message: format!("expected {what} in an anti-entropy round, got {}", name(got)),
+        message: format!(
+            "expected {what} in an anti-entropy round, got {}",
+            name(got)
+        ),
     }
 }
 
@@ -275,9 +278,14 @@ fn chunks<T>(items: Vec<T>, budget: usize, size: impl Fn(&T) -> usize) -> Vec<Ve
 #[derive(Debug)]
 enum AState {
     HelloSent,
-    BucketsSent { ns: String },
+    BucketsSent {
+        ns: String,
+    },
     /// Summaries of a group sent; exchange chunks arriving.
-    Exchanging { ns: String, want: Vec<String> },
+    Exchanging {
+        ns: String,
+        want: Vec<String>,
+    },
     Finished,
 }
 
@@ -443,7 +451,9 @@ enum BState {
         items: Vec<Summary>,
     },
     /// Exchange sent; the initiator's entries arriving.
-    AwaitDeltas { ns: String },
+    AwaitDeltas {
+        ns: String,
+    },
     Finished,
 }
 

@@ -146,11 +146,20 @@ async fn w2_is_acknowledged_by_a_peer_and_refused_without_one() {
     assert!(matches!(a.repl.push(&d, true).await, Err(Error::NoReplica)));
     let b = start(&net, "b", storage("b"), Limits::default());
     a.repl.push(&d, true).await.expect("acknowledged");
-    assert!(b.storage.memory.get("ns", "k", now_ms()).expect("get").is_some());
+    assert!(
+        b.storage
+            .memory
+            .get("ns", "k", now_ms())
+            .expect("get")
+            .is_some()
+    );
     // A peer that never answers: the write times out instead of hanging.
     net.set_loss(1.0);
     let d = put(&a, "ns", "k2", "2");
-    assert!(matches!(a.repl.push(&d, true).await, Err(Error::Timeout(_))));
+    assert!(matches!(
+        a.repl.push(&d, true).await,
+        Err(Error::Timeout(_))
+    ));
     a.repl.shutdown().await;
     b.repl.shutdown().await;
 }
@@ -177,7 +186,13 @@ async fn a_restarted_highest_named_node_catches_up_before_it_serves() {
     let c = start(&net, "node-3", c_store.clone(), Limits::default());
     put(&a, "ns", "gone", "1");
     c.repl.sync_with("node-1").await.expect("round");
-    assert!(c.storage.memory.get("ns", "gone", now_ms()).expect("get").is_some());
+    assert!(
+        c.storage
+            .memory
+            .get("ns", "gone", now_ms())
+            .expect("get")
+            .is_some()
+    );
     c.repl.shutdown().await;
     net.kill("node-3");
     // Writes acknowledged elsewhere while node-3 is down, and a delete of what it had.
@@ -211,7 +226,11 @@ async fn a_restarted_highest_named_node_catches_up_before_it_serves() {
         );
     }
     assert!(
-        c.storage.memory.get("ns", "gone", now_ms()).expect("get").is_none(),
+        c.storage
+            .memory
+            .get("ns", "gone", now_ms())
+            .expect("get")
+            .is_none(),
         "seed {seed}: a value deleted during the outage is served"
     );
     for n in [&a, &b, &c] {

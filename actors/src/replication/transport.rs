@@ -136,13 +136,13 @@ impl Peers for Membership {
     fn open(&self, peer: &str, kind: StreamKind) -> BoxFuture<'_, Result<Duplex, Error>> {
         let peer = peer.to_string();
         Box::pin(async move {
-            let (send, recv) = self
-                .open_stream(&peer, kind.byte())
-                .await
-                .map_err(|e| Error::Stream {
-                    peer: peer.clone(),
-                    message: e.to_string(),
-                })?;
+            let (send, recv) =
+                self.open_stream(&peer, kind.byte())
+                    .await
+                    .map_err(|e| Error::Stream {
+                        peer: peer.clone(),
+                        message: e.to_string(),
+                    })?;
             Ok(Duplex::quic(&peer, send, recv))
         })
     }

@@ -187,10 +187,12 @@ pub async fn connect_quic(
     ep: &Endpoint,
     addr: SocketAddr,
     peer: &str,
-) -> Result<quinn::Connection, swarm_actors::ClusterError> {
+) -> Result<quinn::Connection, swarm_actors::Error> {
     let pc = ep.connect(addr, peer).await.expect("quic connect");
     let (mut send, recv) = pc.conn.open_bi().await.expect("open stream");
-    send.write_all(&[StreamKind::Ractor.byte()]).await.expect("kind byte");
+    send.write_all(&[StreamKind::Ractor.byte()])
+        .await
+        .expect("kind byte");
     cluster.connect(pc.peer.clone(), send, recv).await?;
     Ok(pc.conn)
 }
@@ -237,7 +239,7 @@ pub fn peer_main() {
             let addr: SocketAddr = addr.parse().expect("dial addr");
             let outcome = match connect_quic(&cluster, &ep, addr, name).await {
                 Ok(_) => "ok".to_string(),
-                Err(e) => e.code().to_string(),
+                Err(e) => e.kind().to_string(),
             };
             println!("PEER_DIAL={outcome}");
         }

@@ -9,11 +9,20 @@ use serde_json::{Value, json};
 use swarm_storage::{AuditEntry, VerifyReport};
 
 use super::extract::{ApiPath, ApiQuery, json_body};
+use super::memory::memory_error;
 use super::{AppState, AuditCtx, Class, blocking, now_ms, now_s};
-use crate::auth::{ApiKeyRecord, MAX_KEY_CHAIN, MAX_KEYS_PER_OWNER, Principal};
+use crate::auth::{ApiKeyRecord, MAX_KEY_CHAIN, MAX_KEYS_PER_OWNER, Principal, RecordWrite};
 use crate::error::AppError;
 use crate::policy::Owner;
 
+/// The caller: subject, role, and the credential it used.
+#[utoipa::path(
+    get,
+    path = "/v1/me",
+    tag = "auth",
+    responses((status = 200, description = "The caller", body = super::openapi::schemas::Me)),
+    extensions(("x-permission" = json!("any")))
+)]
 pub(super) async fn me(
     Extension(who): Extension<Principal>,
     Extension(ctx): Extension<AuditCtx>,
@@ -28,6 +37,15 @@ pub(super) async fn me(
     }))
 }
 
+/// Crypto-shred a data subject: its data key is destroyed here and on every replica.
+#[utoipa::path(
+    post,
+    path = "/v1/subjects/{id}/erase",
+    tag = "admin",
+    params(super::openapi::schemas::SubjectPath),
+    responses((status = 200, description = "Erased", body = super::openapi::schemas::Erased)),
+    extensions(("x-permission" = json!("subjects.erase")))
+)]
 pub(super) async fn erase_subject(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -44,18 +62,12 @@ pub(super) async fn erase_subject(
     let _permit = s.permit(Class::Security, &who)?;
     let st = s.clone();
     s.timed(Class::Security, async move {
-        let id2 = id.clone();
-        let st2 = st.clone();
-        let existed = blocking(move || {
-            let existed = st2.storage.memory.erase_subject(&id2, now_ms())?;
-            st2.commit_blocking(&ctx, 200)?;
-            Ok(existed)
-        })
-        .await?;
         // Every replica destroys its key too; one that is down gets it from anti-entropy.
-        if let Some(r) = &st.replicator {
-            r.push_erasure(vec![id.clone()]);
-        }
+        let (memory, caller) = st.memory_for(&ctx);
+        let existed = memory
+            .erase_subject(caller, id.clone())
+            .await
+            .map_err(|e| memory_error(&e))?;
         Ok(Json(
             json!({"subject": id, "erased": true, "key_existed": existed}),
         ))
@@ -63,20 +75,34 @@ pub(super) async fn erase_subject(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AuditQuery {
+    /// Entries with a sequence number above this one.
     #[serde(default)]
     after: u64,
+    /// Entries per page: 100 by default, at most `limits.max_list`.
     #[serde(default)]
+    #[param(minimum = 1)]
     limit: Option<usize>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct AuditPage {
+    #[schema(value_type = Vec<super::openapi::schemas::AuditEntry>)]
     entries: Vec<AuditEntry>,
 }
 
+/// Audit entries, oldest first.
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    tag = "admin",
+    params(AuditQuery),
+    responses((status = 200, description = "One page of entries", body = AuditPage)),
+    extensions(("x-permission" = json!("audit.read")))
+)]
 pub(super) async fn audit_list(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -94,6 +120,14 @@ pub(super) async fn audit_list(
     .await
 }
 
+/// Verify the audit hash chain.
+#[utoipa::path(
+    get,
+    path = "/v1/audit/verify",
+    tag = "admin",
+    responses((status = 200, description = "The verdict", body = super::openapi::schemas::VerifyReport)),
+    extensions(("x-permission" = json!("audit.read")))
+)]
 pub(super) async fn audit_verify(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -110,7 +144,7 @@ pub(super) async fn audit_verify(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateKey {
     name: String,
@@ -119,10 +153,11 @@ pub(super) struct CreateKey {
     role: Option<String>,
     /// Lifetime, e.g. `"30d"`; default 90 days, capped by `auth.max_token_ttl`.
     #[serde(default)]
+    #[schema(value_type = Option<String>, example = "30d")]
     ttl: Option<swarm_config::HumanDuration>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct KeyView {
     id: String,
     name: String,
@@ -147,16 +182,32 @@ impl KeyView {
     }
 }
 
-/// Push a change of the authentication state to every live peer at once (anti-entropy repairs
-/// what a push misses).
-async fn replicate(s: &AppState, delta: &swarm_storage::Delta) {
-    if let Some(r) = &s.replicator
-        && let Err(e) = r.push(delta, false).await
-    {
-        tracing::warn!(error = %e, "authentication change not pushed; anti-entropy will carry it");
-    }
+/// Write a signed record of the authentication state through the memory service: durable and
+/// audited here, then pushed to every live peer at once (anti-entropy repairs what a push
+/// misses).
+async fn write_record(s: &AppState, ctx: &AuditCtx, record: RecordWrite) -> Result<(), AppError> {
+    let (memory, caller) = s.memory_for(ctx);
+    memory
+        .put_record(
+            caller,
+            record.namespace.to_string(),
+            record.key,
+            record.request,
+        )
+        .await
+        .map_err(|e| memory_error(&e))?;
+    Ok(())
 }
 
+/// Create an API key (shown once).
+#[utoipa::path(
+    post,
+    path = "/v1/keys",
+    tag = "auth",
+    request_body = CreateKey,
+    responses((status = 200, description = "The key, shown this once", body = super::openapi::schemas::KeyCreated)),
+    extensions(("x-permission" = json!("keys.manage")))
+)]
 pub(super) async fn create_key(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -204,32 +255,31 @@ pub(super) async fn create_key(
     };
     let st = s.clone();
     let owner = who.subject.clone();
-    let (rec, key, delta) = blocking(move || {
+    let (rec, key, record) = blocking(move || {
         let parents = st.auth.chain_of(&who)?;
         if parents.len() >= MAX_KEY_CHAIN {
             return Err(AppError::Forbidden(format!(
                 "creating a key with a key that descends from {MAX_KEY_CHAIN} credentials"
             )));
         }
-        let Some(out) = st.auth.create_api_key(
-            &b.name,
-            &role,
-            &owner,
-            parents,
-            now,
-            now.saturating_add(ttl_s),
-        )?
-        else {
-            return Err(AppError::Conflict(format!(
-                "`{owner}` holds {MAX_KEYS_PER_OWNER} usable API keys already; revoke one first"
-            )));
-        };
-        ctx.set_action("keys.manage", &format!("keys/{}", out.0.id));
-        st.commit_blocking(&ctx, 200)?;
-        Ok(out)
+        st.auth
+            .new_api_key(
+                &b.name,
+                &role,
+                &owner,
+                parents,
+                now,
+                now.saturating_add(ttl_s),
+            )?
+            .ok_or_else(|| {
+                AppError::Conflict(format!(
+                    "`{owner}` holds {MAX_KEYS_PER_OWNER} usable API keys already; revoke one first"
+                ))
+            })
     })
     .await?;
-    replicate(&s, &delta).await;
+    ctx.set_action("keys.manage", &format!("keys/{}", rec.id));
+    write_record(&s, &ctx, record).await?;
     Ok(Json(json!({
         "key": key,
         "note": "store this key now: it is shown once and kept only as a hash",
@@ -241,6 +291,14 @@ pub(super) async fn create_key(
     })))
 }
 
+/// List API keys: the caller's own, or all of them for admins.
+#[utoipa::path(
+    get,
+    path = "/v1/keys",
+    tag = "auth",
+    responses((status = 200, description = "The keys (never the secrets)", body = super::openapi::schemas::KeyList)),
+    extensions(("x-permission" = json!("keys.manage")))
+)]
 pub(super) async fn list_keys(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -265,6 +323,15 @@ pub(super) async fn list_keys(
     Ok(Json(json!({ "keys": keys })))
 }
 
+/// Revoke an API key (its owner or an admin), on every node.
+#[utoipa::path(
+    delete,
+    path = "/v1/keys/{id}",
+    tag = "auth",
+    params(super::openapi::schemas::KeyPath),
+    responses((status = 200, description = "Revoked", body = super::openapi::schemas::KeyRevoked)),
+    extensions(("x-permission" = json!("keys.manage")))
+)]
 pub(super) async fn revoke_key(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -285,23 +352,21 @@ pub(super) async fn revoke_key(
         Some(Owner(&rec.owner)),
     )?;
     let st = s.clone();
-    let delta = blocking(move || {
-        let delta = st
+    // Revoking what is revoked already writes (and pushes) nothing again.
+    let record = blocking(move || {
+        Ok(st
             .auth
-            .revoke(&rec.credential(), rec.expires_at, now_ms())?;
-        if delta.is_some() {
-            st.commit_blocking(&ctx, 200)?;
-        }
-        Ok(delta)
+            .revocation(&rec.credential(), rec.expires_at, now_ms())?)
     })
     .await?;
-    if let Some(delta) = delta {
-        replicate(&s, &delta).await;
+    if let Some(record) = record {
+        write_record(&s, &ctx, record).await?;
     }
     Ok(Json(json!({"id": id, "revoked": true})))
 }
 
-#[derive(Debug, Deserialize)]
+/// Exactly one of `token` or `jti`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RevokeToken {
     /// The token itself; its `jti` is revoked.
@@ -312,6 +377,15 @@ pub(super) struct RevokeToken {
     jti: Option<String>,
 }
 
+/// Revoke a JWT by the token itself (anyone, their own) or by its `jti` (`tokens.admin`).
+#[utoipa::path(
+    post,
+    path = "/v1/tokens/revoke",
+    tag = "auth",
+    request_body = RevokeToken,
+    responses((status = 200, description = "Revoked", body = super::openapi::schemas::TokenRevoked)),
+    extensions(("x-permission" = json!("tokens.admin or own token")))
+)]
 pub(super) async fn revoke_token(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -345,16 +419,9 @@ pub(super) async fn revoke_token(
     let st = s.clone();
     let credential = format!("jwt:{jti}");
     // Revoking what is revoked already writes (and pushes) nothing again.
-    let delta = blocking(move || {
-        let delta = st.auth.revoke(&credential, exp, now_ms())?;
-        if delta.is_some() {
-            st.commit_blocking(&ctx, 200)?;
-        }
-        Ok(delta)
-    })
-    .await?;
-    if let Some(delta) = delta {
-        replicate(&s, &delta).await;
+    let record = blocking(move || Ok(st.auth.revocation(&credential, exp, now_ms())?)).await?;
+    if let Some(record) = record {
+        write_record(&s, &ctx, record).await?;
     }
     Ok(Json(json!({"jti": jti, "revoked": true})))
 }

@@ -8,6 +8,11 @@
 //!   the writer has appended its entry and synced the store, then acknowledges. Every durable
 //!   event of a batch shares that one append and one fsync (group commit).
 //!
+//! The node starts one writer before anything that audits and hands it out as an
+//! [`AuditSink`]: the gateway, the replication and membership refusal duties and the memory
+//! service share it. It counts what it appends (`swarm_audit_entries_total`) and what it loses
+//! (`swarm_audit_failures_total`).
+//!
 //! Each batch takes up to [`BATCH`] events. After a batch with no durable event the thread parks
 //! for up to [`PAUSE`] so that the next batch gathers (one wake-up per pause instead of one per
 //! request); a durable submission unparks it at once.
@@ -17,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::Thread;
 
-use swarm_storage::{AuditEvent, AuditLog, Engine, StorageError};
+use swarm_storage::{AuditEvent, AuditLog, AuditSink, Engine, StorageError};
 
 const CAPACITY: usize = 8192;
 const BATCH: usize = 512;
@@ -33,11 +38,15 @@ enum Msg {
 }
 
 /// Handle to the audit writer thread.
-pub(super) struct AuditWriter {
+pub struct AuditWriter {
     log: Arc<AuditLog>,
     engine: Arc<dyn Engine>,
     tx: SyncSender<Msg>,
     thread: Thread,
+    /// Events accepted: queued or committed.
+    entries: Arc<AtomicU64>,
+    /// Events lost: a failed append of a batch, a failed append in place.
+    failures: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for AuditWriter {
@@ -47,27 +56,37 @@ impl std::fmt::Debug for AuditWriter {
 }
 
 impl AuditWriter {
-    /// Start the writer thread; `failures` counts events that could not be appended.
-    pub(super) fn spawn(
-        log: Arc<AuditLog>,
-        engine: Arc<dyn Engine>,
-        failures: Arc<AtomicU64>,
-    ) -> std::io::Result<Self> {
+    /// Start the writer thread over `log`, syncing `engine` (the store's) for durable events.
+    pub fn spawn(log: Arc<AuditLog>, engine: Arc<dyn Engine>) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(CAPACITY);
         let (l, e) = (log.clone(), engine.clone());
+        let failures = Arc::new(AtomicU64::new(0));
+        let f = failures.clone();
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run(rx, &l, e.as_ref(), &failures))?;
+            .spawn(move || run(rx, &l, e.as_ref(), &f))?;
         Ok(Self {
             log,
             engine,
             tx,
             thread: handle.thread().clone(),
+            entries: Arc::new(AtomicU64::new(0)),
+            failures,
         })
     }
 
+    /// The count of events accepted (for `/metrics`).
+    pub fn entries(&self) -> Arc<AtomicU64> {
+        self.entries.clone()
+    }
+
+    /// The count of events lost (for `/metrics`).
+    pub fn failures(&self) -> Arc<AtomicU64> {
+        self.failures.clone()
+    }
+
     /// Queue an event; append it here and now when the queue is full.
-    pub(super) fn submit(&self, event: AuditEvent) -> Result<(), StorageError> {
+    fn enqueue(&self, event: AuditEvent) -> Result<(), StorageError> {
         match self.tx.try_send(Msg::Queued(event)) {
             Ok(()) => Ok(()),
             Err(
@@ -77,9 +96,7 @@ impl AuditWriter {
         }
     }
 
-    /// Append `event` and make it, and every write made before this call, durable. Blocking
-    /// (waits for room in the queue, then for the batch's fsync): call off the async workers.
-    pub(super) fn commit(&self, event: AuditEvent) -> Result<(), StorageError> {
+    fn commit_durable(&self, event: AuditEvent) -> Result<(), StorageError> {
         let (ack, done) = sync_channel(1);
         if let Err(e) = self.tx.send(Msg::Durable(event, ack)) {
             // The writer is gone: do it here.
@@ -94,14 +111,56 @@ impl AuditWriter {
             Err(_) => Err(StorageError::Engine("audit writer stopped".into())),
         }
     }
+}
+
+impl AuditSink for AuditWriter {
+    /// Queue an event; append it here and now when the queue is full. A loss is logged and
+    /// counted here.
+    fn submit(&self, event: AuditEvent) -> Result<(), StorageError> {
+        match self.enqueue(event) {
+            Ok(()) => {
+                self.entries.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit entry lost");
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Append `event` and make it, and every write made before this call, durable. Blocking
+    /// (waits for room in the queue, then for the batch's fsync): call off the async workers.
+    /// A failure goes back to the caller, whose change is then not acknowledged.
+    fn commit(&self, event: AuditEvent) -> Result<(), StorageError> {
+        self.commit_durable(event)?;
+        self.entries.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
 
     /// Wait until every event submitted so far is appended.
-    pub(super) fn flush(&self) {
+    fn flush(&self) {
         let (tx, rx) = sync_channel(1);
         if self.tx.send(Msg::Flush(tx)).is_ok() {
             self.thread.unpark();
             let _ = rx.recv();
         }
+    }
+}
+
+/// The sink of the builds that do not audit (`bench-noauth`, `bench-noaudit`): nothing is
+/// appended, but a commit still makes the change durable.
+#[derive(Debug)]
+pub(super) struct Unaudited(pub(super) Arc<dyn Engine>);
+
+impl AuditSink for Unaudited {
+    fn submit(&self, _event: AuditEvent) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    fn commit(&self, _event: AuditEvent) -> Result<(), StorageError> {
+        self.0.sync()
     }
 }
 
@@ -174,9 +233,8 @@ mod tests {
     fn writer() -> (Arc<AuditLog>, Arc<AtomicU64>, AuditWriter) {
         let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
         let log = Arc::new(AuditLog::open(engine.clone(), &SecretKey::generate()).expect("log"));
-        let failures = Arc::new(AtomicU64::new(0));
-        let w = AuditWriter::spawn(log.clone(), engine, failures.clone()).expect("spawn");
-        (log, failures, w)
+        let w = AuditWriter::spawn(log.clone(), engine).expect("spawn");
+        (log, w.failures(), w)
     }
 
     #[test]
@@ -198,6 +256,7 @@ mod tests {
         seen.sort_unstable();
         assert_eq!(seen, (0..20_000).collect::<Vec<_>>());
         assert_eq!(failures.load(Ordering::Relaxed), 0);
+        assert_eq!(w.entries().load(Ordering::Relaxed), 20_000);
     }
 
     #[test]
@@ -219,5 +278,6 @@ mod tests {
         }
         // Every commit has returned, so every entry is in the log without a flush.
         assert_eq!(log.verify().expect("verify").entries, 400);
+        assert_eq!(w.entries().load(Ordering::Relaxed), 400);
     }
 }

@@ -14,14 +14,17 @@ use crate::auth::Principal;
 use crate::error::AppError;
 
 /// Body of a PUT.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PutBody {
+    /// Any JSON value.
     value: Value,
     #[serde(default)]
+    #[schema(value_type = super::openapi::schemas::MemoryType)]
     memory_type: MemoryType,
     /// Lifetime, e.g. `"30s"`, `"24h"`.
     #[serde(default)]
+    #[schema(value_type = Option<String>, example = "24h")]
     ttl: Option<swarm_config::HumanDuration>,
     #[serde(default)]
     subject: Option<String>,
@@ -30,7 +33,7 @@ pub(super) struct PutBody {
 }
 
 /// A value as returned by the API.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct ItemView {
     namespace: String,
     key: String,
@@ -38,6 +41,7 @@ pub(super) struct ItemView {
     /// HLC timestamp and origin node of the version returned.
     version: String,
     origin: String,
+    #[schema(value_type = super::openapi::schemas::MemoryType)]
     memory_type: MemoryType,
     #[serde(skip_serializing_if = "Option::is_none")]
     expires_at: Option<u64>,
@@ -64,18 +68,23 @@ impl ItemView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ListQuery {
+    /// Only keys that start with this.
     #[serde(default)]
     prefix: String,
+    /// Items per page: 100 by default, at most `limits.max_list`.
     #[serde(default)]
+    #[param(minimum = 1)]
     limit: Option<usize>,
+    /// Start after this key (the previous page's `next`).
     #[serde(default)]
     after: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct ListView {
     items: Vec<ItemView>,
     /// Pass as `after` to get the next page; absent on the last page.
@@ -88,13 +97,26 @@ pub(super) struct ListView {
 }
 
 /// Query of a PUT: `w=2` waits until one peer also has the write durable.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PutQuery {
+    /// Write concern: 1 (durable here, the default) or 2 (also durable on one peer).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 2)]
     w: Option<u8>,
 }
 
+/// Write a value: durable here, then pushed to every peer (`w=2`: also durable on one peer).
+#[utoipa::path(
+    put,
+    path = "/v1/memory/{namespace}/{key}",
+    tag = "memory",
+    params(super::openapi::schemas::MemoryPath, PutQuery),
+    request_body = PutBody,
+    responses((status = 200, description = "The value as stored", body = ItemView)),
+    extensions(("x-permission" = json!("memory.write")))
+)]
 pub(super) async fn put_value(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -140,35 +162,26 @@ pub(super) async fn put_value(
             subject: b.subject,
             tags: b.tags,
         };
-        let st2 = st.clone();
-        let (item, delta) = blocking(move || {
-            let (item, delta) = st2
-                .storage
-                .memory
-                .put_with_delta(&ns, &key, req, now_ms())?;
-            st2.commit_blocking(&ctx, 200)?;
-            Ok((item, delta))
-        })
-        .await?;
-        // Durable here: now to the peers (and, with w=2, wait for one of them).
-        if let Some(r) = &st.replicator {
-            r.push(&delta, w2)
-                .await
-                .map_err(|e| AppError::NotReplicated {
-                    code: e.code(),
-                    message: format!("written on this node but not confirmed by a peer: {e}"),
-                })?;
-        } else if w2 {
-            return Err(AppError::NotReplicated {
-                code: "no_replica",
-                message: "this node does not replicate".into(),
-            });
-        }
+        // Durable and audited here, then to the peers (with w=2, until one of them has it).
+        let (memory, caller) = st.memory_for(&ctx);
+        let item = memory
+            .put(caller, ns, key, req, w2)
+            .await
+            .map_err(|e| memory_error(&e))?;
         ItemView::from_item(item).map(Json)
     })
     .await
 }
 
+/// Read a value.
+#[utoipa::path(
+    get,
+    path = "/v1/memory/{namespace}/{key}",
+    tag = "memory",
+    params(super::openapi::schemas::MemoryPath),
+    responses((status = 200, description = "The value", body = ItemView)),
+    extensions(("x-permission" = json!("memory.read")))
+)]
 pub(super) async fn get_value(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -190,6 +203,15 @@ pub(super) async fn get_value(
     }
 }
 
+/// Delete a value (a tombstone, pushed to every peer).
+#[utoipa::path(
+    delete,
+    path = "/v1/memory/{namespace}/{key}",
+    tag = "memory",
+    params(super::openapi::schemas::MemoryPath),
+    responses((status = 200, description = "Deleted", body = super::openapi::schemas::Deleted)),
+    extensions(("x-permission" = json!("memory.write")))
+)]
 pub(super) async fn delete_value(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -206,34 +228,28 @@ pub(super) async fn delete_value(
     let _permit = s.permit(Class::Memory, &who)?;
     let st = s.clone();
     s.timed(Class::Memory, async move {
-        let (ns2, key2) = (ns.clone(), key.clone());
-        let st2 = st.clone();
-        let delta = blocking(move || {
-            let delta = st2
-                .storage
-                .memory
-                .delete_with_delta(&ns2, &key2, now_ms())?;
-            if delta.is_some() {
-                st2.commit_blocking(&ctx, 200)?;
-            }
-            Ok(delta)
-        })
-        .await?;
-        if let Some(delta) = delta {
-            if let Some(r) = &st.replicator {
-                // Best effort: anti-entropy carries the tombstone if a push is lost.
-                let _ = r.push(&delta, false).await;
-            }
-            Ok(Json(
-                serde_json::json!({"deleted": true, "namespace": ns, "key": key}),
-            ))
-        } else {
-            Err(AppError::NotFound(format!("memory/{ns}/{key}")))
-        }
+        // The tombstone's push is best effort: anti-entropy carries it if a push is lost.
+        let (memory, caller) = st.memory_for(&ctx);
+        memory
+            .delete(caller, ns.clone(), key.clone())
+            .await
+            .map_err(|e| memory_error(&e))?;
+        Ok(Json(
+            serde_json::json!({"deleted": true, "namespace": ns, "key": key}),
+        ))
     })
     .await
 }
 
+/// List values, a page at a time, in key order.
+#[utoipa::path(
+    get,
+    path = "/v1/memory/{namespace}",
+    tag = "memory",
+    params(super::openapi::schemas::NamespacePath, ListQuery),
+    responses((status = 200, description = "One page of values", body = ListView)),
+    extensions(("x-permission" = json!("memory.read")))
+)]
 pub(super) async fn list_values(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -275,4 +291,99 @@ pub(super) async fn list_values(
         }))
     })
     .await
+}
+
+/// What a client gets for an outcome of the memory service: the store's refusals as any
+/// handler maps them, a write no peer confirmed as `503` with the push's code.
+pub(super) fn memory_error(e: &swarm_actors::Error) -> AppError {
+    use swarm_actors::Error;
+    match e {
+        Error::Storage(e) => AppError::from_storage(e),
+        Error::NotFound(what) => AppError::NotFound(what.clone()),
+        Error::NotReplicated(push) => AppError::NotReplicated {
+            code: push.kind(),
+            message: match **push {
+                Error::NoReplicator => "this node does not replicate".into(),
+                _ => format!("written on this node but not confirmed by a peer: {push}"),
+            },
+        },
+        other => AppError::Internal(other.to_string()),
+    }
+}
+
+/// The status and code the memory service audits a refusal with: those of the response, so
+/// the entry reads as the request's own would.
+pub(super) fn refusal_codes(e: &swarm_actors::Error) -> (u16, &'static str) {
+    let a = memory_error(e);
+    (a.status().as_u16(), a.code())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use swarm_actors::Error;
+    use swarm_storage::StorageError;
+
+    use super::*;
+
+    #[test]
+    fn memory_outcomes_answer_as_the_handlers_did() {
+        let answer = |e: Error| {
+            let a = memory_error(&e);
+            (a.status().as_u16(), a.code(), a.to_string())
+        };
+        let pushed = |e: Error| Error::NotReplicated(Box::new(e));
+        assert_eq!(
+            answer(pushed(Error::NoReplicator)),
+            (503, "no_replica", "this node does not replicate".into())
+        );
+        assert_eq!(
+            answer(pushed(Error::Timeout(Duration::from_secs(2)))),
+            (
+                503,
+                "replication_timeout",
+                "written on this node but not confirmed by a peer: no peer acknowledged the \
+                 write as durable within 2s"
+                    .into()
+            )
+        );
+        assert_eq!(
+            answer(Error::NotFound("memory/ns/k".into())),
+            (404, "not_found", "memory/ns/k not found".into())
+        );
+        // The store's refusals answer as everywhere else in the gateway.
+        for (e, same) in [
+            (
+                StorageError::TooLarge { size: 9, limit: 1 },
+                StorageError::TooLarge { size: 9, limit: 1 },
+            ),
+            (
+                StorageError::Erased("s".into()),
+                StorageError::Erased("s".into()),
+            ),
+            (
+                StorageError::NamespaceFull("ns".into()),
+                StorageError::NamespaceFull("ns".into()),
+            ),
+            (
+                StorageError::Engine("disk".into()),
+                StorageError::Engine("disk".into()),
+            ),
+        ] {
+            let direct = AppError::from(same);
+            assert_eq!(
+                answer(Error::Storage(e)),
+                (direct.status().as_u16(), direct.code(), direct.to_string())
+            );
+        }
+        // The audit entry of a refusal records what the client got.
+        assert_eq!(
+            refusal_codes(&Error::Storage(StorageError::TooLarge {
+                size: 9,
+                limit: 1
+            })),
+            (400, "value_too_large")
+        );
+    }
 }

@@ -3,9 +3,10 @@
 //! Request path: `track` (request id, per-source rate limit, metrics, audit of the outcome) →
 //! `authenticate` (JWT or API key; public routes skip it) → handler: `authorize` (RBAC, records the
 //! action for the audit), the body (read within a deadline, before any permit), `permit`
-//! (bulkhead, 429 when full; admins have a reserve), `timed` (the class's response target), work,
-//! `commit` (audit entry + one group-commit sync for state changes). Anonymous refusals are
-//! counted per source and audited once per interval (`abuse`).
+//! (bulkhead, 429 when full; admins have a reserve), `timed` (the class's response target), work.
+//! A state change goes through the memory service ([`swarm_actors::Memory`]): write, audit entry
+//! committed with one group-commit sync, push to the peers, outcome; the handler only maps it.
+//! Anonymous refusals are counted per source and audited once per interval (`abuse`).
 
 mod abuse;
 mod admin;
@@ -27,13 +28,12 @@ use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use ed25519_dalek::SigningKey;
-use rand::RngCore;
-use swarm_actors::{ActorCluster, Replicator};
+use rand::Rng;
+use swarm_actors::{ActorCluster, Caller, Memory, Replicator};
 use swarm_config::{LimitsConfig, SwarmFile};
 use swarm_membership::Membership;
-use swarm_storage::{AuditEvent, Storage};
+use swarm_storage::{AuditEvent, AuditSink, Storage};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{AuthType, Authenticator, Principal};
@@ -41,9 +41,10 @@ use crate::error::{AppError, ErrorCause, ErrorCode};
 use crate::inference::Inference;
 use crate::metrics::{self, Metrics};
 use crate::policy::{Owner, Policy};
-use audit_writer::AuditWriter;
+use audit_writer::Unaudited;
 
 pub(crate) use abuse::source_ip;
+pub use audit_writer::AuditWriter;
 pub use extract::parse_json;
 
 /// Classes of work, each with its own bulkhead and response target (from the swarm file).
@@ -79,43 +80,49 @@ const AUDIT_RESOURCE_MAX: usize = 256;
 /// Everything handlers share.
 #[derive(Debug)]
 pub struct Inner {
-    pub node: String,
-    pub storage: Storage,
-    pub auth: Authenticator,
-    pub policy: Policy,
-    pub metrics: Metrics,
-    pub limits: LimitsConfig,
-    pub body_limit: usize,
-    pub max_token_ttl_s: u64,
+    pub(crate) node: String,
+    /// The store, for reads (changes go through `memory_service`).
+    pub(crate) storage: Storage,
+    auth: Authenticator,
+    policy: Policy,
+    pub(crate) metrics: Metrics,
+    limits: LimitsConfig,
+    body_limit: usize,
+    max_token_ttl_s: u64,
     pub signing_key: SigningKey,
     pub issuer: String,
     pub audience: String,
-    pub started: Instant,
+    started: Instant,
     /// False only in the bench-only builds (`bench-noauth`): every caller is an admin.
-    pub secured: bool,
+    pub(crate) secured: bool,
     /// False only in the bench-only builds (`bench-noauth`, `bench-noaudit`).
-    pub audited: bool,
+    pub(crate) audited: bool,
     memory: Bulkhead,
     security: Bulkhead,
     orchestration: Bulkhead,
     /// How long an inference request body may take to arrive (the swarm file's `vllm_ops`).
-    pub inference_body_deadline: Duration,
-    audit_writer: AuditWriter,
+    inference_body_deadline: Duration,
+    /// The node's audit writer (shared with everything else that audits).
+    audit: Arc<dyn AuditSink>,
+    /// Every memory change (and write of the replicated authentication state): write, audit,
+    /// push, outcome.
+    memory_service: Memory,
     rate: Mutex<abuse::RateLimiter>,
     refusals: Mutex<abuse::RefusalLog>,
     /// Cluster membership; `None` in unit tests of the gateway alone.
-    pub membership: Option<Membership>,
+    membership: Option<Membership>,
     /// Actor sessions with peers; `None` in unit tests of the gateway alone.
-    pub actors: Option<ActorCluster>,
-    /// Memory replication; `None` in unit tests of the gateway alone.
-    pub replicator: Option<Replicator>,
+    actors: Option<ActorCluster>,
+    /// Memory replication (its metrics; pushes go through `memory_service`); `None` in unit
+    /// tests of the gateway alone.
+    replicator: Option<Replicator>,
     /// Models served here and routing to peers.
-    pub inference: Arc<Inference>,
+    pub(crate) inference: Arc<Inference>,
     /// Agent id → retention (ms) of its memory namespace (the namespace named like the agent),
     /// from the swarm file; permanent agents are absent.
-    pub retention: std::collections::HashMap<String, u64>,
+    retention: std::collections::HashMap<String, u64>,
     /// Notified when the node should stop (after `POST /v1/cluster/leave`).
-    pub stop: Arc<Notify>,
+    pub(crate) stop: Arc<Notify>,
 }
 
 /// Shared state of the gateway.
@@ -142,13 +149,33 @@ pub struct GatewayParts {
 }
 
 impl Inner {
+    /// The gateway state with an audit writer of its own (the gateway's unit tests).
     pub fn new(p: GatewayParts) -> std::io::Result<AppState> {
-        let metrics = Metrics::default();
-        let audit_writer = AuditWriter::spawn(
-            p.storage.audit.clone(),
-            p.storage.engine.clone(),
-            metrics.audit_failures.clone(),
-        )?;
+        let audit = AuditWriter::spawn(p.storage.audit.clone(), p.storage.engine.clone())?;
+        Ok(Self::with_audit(p, Arc::new(audit)))
+    }
+
+    /// The gateway state, auditing into the node's writer (started before anything that
+    /// audits, and shared with it).
+    pub fn with_audit(p: GatewayParts, audit: Arc<AuditWriter>) -> AppState {
+        let mut metrics = Metrics::default();
+        metrics.audit_entries = audit.entries();
+        metrics.audit_failures = audit.failures();
+        let secured = !cfg!(feature = "bench-noauth");
+        let audited = !cfg!(any(feature = "bench-noauth", feature = "bench-noaudit"));
+        // Unaudited builds still make every change durable before acknowledging it.
+        let memory_audit: Arc<dyn AuditSink> = if audited {
+            audit.clone()
+        } else {
+            Arc::new(Unaudited(p.storage.engine.clone()))
+        };
+        let memory_service = Memory::new(
+            p.node.clone(),
+            p.storage.clone(),
+            p.replicator.clone(),
+            memory_audit,
+        )
+        .with_refusal_codes(memory::refusal_codes);
         let perf = &p.swarm.performance;
         let bh = |n: u32, t: swarm_config::HumanDuration| Bulkhead {
             sem: Arc::new(Semaphore::new(n as usize)),
@@ -167,7 +194,8 @@ impl Inner {
             AUDIT_RESOURCE_MAX,
         );
         let state = Arc::new(Inner {
-            audit_writer,
+            audit,
+            memory_service,
             rate: Mutex::new(rate),
             refusals: Mutex::new(refusals),
             inference_body_deadline: perf.response_targets.vllm_ops.0,
@@ -206,32 +234,11 @@ impl Inner {
                 .filter_map(|a| Some((a.id.clone(), a.memory.retention.as_millis()?)))
                 .collect(),
             stop: Arc::new(Notify::new()),
-            secured: !cfg!(feature = "bench-noauth"),
-            audited: !cfg!(any(feature = "bench-noauth", feature = "bench-noaudit")),
+            secured,
+            audited,
         });
         spawn_refusal_reports(&state);
-        Ok(state)
-    }
-
-    /// Audit something the node did or refused on its own (not an HTTP request).
-    pub fn audit_system(&self, action: &str, resource: &str, outcome: &str, detail: &str) {
-        let event = AuditEvent {
-            ts_ms: now_ms(),
-            node: self.node.clone(),
-            request_id: String::new(),
-            actor: "system".into(),
-            action: action.into(),
-            resource: abuse::clip(resource, AUDIT_RESOURCE_MAX).into(),
-            outcome: outcome.into(),
-            status: 0,
-            code: (!detail.is_empty()).then(|| detail.chars().take(200).collect()),
-        };
-        if let Err(e) = self.audit_writer.submit(event) {
-            tracing::error!(error = %e, "audit entry lost");
-            self.metrics
-                .audit_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        state
     }
 
     /// Wait until every queued audit entry is appended (before the final sync at shutdown),
@@ -239,7 +246,7 @@ impl Inner {
     pub fn flush_audit(&self) {
         let all = lock(&self.refusals).drain();
         self.report_refusals(all);
-        self.audit_writer.flush();
+        self.audit.flush();
     }
 
     /// Audit the anonymous refusals whose interval is over.
@@ -268,15 +275,10 @@ impl Inner {
         }
     }
 
-    /// Queue an audit entry of a request or a refusal, counting it (or its loss) in `/metrics`.
+    /// Queue an audit entry of a request or a refusal (the writer counts it, or its loss, in
+    /// `/metrics`).
     fn submit_audit(&self, event: AuditEvent) {
-        match self.audit_writer.submit(event) {
-            Ok(()) => self.metrics.audit_entries.fetch_add(1, Ordering::Relaxed),
-            Err(e) => {
-                tracing::error!(error = %e, "audit entry lost");
-                self.metrics.audit_failures.fetch_add(1, Ordering::Relaxed)
-            }
-        };
+        let _ = self.audit.submit(event);
     }
 
     fn bulkhead(&self, class: Class) -> &Bulkhead {
@@ -372,21 +374,38 @@ impl Inner {
         }
     }
 
-    /// After a state change: append its audit entry and make both durable with one sync (shared
-    /// with every other commit of the audit writer's batch). Blocking: call from `spawn_blocking`.
-    pub fn commit_blocking(&self, ctx: &AuditCtx, status: u16) -> Result<(), AppError> {
-        if !self.audited {
-            self.storage.sync()?;
-            return Ok(());
-        }
-        let event = ctx.event(&self.node, "ok", status, None);
-        self.audit_writer.commit(event)?;
+    /// The memory service, for a change on behalf of the request `ctx` describes (its action
+    /// and resource set by [`Inner::authorize`]). The service audits the change's outcome, all
+    /// of them, so the request is not audited again when it ends.
+    fn memory_for(&self, ctx: &AuditCtx) -> (&Memory, Caller) {
+        let caller = ctx.caller();
         ctx.mark_audited();
-        self.metrics
-            .audit_entries
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        (&self.memory_service, caller)
     }
+}
+
+/// Audit something the node did or refused on its own (not an HTTP request): a refused peer, a
+/// refused replicated change.
+pub fn audit_system(
+    audit: &dyn AuditSink,
+    node: &str,
+    action: &str,
+    resource: &str,
+    outcome: &str,
+    detail: &str,
+) {
+    // The sink counts and reports a lost entry.
+    let _ = audit.submit(AuditEvent {
+        ts_ms: now_ms(),
+        node: node.to_string(),
+        request_id: String::new(),
+        actor: "system".into(),
+        action: action.into(),
+        resource: abuse::clip(resource, AUDIT_RESOURCE_MAX).into(),
+        outcome: outcome.into(),
+        status: 0,
+        code: (!detail.is_empty()).then(|| detail.chars().take(200).collect()),
+    });
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -449,6 +468,21 @@ impl AuditCtx {
         self.with(|i| i.audited = true);
     }
 
+    /// Who the request is, for the memory service's audit entries (as [`AuditCtx::event`] names
+    /// them).
+    fn caller(&self) -> Caller {
+        self.with(|i| Caller {
+            actor: i.actor.clone().unwrap_or_else(|| "anonymous".into()),
+            request_id: i.request_id.clone(),
+            action: i.action.clone().unwrap_or_else(|| "http.request".into()),
+            resource: i
+                .resource
+                .as_deref()
+                .map(|r| abuse::clip(r, AUDIT_RESOURCE_MAX).to_string())
+                .unwrap_or_default(),
+        })
+    }
+
     fn event(&self, node: &str, outcome: &str, status: u16, code: Option<&str>) -> AuditEvent {
         self.with(|i| AuditEvent {
             ts_ms: now_ms(),
@@ -481,30 +515,8 @@ pub fn now_s() -> u64 {
 
 /// Build the router.
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/health", get(system::health))
-        .route("/metrics", get(system::metrics))
-        .route("/openapi.json", get(openapi::openapi))
-        .route("/v1/me", get(admin::me))
-        .route(
-            "/v1/memory/{namespace}/{key}",
-            get(memory::get_value)
-                .put(memory::put_value)
-                .delete(memory::delete_value),
-        )
-        .route("/v1/memory/{namespace}", get(memory::list_values))
-        .route("/v1/subjects/{id}/erase", post(admin::erase_subject))
-        .route("/v1/audit", get(admin::audit_list))
-        .route("/v1/audit/verify", get(admin::audit_verify))
-        .route("/v1/keys", post(admin::create_key).get(admin::list_keys))
-        .route("/v1/keys/{id}", delete(admin::revoke_key))
-        .route("/v1/tokens/revoke", post(admin::revoke_token))
-        .route("/v1/models", get(openai::models))
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/completions", post(openai::completions))
-        .route("/v1/cluster/members", get(cluster::members))
-        .route("/v1/cluster/leave", post(cluster::leave))
-        .route("/v1/cluster/ping", post(cluster::ping))
+    // The routes and their description come from one table (`openapi::routes`).
+    let api = Router::from(openapi::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     api.layer(middleware::from_fn_with_state(state.clone(), authenticate))
@@ -575,6 +587,7 @@ async fn authenticate(State(s): State<AppState>, mut req: Request, next: Next) -
     };
     if let Some(ctx) = req.extensions().get::<AuditCtx>() {
         ctx.with(|i| i.actor = Some(principal.subject.clone()));
+        tracing::Span::current().record("principal", principal.subject.as_str());
     }
     req.extensions_mut().insert(principal);
     next.run(req).await
@@ -583,7 +596,8 @@ async fn authenticate(State(s): State<AppState>, mut req: Request, next: Next) -
 async fn track(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
     let start = Instant::now();
     let mut id = [0u8; 8];
-    rand::rngs::OsRng.fill_bytes(&mut id);
+    // Not a secret: the thread-local generator spares a system call per request.
+    rand::rng().fill_bytes(&mut id);
     let request_id = hex::encode(id);
     // Labels, logs and audit entries keep bounded copies of what the client sent.
     let method = metrics::method_label(req.method().as_str());
@@ -605,8 +619,20 @@ async fn track(State(s): State<AppState>, mut req: Request, next: Next) -> Respo
     s.metrics
         .in_flight
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // One span per request: what the request's logs (and the services it calls) hang under.
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        method,
+        route = %route,
+        principal = tracing::field::Empty,
+        status = tracing::field::Empty,
+    );
     let mut resp = match admitted {
-        Ok(()) => next.run(req).await,
+        Ok(()) => {
+            use tracing::Instrument;
+            next.run(req).instrument(span.clone()).await
+        }
         Err(limited) => {
             s.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
             let retry_after_s = match limited {
@@ -620,6 +646,7 @@ async fn track(State(s): State<AppState>, mut req: Request, next: Next) -> Respo
         .in_flight
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     let status = resp.status();
+    span.record("status", status.as_u16());
     let code = resp.extensions().get::<ErrorCode>().map(|c| c.0);
     if let Some(cause) = resp.extensions().get::<ErrorCause>() {
         tracing::error!(request_id = %request_id, %method, %path, cause = %cause.0, "internal error");

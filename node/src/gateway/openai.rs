@@ -14,44 +14,47 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use swarm_gpu::{ChatMessage, SamplingParams};
+use swarm_actors::inference::{Chunk, Generation, Input, Message, Request, Sampling as Params};
 
 use super::extract::json_body;
 use super::{AppState, AuditCtx, now_s};
 use crate::auth::Principal;
 use crate::error::AppError;
-use crate::inference::{Chunk, Input, Started, WireRequest};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 enum Content {
     Text(String),
     Parts(Vec<Part>),
 }
 
-#[derive(Debug, Deserialize)]
+/// A content part; only `text` parts are supported.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct Part {
+    /// `text`.
     #[serde(rename = "type")]
     kind: String,
     #[serde(default)]
     text: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct MessageIn {
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
+    #[schema(pattern = "^(system|developer|user|assistant|tool)$")]
     role: String,
     #[serde(default)]
     content: Option<Content>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 struct StreamOptions {
     #[serde(default)]
     include_usage: bool,
@@ -59,49 +62,62 @@ struct StreamOptions {
 
 /// The sampling fields chat and completions requests share. Unknown fields are ignored, as
 /// OpenAI clients send many this server has no use for.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct Sampling {
+    /// Answer server-sent events, ending in `[DONE]`.
     #[serde(default)]
     stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
     #[serde(default)]
+    #[schema(minimum = 1)]
     max_tokens: Option<i64>,
+    /// Wins over `max_tokens`.
     #[serde(default)]
+    #[schema(minimum = 1)]
     max_completion_tokens: Option<i64>,
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 2)]
     temperature: Option<f32>,
     #[serde(default)]
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     top_p: Option<f32>,
+    /// 0: no top-k cut.
     #[serde(default)]
+    #[schema(minimum = 0)]
     top_k: Option<i64>,
     #[serde(default)]
     seed: Option<u64>,
+    /// One stop string or several.
     #[serde(default)]
     stop: Option<Stop>,
+    /// Only 1 is supported.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1)]
     n: Option<i64>,
     /// Extension (as llama-server): keep generating past the end-of-sequence token.
     #[serde(default)]
     ignore_eos: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct ChatRequest {
     model: String,
+    #[schema(min_items = 1)]
     messages: Vec<MessageIn>,
     #[serde(flatten)]
     sampling: Sampling,
 }
 
-#[derive(Debug, Deserialize)]
+/// One prompt (a list of exactly one is accepted too).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 enum PromptIn {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct CompletionRequest {
     model: String,
     prompt: PromptIn,
@@ -110,7 +126,9 @@ struct CompletionRequest {
 }
 
 impl Sampling {
-    fn params(&self, default_max_tokens: usize) -> Result<SamplingParams, AppError> {
+    /// The request's sampling parameters; without `max_tokens` the serving node's default
+    /// applies.
+    fn params(&self) -> Result<Params, AppError> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(AppError::invalid_field("n", "only n = 1 is supported"));
         }
@@ -119,21 +137,21 @@ impl Sampling {
             (None, m) => ("max_tokens", m),
         };
         let max_tokens = match asked {
-            None => default_max_tokens,
+            None => None,
             Some(m) if m < 1 => return Err(AppError::invalid_field(field, "must be at least 1")),
-            Some(m) => usize::try_from(m).unwrap_or(usize::MAX),
+            Some(m) => Some(u32::try_from(m).unwrap_or(u32::MAX)),
         };
         let top_k = match self.top_k {
             None => 0,
             Some(k) if k < 0 => return Err(AppError::invalid_field("top_k", "must be 0 or more")),
-            Some(k) => usize::try_from(k).unwrap_or(usize::MAX),
+            Some(k) => u32::try_from(k).unwrap_or(u32::MAX),
         };
         let stop = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
             Some(Stop::Many(v)) => v.clone(),
         };
-        Ok(SamplingParams {
+        Ok(Params {
             max_tokens,
             temperature: self.temperature.unwrap_or(1.0),
             top_k,
@@ -151,7 +169,7 @@ impl Sampling {
     }
 }
 
-fn messages(input: Vec<MessageIn>) -> Result<Vec<ChatMessage>, AppError> {
+fn messages(input: Vec<MessageIn>) -> Result<Vec<Message>, AppError> {
     if input.is_empty() {
         return Err(AppError::invalid_field(
             "messages",
@@ -193,7 +211,7 @@ fn messages(input: Vec<MessageIn>) -> Result<Vec<ChatMessage>, AppError> {
         } else {
             m.role
         };
-        out.push(ChatMessage { role, content });
+        out.push(Message { role, content });
     }
     Ok(out)
 }
@@ -208,6 +226,13 @@ fn admit(s: &AppState, ctx: &AuditCtx, who: &Principal, model: &str) -> Result<(
 }
 
 /// Models served anywhere in the cluster now.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "inference",
+    responses((status = 200, description = "OpenAI model list, with the nodes serving each model", body = super::openapi::schemas::ModelList)),
+    extensions(("x-permission" = json!("inference.use")))
+)]
 pub(super) async fn models(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -216,15 +241,28 @@ pub(super) async fn models(
     s.authorize(&ctx, &who, "inference.use", "models", None)?;
     let data: Vec<Value> = s
         .inference
-        .cluster_models()
+        .api()
+        .models()
         .into_iter()
-        .map(|(name, nodes)| {
-            json!({"id": name, "object": "model", "created": 0, "owned_by": "swarm", "nodes": nodes})
+        .map(|m| {
+            json!({"id": m.name, "object": "model", "created": 0, "owned_by": "swarm", "nodes": m.nodes})
         })
         .collect();
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
+/// OpenAI chat completion, on the least-loaded node serving the model.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "inference",
+    request_body = ChatRequest,
+    responses((status = 200, description = "The completion; with `stream: true`, server-sent events of `chat.completion.chunk` objects ending in `[DONE]`", content(
+        (super::openapi::schemas::ChatCompletion = "application/json"),
+        (String = "text/event-stream")
+    ))),
+    extensions(("x-permission" = json!("inference.use")))
+)]
 pub(super) async fn chat_completions(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -233,11 +271,23 @@ pub(super) async fn chat_completions(
 ) -> Result<Response, AppError> {
     let req: ChatRequest = json_body(body, s.body_limit, s.inference_body_deadline).await?;
     admit(&s, &ctx, &who, &req.model)?;
-    let params = req.sampling.params(s.inference.default_max_tokens())?;
+    let params = req.sampling.params()?;
     let input = Input::Chat(messages(req.messages)?);
     run(&s, Kind::Chat, req.model, input, params, &req.sampling).await
 }
 
+/// OpenAI text completion of one prompt; the same sampling fields as chat.
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "inference",
+    request_body = CompletionRequest,
+    responses((status = 200, description = "The completion; with `stream: true`, server-sent events of `text_completion` objects ending in `[DONE]`", content(
+        (super::openapi::schemas::TextCompletion = "application/json"),
+        (String = "text/event-stream")
+    ))),
+    extensions(("x-permission" = json!("inference.use")))
+)]
 pub(super) async fn completions(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -259,7 +309,7 @@ pub(super) async fn completions(
     if prompt.is_empty() {
         return Err(AppError::invalid_field("prompt", "is empty"));
     }
-    let params = req.sampling.params(s.inference.default_max_tokens())?;
+    let params = req.sampling.params()?;
     run(
         &s,
         Kind::Completion,
@@ -317,7 +367,7 @@ impl Shape {
     }
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
+fn usage(prompt: u32, completion: u32) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
@@ -326,19 +376,20 @@ async fn run(
     kind: Kind,
     model: String,
     input: Input,
-    params: SamplingParams,
+    params: Params,
     sampling: &Sampling,
 ) -> Result<Response, AppError> {
     let started = s
         .inference
-        .generate(WireRequest {
+        .api()
+        .generate(Request {
             model: model.clone(),
             input,
-            params,
+            sampling: params,
         })
         .await?;
     let mut id = [0u8; 12];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id);
+    rand::Rng::fill_bytes(&mut rand::rng(), &mut id);
     let prefix = if kind == Kind::Chat {
         "chatcmpl-"
     } else {
@@ -350,7 +401,7 @@ async fn run(
         created: now_s(),
         model,
     };
-    let node = HeaderValue::from_str(&started.node).ok();
+    let node = HeaderValue::from_str(started.node()).ok();
     let mut resp = if sampling.stream {
         stream(shape, started, sampling.include_usage())
     } else {
@@ -362,18 +413,13 @@ async fn run(
     Ok(resp)
 }
 
-async fn complete(shape: Shape, mut started: Started) -> Result<Response, AppError> {
+async fn complete(shape: Shape, mut started: Generation) -> Result<Response, AppError> {
     let mut text = String::new();
-    let (finish, prompt, completion) = loop {
-        match started.chunks.recv().await {
+    let usage_of = loop {
+        match started.next().await {
             Some(Chunk::Text(t)) => text.push_str(&t),
-            Some(Chunk::Done {
-                finish_reason,
-                prompt_tokens,
-                completion_tokens,
-            }) => break (finish_reason, prompt_tokens, completion_tokens),
+            Some(Chunk::Done(u)) => break u,
             Some(Chunk::Failed(f)) => return Err(f.into()),
-            Some(Chunk::Accepted { .. }) => {}
             None => {
                 return Err(AppError::ModelUnavailable(
                     "the generation ended early".into(),
@@ -381,6 +427,8 @@ async fn complete(shape: Shape, mut started: Started) -> Result<Response, AppErr
             }
         }
     };
+    let finish = usage_of.finish_reason.as_str();
+    let (prompt, completion) = (usage_of.prompt_tokens, usage_of.completion_tokens);
     let choice = match shape.kind {
         Kind::Chat => {
             json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": null})
@@ -399,10 +447,10 @@ async fn complete(shape: Shape, mut started: Started) -> Result<Response, AppErr
 /// Server-sent events: one chunk per text piece, a final chunk with `finish_reason`, usage when
 /// asked, then `[DONE]`. Dropping the response (client gone) drops the chunk receiver, which
 /// cancels the sequence.
-fn stream(shape: Shape, started: Started, include_usage: bool) -> Response {
+fn stream(shape: Shape, started: Generation, include_usage: bool) -> Response {
     struct St {
         shape: Shape,
-        started: Started,
+        started: Generation,
         first: bool,
         include_usage: bool,
         pending: std::collections::VecDeque<SseEvent>,
@@ -425,7 +473,7 @@ fn stream(shape: Shape, started: Started, include_usage: bool) -> Response {
                 return None;
             }
             let data = |v: Value| SseEvent::default().data(v.to_string());
-            match st.started.chunks.recv().await {
+            match st.started.next().await {
                 Some(Chunk::Text(t)) => {
                     let c = st
                         .shape
@@ -433,25 +481,21 @@ fn stream(shape: Shape, started: Started, include_usage: bool) -> Response {
                     st.first = false;
                     st.pending.push_back(data(c));
                 }
-                Some(Chunk::Done {
-                    finish_reason,
-                    prompt_tokens,
-                    completion_tokens,
-                }) => {
+                Some(Chunk::Done(done)) => {
                     let text = (st.shape.kind == Kind::Chat && st.first).then_some("");
-                    let c =
-                        st.shape
-                            .chunk(vec![st.shape.choice(text, Some(&finish_reason), st.first)]);
+                    let finish = done.finish_reason.as_str();
+                    let c = st
+                        .shape
+                        .chunk(vec![st.shape.choice(text, Some(finish), st.first)]);
                     st.pending.push_back(data(c));
                     if st.include_usage {
                         let mut u = st.shape.chunk(Vec::new());
-                        u["usage"] = usage(prompt_tokens, completion_tokens);
+                        u["usage"] = usage(done.prompt_tokens, done.completion_tokens);
                         st.pending.push_back(data(u));
                     }
                     st.pending.push_back(SseEvent::default().data("[DONE]"));
                     st.done = true;
                 }
-                Some(Chunk::Accepted { .. }) => {}
                 Some(Chunk::Failed(f)) => {
                     let e: AppError = f.into();
                     st.pending.push_back(data(e.body()));

@@ -1,153 +1,153 @@
-//! `/openapi.json`: the API description, written by hand next to the routes it describes.
+//! The route table and `/openapi.json`, generated from it.
+//!
+//! Every route is registered through utoipa-axum's [`OpenApiRouter`] with the handler's
+//! `#[utoipa::path]` attribute (method, path, parameters, request and response types,
+//! `x-permission`), so a route cannot exist without its description nor a description without
+//! its route. What every operation shares is added once, by [`finish`]: the error responses
+//! (any route can answer them: the middleware alone gives 401, 408, 413 and 429) and the
+//! security requirement, which follows from the operation's `x-permission` (`public`: none).
+//! Types of other crates and the bodies handlers build with `json!` are described by the
+//! schema-only types of [`schemas`].
+
+#[expect(dead_code, reason = "schema-only types: nothing builds or reads them")]
+pub(super) mod schemas;
+#[cfg(test)]
+mod tests;
+
+use std::sync::LazyLock;
 
 use axum::Json;
-use serde_json::{Value, json};
+use utoipa::OpenApi;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder};
+use utoipa::openapi::security::{SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{Components, ContentBuilder, Ref, RefOr, ResponseBuilder};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-fn op(summary: &str, permission: &str) -> Value {
-    json!({
-        "summary": summary,
-        "x-permission": permission,
-        "security": if permission == "public" { json!([]) } else { json!([{"bearer": []}, {"apiKey": []}]) },
-        "responses": {
-            "200": {"description": "OK"},
-            "400": {"$ref": "#/components/responses/Error"},
-            "401": {"$ref": "#/components/responses/Error"},
-            "403": {"$ref": "#/components/responses/Error"},
-            "404": {"$ref": "#/components/responses/Error"},
-            "408": {"$ref": "#/components/responses/Error"},
-            "409": {"$ref": "#/components/responses/Error"},
-            "413": {"$ref": "#/components/responses/Error"},
-            "429": {"$ref": "#/components/responses/Error"},
-            "503": {"$ref": "#/components/responses/Error"}
-        }
-    })
+use super::{AppState, admin, cluster, memory, openai, system};
+
+/// The statuses every operation may answer with the [`schemas::Error`] body.
+const ERROR_STATUSES: [&str; 9] = [
+    "400", "401", "403", "404", "408", "409", "413", "429", "503",
+];
+
+/// What the generated paths do not say: the title and the schemas that only [`finish`] uses.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "swarm gateway",
+        description = "The HTTP API of a swarm node. Every operation names the permission it \
+                       needs in `x-permission`; errors are `{\"error\": {\"code\", \"message\", \
+                       \"field\"?}}` with a stable `code`."
+    ),
+    components(schemas(schemas::Error))
+)]
+struct ApiDoc;
+
+/// Every route of the gateway, each with its description.
+pub(super) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(system::health))
+        .routes(routes!(system::metrics))
+        .routes(routes!(openapi))
+        .routes(routes!(admin::me))
+        .routes(routes!(
+            memory::get_value,
+            memory::put_value,
+            memory::delete_value
+        ))
+        .routes(routes!(memory::list_values))
+        .routes(routes!(admin::erase_subject))
+        .routes(routes!(admin::audit_list))
+        .routes(routes!(admin::audit_verify))
+        .routes(routes!(admin::create_key, admin::list_keys))
+        .routes(routes!(admin::revoke_key))
+        .routes(routes!(admin::revoke_token))
+        .routes(routes!(openai::models))
+        .routes(routes!(openai::chat_completions))
+        .routes(routes!(openai::completions))
+        .routes(routes!(cluster::members))
+        .routes(routes!(cluster::leave))
+        .routes(routes!(cluster::ping))
 }
 
-fn with_body(mut v: Value, schema: Value) -> Value {
-    v["requestBody"] =
-        json!({"required": true, "content": {"application/json": {"schema": schema}}});
-    v
+/// The document, built once (it depends on the code only).
+pub(super) fn document() -> &'static utoipa::openapi::OpenApi {
+    static DOC: LazyLock<utoipa::openapi::OpenApi> =
+        LazyLock::new(|| finish(routes().into_openapi()));
+    &DOC
 }
 
-fn message_schema() -> Value {
-    json!({"type": "object", "required": ["role"], "properties": {
-        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
-        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}
-    }})
-}
-
-fn chat_schema() -> Value {
-    let sampling = json!({
-        "max_tokens": {"type": "integer", "minimum": 1}, "max_completion_tokens": {"type": "integer", "minimum": 1},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2}, "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "top_k": {"type": "integer", "minimum": 0}, "seed": {"type": "integer"},
-        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "maxItems": 4, "items": {"type": "string"}}]},
-        "stream": {"type": "boolean"}, "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-        "n": {"type": "integer", "const": 1}, "ignore_eos": {"type": "boolean"}
-    });
-    let mut props = sampling;
-    props["model"] = json!({"type": "string"});
-    props["messages"] = json!({"type": "array", "minItems": 1, "items": message_schema()});
-    json!({"type": "object", "required": ["model", "messages"], "properties": props})
-}
-
-pub(super) async fn openapi() -> Json<Value> {
-    let chat_schema = chat_schema();
-    let completion_schema = json!({
-        "type": "object", "required": ["model", "prompt"],
-        "properties": {"model": {"type": "string"}, "prompt": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 1},
-            "temperature": {"type": "number", "minimum": 0, "maximum": 2}, "stream": {"type": "boolean"}}
-    });
-    let ns_key = json!([
-        {"name": "namespace", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9_:-][A-Za-z0-9._:-]*$", "maxLength": 128}},
-        {"name": "key", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9_:-][A-Za-z0-9._:-]*$", "maxLength": 128}}
-    ]);
-    let put_schema = json!({
-        "type": "object", "required": ["value"], "additionalProperties": false,
-        "properties": {
-            "value": {},
-            "memory_type": {"type": "string", "enum": ["session", "semantic", "agent", "trace"]},
-            "ttl": {"type": "string", "example": "24h"},
-            "subject": {"type": "string"},
-            "tags": {"type": "array", "items": {"type": "string"}}
-        }
-    });
-    let mut put = with_body(
-        op(
-            "Write a value (durable here, then pushed to every peer; w=2: also durable on one peer)",
-            "memory.write",
-        ),
-        put_schema,
+/// Add what every operation shares: the security schemes and each operation's requirement
+/// (none when its `x-permission` is `public`), and the error responses it does not list itself.
+fn finish(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    let components = doc.components.get_or_insert_with(Components::new);
+    let mut bearer = HttpBuilder::new()
+        .scheme(HttpAuthScheme::Bearer)
+        .bearer_format("JWT (EdDSA)")
+        .build();
+    bearer.description = Some("A token from `swarm token` or `swarm init`.".into());
+    components
+        .security_schemes
+        .insert("bearer".into(), SecurityScheme::Http(bearer));
+    components.security_schemes.insert(
+        "apiKey".into(),
+        SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+            "X-API-Key",
+            "A key from `POST /v1/keys`.",
+        ))),
     );
-    let mut put_params = ns_key.clone();
-    if let Some(a) = put_params.as_array_mut() {
-        a.push(json!({"name": "w", "in": "query", "required": false, "schema": {"type": "integer", "enum": [1, 2]}}));
-    }
-    put["parameters"] = put_params;
-    let mut get = op("Read a value", "memory.read");
-    get["parameters"] = ns_key.clone();
-    let mut del = op("Delete a value (tombstone)", "memory.write");
-    del["parameters"] = ns_key;
-    Json(json!({
-        "openapi": "3.0.3",
-        "info": {"title": "swarm gateway", "version": env!("CARGO_PKG_VERSION")},
-        "components": {
-            "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT (EdDSA)"},
-                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}
-            },
-            "responses": {
-                "Error": {
-                    "description": "Error",
-                    "content": {"application/json": {"schema": {
-                        "type": "object",
-                        "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
-                            "code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}
-                        }}}
-                    }}}
-                }
+    let error = ResponseBuilder::new()
+        .description("Error: a stable `code`, a safe `message`, and `field` when one is at fault")
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Error")))
+                .build(),
+        )
+        .build();
+    components.responses.insert("Error".into(), RefOr::T(error));
+    for item in doc.paths.paths.values_mut() {
+        let ops = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for op in ops.into_iter().flatten() {
+            let public = op
+                .extensions
+                .as_ref()
+                .and_then(|e| e.get("x-permission"))
+                .is_some_and(|p| p == "public");
+            op.security = Some(if public {
+                Vec::new()
+            } else {
+                vec![
+                    SecurityRequirement::new("bearer", Vec::<String>::new()),
+                    SecurityRequirement::new("apiKey", Vec::<String>::new()),
+                ]
+            });
+            for status in ERROR_STATUSES {
+                op.responses
+                    .responses
+                    .entry(status.into())
+                    .or_insert_with(|| RefOr::Ref(Ref::from_response_name("Error")));
             }
-        },
-        "paths": {
-            "/health": {"get": op("Node health", "public")},
-            "/metrics": {"get": op("Prometheus metrics (public on loopback)", "metrics.read")},
-            "/openapi.json": {"get": op("This document", "public")},
-            "/v1/me": {"get": op("The caller", "any")},
-            "/v1/memory/{namespace}/{key}": {"put": put, "get": get, "delete": del},
-            "/v1/memory/{namespace}": {"get": {
-                "summary": "List values", "x-permission": "memory.read",
-                "parameters": [
-                    {"name": "namespace", "in": "path", "required": true, "schema": {"type": "string"}},
-                    {"name": "prefix", "in": "query", "schema": {"type": "string"}},
-                    {"name": "after", "in": "query", "schema": {"type": "string"}},
-                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}
-                ],
-                "responses": {"200": {"description": "OK"}}
-            }},
-            "/v1/subjects/{id}/erase": {"post": op("Crypto-shred a data subject", "subjects.erase")},
-            "/v1/audit": {"get": op("Audit entries (after, limit)", "audit.read")},
-            "/v1/audit/verify": {"get": op("Verify the audit hash chain", "audit.read")},
-            "/v1/keys": {
-                "post": with_body(op("Create an API key (shown once)", "keys.manage"), json!({
-                    "type": "object", "required": ["name"], "additionalProperties": false,
-                    "properties": {"name": {"type": "string"}, "role": {"type": "string"}, "ttl": {"type": "string"}}
-                })),
-                "get": op("List API keys (own, or all for admins)", "keys.manage")
-            },
-            "/v1/keys/{id}": {"delete": op("Revoke an API key (owner or admin)", "keys.manage")},
-            "/v1/tokens/revoke": {"post": with_body(op("Revoke a JWT by token or jti", "tokens.admin or own token"), json!({
-                "type": "object", "additionalProperties": false,
-                "properties": {"token": {"type": "string"}, "jti": {"type": "string"}}
-            }))},
-            "/v1/cluster/members": {"get": op("Every member with its state (alive, suspect, down, left) and metadata", "cluster.read")},
-            "/v1/cluster/leave": {"post": op("Leave the cluster gracefully, then stop this node", "cluster.admin")},
-            "/v1/cluster/ping": {"post": with_body(op("Remote actor call to a peer's router over the QUIC actor session", "cluster.read"), json!({
-                "type": "object", "additionalProperties": false, "required": ["node"],
-                "properties": {"node": {"type": "string"}, "timeout_ms": {"type": "integer", "minimum": 1, "maximum": 10000}}
-            }))},
-            "/v1/models": {"get": op("Models served anywhere in the cluster (OpenAI list), with the nodes serving each", "inference.use")},
-            "/v1/chat/completions": {"post": with_body(op("OpenAI chat completion on the least-loaded node serving the model; `stream: true` answers server-sent events ending in [DONE]", "inference.use"), chat_schema)},
-            "/v1/completions": {"post": with_body(op("OpenAI text completion (one prompt); same sampling fields as chat", "inference.use"), completion_schema)}
         }
-    }))
+    }
+    doc
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "system",
+    responses((status = 200, description = "This document (OpenAPI 3.1)", body = serde_json::Value)),
+    extensions(("x-permission" = json!("public")))
+)]
+pub(super) async fn openapi() -> Json<&'static utoipa::openapi::OpenApi> {
+    Json(document())
 }

@@ -12,6 +12,14 @@ use super::{AppState, AuditCtx};
 use crate::auth::Principal;
 use crate::error::AppError;
 
+/// Node health: storage, membership and inference, and the status of each local model.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "system",
+    responses((status = 200, description = "Health", body = super::openapi::schemas::Health)),
+    extensions(("x-permission" = json!("public")))
+)]
 pub(super) async fn health(State(s): State<AppState>) -> Json<Value> {
     let storage = match s.storage.engine.get("meta", b"health") {
         Ok(_) => "ok",
@@ -39,8 +47,9 @@ pub(super) async fn health(State(s): State<AppState>) -> Json<Value> {
     };
     let models: serde_json::Map<String, Value> = s
         .inference
-        .local()
-        .map(|m| (m.name.clone(), json!(m.status())))
+        .local
+        .served()
+        .map(|m| (m.name().to_string(), json!(m.status().to_string())))
         .collect();
     let inference = if models.is_empty() {
         "disabled"
@@ -67,6 +76,14 @@ pub(super) async fn health(State(s): State<AppState>) -> Json<Value> {
     }))
 }
 
+/// Prometheus metrics (no credential needed on loopback).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "system",
+    responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String)),
+    extensions(("x-permission" = json!("metrics.read")))
+)]
 pub(super) async fn metrics(
     State(s): State<AppState>,
     req: Request,
@@ -243,8 +260,9 @@ fn inference_metrics(out: &mut String, node: &str, inf: &crate::inference::Infer
         ),
     ];
     let engines: Vec<(String, swarm_gpu::EngineHandle)> = inf
-        .local()
-        .filter_map(|m| m.engine().map(|e| (m.name.clone(), e)))
+        .local
+        .served()
+        .filter_map(|m| m.engine().map(|e| (m.name().to_string(), e)))
         .collect();
     if engines.is_empty() {
         return;

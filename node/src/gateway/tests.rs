@@ -27,7 +27,7 @@ fn fixture_with(body_limit: usize, swarm: SwarmFile) -> Fixture {
 }
 
 fn fixture_full(body_limit: usize, swarm: SwarmFile, limits: LimitsConfig) -> Fixture {
-    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let key = SigningKey::from_bytes(&rand::random());
     let storage = Storage::with_engine(
         Arc::new(MemEngine::new()),
         SecretKey::generate(),
@@ -59,14 +59,7 @@ fn fixture_full(body_limit: usize, swarm: SwarmFile, limits: LimitsConfig) -> Fi
         membership: None,
         actors: None,
         replicator: None,
-        inference: crate::inference::Inference::new(
-            "n1",
-            Vec::new(),
-            Default::default(),
-            16,
-            None,
-            None,
-        ),
+        inference: crate::inference::Inference::standalone("n1"),
     })
     .expect("gateway state");
     Fixture { state, key }
@@ -234,7 +227,7 @@ async fn memory_round_trip_and_version() {
 #[tokio::test]
 async fn bad_credentials_are_401_and_audited() {
     let f = fixture();
-    let other = SigningKey::generate(&mut rand::rngs::OsRng);
+    let other = SigningKey::from_bytes(&rand::random());
     let foreign = mint(&other, "eve", "admin", 3600, "swarm", "swarm").expect("mint");
     let expired = mint(&f.key, "eve", "admin", 0, "swarm", "swarm").expect("mint");
     let wrong_aud = mint(&f.key, "eve", "admin", 3600, "swarm", "elsewhere").expect("mint");
@@ -1026,3 +1019,6 @@ mod bounded_abuse {
         assert_eq!(s, StatusCode::OK);
     }
 }
+
+mod api_contract;
+mod audit_once;
