@@ -19,6 +19,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -193,14 +194,31 @@ async fn drive<IO>(
     let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let guard = InFlight::start(svc_clock.clone());
         let deadline = Instant::now() + body_timeout;
-        let mut req = req.map(|b| Body::new(DeadlineBody::new(b, deadline, body_timeout)));
+        let body_read = Arc::new(AtomicBool::new(false));
+        let mut req = req.map(|b| {
+            Body::new(DeadlineBody::new(
+                b,
+                deadline,
+                body_timeout,
+                body_read.clone(),
+            ))
+        });
         req.extensions_mut().insert(ConnectInfo(peer));
         let app = app.clone();
         async move {
-            let resp = match app.oneshot(req).await {
+            let mut resp = match app.oneshot(req).await {
                 Ok(r) => r,
                 Err(never) => match never {},
             };
+            // A body the handler left unread (an early refusal, a 413) leaves the connection at
+            // an unknown place, so hyper closes it after this response: say so (RFC 9112 §9.6),
+            // or a client that sends its next request on it finds it closed mid-request.
+            if !body_read.load(Ordering::Acquire) {
+                resp.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+            }
             Ok::<_, Infallible>(resp.map(|inner| Guarded {
                 inner,
                 _guard: guard,
@@ -478,22 +496,28 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
     }
 }
 
-/// A request body that fails once its deadline passes.
+/// A request body that fails once its deadline passes, and sets `read` once it has been read to
+/// its end (or had none).
 #[derive(Debug)]
 struct DeadlineBody {
     inner: Incoming,
     deadline: Instant,
     timeout: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
+    read: Arc<AtomicBool>,
 }
 
 impl DeadlineBody {
-    fn new(inner: Incoming, deadline: Instant, timeout: Duration) -> Self {
+    fn new(inner: Incoming, deadline: Instant, timeout: Duration, read: Arc<AtomicBool>) -> Self {
+        if http_body::Body::is_end_stream(&inner) {
+            read.store(true, Ordering::Release);
+        }
         Self {
             inner,
             deadline,
             timeout,
             sleep: None,
+            read,
         }
     }
 }
@@ -508,6 +532,9 @@ impl http_body::Body for DeadlineBody {
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            if frame.is_none() || http_body::Body::is_end_stream(&this.inner) {
+                this.read.store(true, Ordering::Release);
+            }
             return Poll::Ready(frame.map(|r| r.map_err(io::Error::other)));
         }
         let deadline = this.deadline;

@@ -339,3 +339,43 @@ async fn shutdown_closes_idle_connections_and_ends_the_server() {
     assert!(matches!(r, Ok(Ok(()))));
     assert!(closed_within(&mut s, Duration::from_secs(5)).await);
 }
+
+/// A response to a request whose body the handler left unread says `connection: close` (the
+/// server closes that connection after it), so no client sends its next request on it; a body
+/// read to its end keeps the connection alive.
+#[tokio::test]
+async fn an_unread_body_closes_the_connection_and_says_so() {
+    let (addr, _tx, _task) = start(opts(5_000, 5_000, 5_000, 16, 16), None).await;
+    let body = "x".repeat(20_000);
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    // `/health` never reads a body.
+    let req = format!(
+        "GET /health HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+    // `/echo` reads its body: the connection stays open for the next request.
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(!answer.contains("connection: close"), "{answer}");
+    assert!(request(&mut s, "/health").await.starts_with("HTTP/1.1 200"));
+}

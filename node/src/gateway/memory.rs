@@ -114,7 +114,10 @@ pub(super) struct PutQuery {
     tag = "memory",
     params(super::openapi::schemas::MemoryPath, PutQuery),
     request_body = PutBody,
-    responses((status = 200, description = "The value as stored", body = ItemView)),
+    responses(
+        (status = 200, description = "The value as stored", body = ItemView),
+        (status = 410, description = "The subject has been erased (`subject_erased`)", body = super::openapi::schemas::Error)
+    ),
     extensions(("x-permission" = json!("memory.write")))
 )]
 pub(super) async fn put_value(
@@ -179,7 +182,10 @@ pub(super) async fn put_value(
     path = "/v1/memory/{namespace}/{key}",
     tag = "memory",
     params(super::openapi::schemas::MemoryPath),
-    responses((status = 200, description = "The value", body = ItemView)),
+    responses(
+        (status = 200, description = "The value", body = ItemView),
+        (status = 410, description = "Its subject has been erased (`subject_erased`)", body = super::openapi::schemas::Error)
+    ),
     extensions(("x-permission" = json!("memory.read")))
 )]
 pub(super) async fn get_value(
