@@ -818,7 +818,7 @@ mod tests {
         let t0 = now();
         let (rec, key) = key_for(&a, "viewer", vec![], t0, t0 + 50);
         assert!(!rec.secret_hash.is_empty());
-        let secret = key.rsplit_once('_').expect("secret").1;
+        let secret = key.splitn(3, '_').nth(2).expect("secret");
         assert_ne!(rec.secret_hash, secret, "stored hashed");
         let p = a.authenticate(None, Some(&key), t0 + 20).expect("valid");
         assert_eq!((p.role.as_str(), p.auth_type), ("viewer", AuthType::ApiKey));

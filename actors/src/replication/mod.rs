@@ -34,7 +34,7 @@ use tracing::Instrument;
 
 use crate::Error;
 use crate::stream::{StreamKind, decode, encode};
-use protocol::{Ae, Initiator, Limits, Local, Push, Responder, Step};
+use protocol::{Ae, Initiator, Limits, Local, Push, Responder, Side, Step};
 pub use transport::{Duplex, FrameRx, FrameTx, MemIncoming, MemNet, MemPeers, Peers};
 
 /// Deltas applied per blocking batch on the receiving side.
@@ -642,11 +642,19 @@ async fn initiate(shared: &Arc<Shared>, peer: &str) -> Result<u64, Error> {
         duplex,
     };
     let (local, p, limits) = (shared.local.clone(), peer.to_string(), shared.limits);
-    let (mut round, step) = blocking(move || Initiator::start(&local, &p, limits)).await??;
+    let (round, step) = blocking(move || Initiator::start(&local, &p, limits)).await??;
     io.send_all(&step).await?;
+    let round = drive(&mut io, round).await?;
+    io.duplex.tx.finish();
+    Ok(round.entries)
+}
+
+/// Feed the peer's messages to `round` (off the async workers) and send what it answers, until
+/// it is finished.
+async fn drive<S: Side>(io: &mut RoundIo<'_>, mut round: S) -> Result<S, Error> {
     while !round.is_finished() {
         let msg = io.recv().await?;
-        let local = shared.local.clone();
+        let local = io.shared.local.clone();
         let (r, step) = blocking(move || {
             let step = round.on_message(&local, msg, now_ms());
             (round, step)
@@ -655,8 +663,7 @@ async fn initiate(shared: &Arc<Shared>, peer: &str) -> Result<u64, Error> {
         round = r;
         io.send_all(&step?).await?;
     }
-    io.duplex.tx.finish();
-    Ok(round.entries)
+    Ok(round)
 }
 
 async fn round_as_responder(shared: &Arc<Shared>, peer: &str, duplex: Duplex) -> Result<(), Error> {
@@ -665,18 +672,7 @@ async fn round_as_responder(shared: &Arc<Shared>, peer: &str, duplex: Duplex) ->
         peer,
         duplex,
     };
-    let mut round = Responder::new(peer, shared.limits);
-    while !round.is_finished() {
-        let msg = io.recv().await?;
-        let local = shared.local.clone();
-        let (r, step) = blocking(move || {
-            let step = round.on_message(&local, msg, now_ms());
-            (round, step)
-        })
-        .await?;
-        round = r;
-        io.send_all(&step?).await?;
-    }
+    drive(&mut io, Responder::new(peer, shared.limits)).await?;
     Ok(())
 }
 

@@ -275,6 +275,32 @@ fn chunks<T>(items: Vec<T>, budget: usize, size: impl Fn(&T) -> usize) -> Vec<Ve
     out
 }
 
+/// Either side of a round, as the IO shell drives it: messages in, steps out, until finished.
+pub trait Side: Send + 'static {
+    fn on_message(&mut self, local: &Local, msg: Ae, now: u64) -> Result<Step, Error>;
+    fn is_finished(&self) -> bool;
+}
+
+impl Side for Initiator {
+    fn on_message(&mut self, local: &Local, msg: Ae, now: u64) -> Result<Step, Error> {
+        Initiator::on_message(self, local, msg, now)
+    }
+
+    fn is_finished(&self) -> bool {
+        Initiator::is_finished(self)
+    }
+}
+
+impl Side for Responder {
+    fn on_message(&mut self, local: &Local, msg: Ae, now: u64) -> Result<Step, Error> {
+        Responder::on_message(self, local, msg, now)
+    }
+
+    fn is_finished(&self) -> bool {
+        Responder::is_finished(self)
+    }
+}
+
 #[derive(Debug)]
 enum AState {
     HelloSent,
