@@ -208,14 +208,6 @@ impl Replicator {
         }
     }
 
-    /// Wait (at most `limit`) until one anti-entropy round has completed; says whether it did.
-    pub async fn wait_first_sync(&self, limit: Duration) -> bool {
-        let mut rx = self.shared.first_sync.subscribe();
-        tokio::time::timeout(limit, rx.wait_for(|done| *done))
-            .await
-            .is_ok_and(|r| r.is_ok())
-    }
-
     /// Catch up before serving: run rounds with live peers until one completes (true). When no
     /// peer is alive for `alone` (a cold start, or the only node), or no round completes
     /// within `limit`, returns false: the node serves its local data as it is.
@@ -254,16 +246,20 @@ impl Replicator {
 
     /// Queue `delta` to every live peer. With `w2`, wait until one of them has it durable.
     pub async fn push(&self, delta: &Delta, w2: bool) -> Result<(), Error> {
+        if self.shared.stop.is_cancelled() {
+            return Err(Error::Stopped);
+        }
+        // Alone: nothing to encode or queue (anti-entropy brings peers up to date when they come).
+        let peers = self.shared.peers.live_peers();
+        if peers.is_empty() {
+            return if w2 { Err(Error::NoReplica) } else { Ok(()) };
+        }
         let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
         let frame = encode(&Push::Delta {
             seq,
             ack: w2,
             delta: delta.clone(),
         })?;
-        let peers = self.shared.peers.live_peers();
-        if w2 && peers.is_empty() {
-            return Err(Error::NoReplica);
-        }
         let waiter = w2.then(|| {
             let (tx, rx) = oneshot::channel();
             lock(&self.shared.waiters).insert(seq, tx);
