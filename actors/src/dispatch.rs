@@ -20,6 +20,9 @@ pub struct Services {
     pub actors: ActorCluster,
     pub replicator: Replicator,
     pub inference: Option<Arc<dyn StreamService>>,
+    /// The task service (forwarded submissions, stage runs, events); `None` on a node without
+    /// one.
+    pub tasks: Option<Arc<dyn StreamService>>,
 }
 
 impl std::fmt::Debug for Services {
@@ -62,7 +65,12 @@ impl Services {
                     inf.serve(s.peer, s.send, s.recv);
                 }
             }
-            Some(StreamKind::Inference) | None => {
+            Some(StreamKind::Tasks) if self.tasks.is_some() => {
+                if let Some(t) = &self.tasks {
+                    t.serve(s.peer, s.send, s.recv);
+                }
+            }
+            Some(StreamKind::Inference | StreamKind::Tasks) | None => {
                 tracing::debug!(kind = s.kind, "stream of a kind nobody serves refused");
                 let _ = s.recv.stop(3u32.into());
             }

@@ -63,6 +63,48 @@ pub enum Error {
     PeerGone(String),
     #[error("{0} answered with the wrong reply")]
     BadReply(String),
+
+    // Tasks and agents.
+    /// A submission or query with a bad value; `field` names it.
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    /// The task queue is full; try again after `retry_after_s`.
+    #[error("the task queue is full")]
+    QueueFull { retry_after_s: u64 },
+    /// No agent of the swarm has what the task needs.
+    #[error("{field}: no agent has capability `{capability}`")]
+    NoCapableAgent { field: String, capability: String },
+    /// The task has finished; it cannot be cancelled or requeued.
+    #[error("task {id} is already {status}")]
+    TaskFinished { id: String, status: String },
+    /// The task is not in the state the operation needs (e.g. requeue of a task not in the
+    /// dead-letter queue).
+    #[error("task {id} is {status}: {message}")]
+    TaskState {
+        id: String,
+        status: String,
+        message: String,
+    },
+    /// A stage result from an epoch an adopting owner superseded.
+    #[error("stale result for task {task} stage {stage}: epoch {epoch} < {current}")]
+    StaleEpoch {
+        task: String,
+        stage: String,
+        epoch: u64,
+        current: u64,
+    },
+    /// The stage would exceed the task's token budget.
+    #[error("the task's token budget of {budget} tokens is spent")]
+    BudgetExceeded { budget: u32 },
+    /// No live node can run the operation now (no owner, no agent home, no model).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// A stage's generation failed; the code is the inference failure's.
+    #[error("stage failed: {code}: {message}")]
+    StageFailed { code: String, message: String },
+    /// The caller may not do this.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
 }
 
 impl Error {
@@ -92,6 +134,16 @@ impl Error {
             Error::NoRouter(_) => "no_router",
             Error::PeerGone(_) => "peer_gone",
             Error::BadReply(_) => "bad_reply",
+            Error::Invalid { .. } => "invalid_request",
+            Error::QueueFull { .. } => "queue_full",
+            Error::NoCapableAgent { .. } => "no_capable_agent",
+            Error::TaskFinished { .. } => "task_finished",
+            Error::TaskState { .. } => "task_state",
+            Error::StaleEpoch { .. } => "stale_epoch",
+            Error::BudgetExceeded { .. } => "budget_exceeded",
+            Error::Unavailable(_) => "unavailable",
+            Error::StageFailed { .. } => "stage_failed",
+            Error::Forbidden(_) => "forbidden",
         }
     }
 }

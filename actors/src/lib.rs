@@ -11,6 +11,7 @@
 //! - `inference`: the [`Inference`] trait agents and the gateway call, and its cluster
 //!   implementation ([`ClusterInference`]): routing by load, the peer protocol's client and server.
 
+pub mod agents;
 mod cluster;
 mod dispatch;
 mod error;
@@ -18,6 +19,7 @@ pub mod inference;
 mod memory;
 pub mod replication;
 pub mod stream;
+pub mod tasks;
 
 pub use cluster::{ActorCluster, ROUTER_GROUP, RouterMsg, spawn_sessions};
 pub use dispatch::{Services, StreamService};

@@ -154,6 +154,12 @@ impl Memory {
         }
     }
 
+    /// Audit a refusal decided outside the service (e.g. an agent's read or write the policy
+    /// denied): recorded like the service's own refusals, queued.
+    pub fn refuse(&self, caller: &Caller, e: &Error) {
+        self.inner.refused(caller, e);
+    }
+
     /// The store (reads are local and go to it directly).
     pub fn storage(&self) -> &Storage {
         &self.inner.storage

@@ -32,14 +32,19 @@ pub enum StreamKind {
     AntiEntropy = 3,
     /// One inference request and its chunks.
     Inference = 4,
+    /// One task-service call (a forwarded submission, a stage run on an agent's home node and
+    /// its text, a cancel, an agent query, a batch of events). JSON bodies: task records carry
+    /// free-form JSON context, which postcard cannot encode.
+    Tasks = 5,
 }
 
 impl StreamKind {
-    pub const ALL: [StreamKind; 4] = [
+    pub const ALL: [StreamKind; 5] = [
         StreamKind::Ractor,
         StreamKind::Deltas,
         StreamKind::AntiEntropy,
         StreamKind::Inference,
+        StreamKind::Tasks,
     ];
 
     /// The byte on the wire.
@@ -59,6 +64,7 @@ impl StreamKind {
             StreamKind::Deltas => "deltas",
             StreamKind::AntiEntropy => "anti_entropy",
             StreamKind::Inference => "inference",
+            StreamKind::Tasks => "tasks",
         }
     }
 }
@@ -109,6 +115,19 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// The next frame decoded as `T` (postcard); `None` at a clean end of stream.
+    /// The next frame as JSON (the task service's frames).
+    pub async fn next_json<T: DeserializeOwned>(&mut self) -> Result<Option<T>, Error> {
+        match self.next().await? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| Error::Frame {
+                    peer: self.peer.clone(),
+                    message: e.to_string(),
+                }),
+        }
+    }
+
     pub async fn next_msg<T: DeserializeOwned>(&mut self) -> Result<Option<T>, Error> {
         match self.next().await? {
             None => Ok(None),
@@ -149,6 +168,18 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 
     /// Encode `msg` (postcard) and send it.
+    /// Send `msg` as one JSON frame (the task service's frames).
+    pub async fn send_json<T: Serialize>(&mut self, msg: &T) -> Result<(), Error> {
+        let body = serde_json::to_vec(msg).map_err(|e| Error::Encode(e.to_string()))?;
+        if body.len() > MAX_FRAME {
+            return Err(Error::FrameTooLarge {
+                size: body.len(),
+                max: MAX_FRAME,
+            });
+        }
+        self.send(Bytes::from(body)).await
+    }
+
     pub async fn send_msg<T: Serialize>(&mut self, msg: &T) -> Result<(), Error> {
         self.send(encode(msg)?).await
     }

@@ -16,6 +16,7 @@ mod error;
 mod node;
 pub mod secret;
 mod swarm_file;
+mod tasks;
 
 pub use duration::HumanDuration;
 pub use error::ConfigError;
@@ -24,6 +25,11 @@ pub use node::{
     ModelEntry, NodeConfig, NodeSection, ReplicationConfig, TlsConfig,
 };
 pub use swarm_file::{
-    Agent, AgentMemory, AntiCollision, ConcurrencyLimits, Coordination, Encryption, MemorySync,
-    Performance, ResponseTargets, Retention, Security, SwarmFile, SwarmSection,
+    Agent, AgentMemory, AgentType, AntiCollision, AuditLevel, Clearance, ConcurrencyLimits,
+    Coordination, Encryption, MemorySync, Performance, ResponseTargets, Retention, Security,
+    SwarmFile, SwarmSection,
+};
+pub use tasks::{
+    AgentsConfig, BENCH_NOOP_KIND, SPARC_STAGES, StageConfig, TasksConfig, WorkflowConfig,
+    preset_workflows,
 };

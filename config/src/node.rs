@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ConfigError, HumanDuration, SwarmFile};
+use crate::{AgentsConfig, ConfigError, HumanDuration, SwarmFile, TasksConfig};
 
 /// One node's configuration (`node.toml`). Relative paths are resolved against the file's folder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +27,10 @@ pub struct NodeConfig {
     pub replication: ReplicationConfig,
     #[serde(default)]
     pub inference: InferenceConfig,
+    #[serde(default)]
+    pub tasks: TasksConfig,
+    #[serde(default)]
+    pub agents: AgentsConfig,
     /// Extra roles: name → permissions (`memory.read`, `tasks.*`, `*`).
     #[serde(default)]
     pub roles: BTreeMap<String, Vec<String>>,
@@ -652,12 +656,16 @@ impl NodeConfig {
         self.resolve(&self.node.data_dir)
     }
 
-    /// The swarm file this node uses: the configured one, or the embedded preset.
+    /// The swarm file this node uses: the configured one, or the embedded preset. The
+    /// `[tasks]` and `[agents]` sections are checked against it (they name its agents).
     pub fn swarm_file(&self) -> Result<SwarmFile, ConfigError> {
-        match &self.node.swarm_file {
-            Some(p) => SwarmFile::load(&self.resolve(p)),
-            None => SwarmFile::preset(),
-        }
+        let swarm = match &self.node.swarm_file {
+            Some(p) => SwarmFile::load(&self.resolve(p))?,
+            None => SwarmFile::preset()?,
+        };
+        self.tasks.validate("node.toml", &swarm)?;
+        self.agents.validate("node.toml", &swarm, &self.roles)?;
+        Ok(swarm)
     }
 
     pub fn gossip_advertise(&self) -> SocketAddr {

@@ -92,6 +92,18 @@ pub enum Clearance {
     TopSecret,
 }
 
+impl Clearance {
+    /// As the swarm file spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Clearance::Public => "public",
+            Clearance::Confidential => "confidential",
+            Clearance::Secret => "secret",
+            Clearance::TopSecret => "top_secret",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AuditLevel {

@@ -1,4 +1,9 @@
-//! The `swarm` command line.
+//! The `swarm` command line: the node's own commands here, the client commands of tasks and
+//! agents in `tasks` (which prints through `print` and follows a task with `follow`).
+
+mod follow;
+mod print;
+mod tasks;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -11,6 +16,7 @@ use swarm_config::{HumanDuration, NodeConfig};
 use crate::init::{InitOptions, first_node_config, init_cluster, mint};
 use crate::node::{Node, load_signing_key, verify_audit};
 use crate::policy::Policy;
+use tasks::{ClientArgs, TaskCommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -62,19 +68,21 @@ enum Command {
     },
     /// Show every cluster member with its state and metadata, as one node's gateway sees them.
     Status {
-        /// The gateway to ask.
-        #[arg(long, env = "SWARM_GATEWAY", default_value = "https://127.0.0.1:8080")]
-        gateway: String,
-        /// The CA that signed the gateway's HTTPS certificate (default: DIR/ca.pem when it
-        /// exists, else the system's roots).
-        #[arg(long, env = "SWARM_CA")]
-        ca: Option<PathBuf>,
-        /// A token with `cluster.read` (default: DIR/admin.token when it exists).
-        #[arg(long, env = "SWARM_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// The cluster folder whose admin token to use when no token is given.
-        #[arg(long, default_value = "swarm-data")]
-        dir: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tasks: submit (and follow), status, review, list, kill.
+    Task {
+        #[command(subcommand)]
+        command: TaskCommand,
+    },
+    /// The agents: where each runs, what it does now and how it has done.
+    Agents {
+        #[command(flatten)]
+        client: ClientArgs,
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
@@ -225,16 +233,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             serve(&config, cfg, Some(token))
         }
         Command::Node { config } => serve(&config, NodeConfig::load(&config)?, None),
-        Command::Status {
-            gateway,
-            ca,
-            token,
-            dir,
-            json,
-        } => {
-            let ca = ca.or_else(|| Some(dir.join("ca.pem")).filter(|p| p.exists()));
-            status(&gateway, ca.as_deref(), token, &dir, json)
-        }
+        Command::Status { client, json } => status(tasks::Client::new(client)?, json),
+        Command::Task { command } => tasks::run_task(command),
+        Command::Agents { client, json } => tasks::run_agents(client, json),
         Command::Token {
             dir,
             subject,
@@ -470,7 +471,14 @@ impl Signals {
 /// A client for the gateways: trusts `ca` (PEM, the cluster CA) when given, else the
 /// system's roots.
 pub fn gateway_agent(ca: Option<&Path>) -> Result<ureq::Agent> {
-    let builder = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(10));
+    agent_with(
+        ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(10)),
+        ca,
+    )
+}
+
+/// An agent from `builder` (its timeouts) that trusts `ca` when given.
+fn agent_with(builder: ureq::AgentBuilder, ca: Option<&Path>) -> Result<ureq::Agent> {
     let Some(ca) = ca else {
         return Ok(builder.build());
     };
@@ -496,37 +504,8 @@ pub fn gateway_agent(ca: Option<&Path>) -> Result<ureq::Agent> {
 }
 
 /// `swarm status`: the member table from a gateway.
-fn status(
-    gateway: &str,
-    ca: Option<&Path>,
-    token: Option<String>,
-    dir: &Path,
-    json: bool,
-) -> Result<ExitCode> {
-    let token = match token {
-        Some(t) => t,
-        None => std::fs::read_to_string(dir.join("admin.token"))
-            .map(|t| t.trim().to_string())
-            .with_context(|| {
-                format!(
-                    "no --token (or SWARM_TOKEN) and no {}",
-                    dir.join("admin.token").display()
-                )
-            })?,
-    };
-    let url = format!("{}/v1/cluster/members", gateway.trim_end_matches('/'));
-    let resp = gateway_agent(ca)?
-        .get(&url)
-        .set("Authorization", &format!("Bearer {token}"))
-        .call();
-    let body: serde_json::Value = match resp {
-        Ok(r) => r.into_json().context("read the member list")?,
-        Err(ureq::Error::Status(code, r)) => {
-            let text = r.into_string().unwrap_or_default();
-            bail!("{url}: HTTP {code}: {text}");
-        }
-        Err(e) => bail!("{url}: {e}"),
-    };
+fn status(client: tasks::Client, json: bool) -> Result<ExitCode> {
+    let body = client.get("/v1/cluster/members")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(ExitCode::SUCCESS);

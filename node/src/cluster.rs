@@ -46,7 +46,7 @@ pub async fn start_membership(
         bind: cfg.gossip.bind,
         advertise: cfg.gossip_advertise(),
         seeds: cfg.gossip.seeds.clone(),
-        meta: node_meta(gateway, 0, Vec::new()),
+        meta: node_meta(gateway, 0, Vec::new(), cfg.agents.host),
         settings,
         max_connections: 1024,
         streams: Some(streams),
@@ -54,11 +54,21 @@ pub async fn start_membership(
     .await
 }
 
-/// This node's metadata: gateway address, roles, devices, load, version, served models.
-pub fn node_meta(gateway: SocketAddr, load: u32, models: Vec<ModelMeta>) -> NodeMeta {
+/// This node's metadata: gateway address, roles (`agents` when it may host agents), devices,
+/// load, version, served models.
+pub fn node_meta(
+    gateway: SocketAddr,
+    load: u32,
+    models: Vec<ModelMeta>,
+    hosts_agents: bool,
+) -> NodeMeta {
+    let mut roles = vec!["gateway".to_string()];
+    if hosts_agents {
+        roles.push("agents".into());
+    }
     NodeMeta {
         gateway: gateway.to_string(),
-        roles: vec!["gateway".into(), "agents".into()],
+        roles,
         devices: devices(),
         load,
         version: env!("CARGO_PKG_VERSION").into(),
@@ -104,6 +114,7 @@ pub fn spawn_duties(
     audit: Arc<dyn AuditSink>,
     membership: Membership,
     gateway: SocketAddr,
+    hosts_agents: bool,
 ) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -139,7 +150,10 @@ pub fn spawn_duties(
             if publish {
                 last_load = load;
                 last_models = models.clone();
-                if let Err(e) = membership.set_meta(node_meta(gateway, load, models)).await {
+                if let Err(e) = membership
+                    .set_meta(node_meta(gateway, load, models, hosts_agents))
+                    .await
+                {
                     tracing::debug!(error = %e, "metadata not published");
                 }
             }
@@ -153,11 +167,13 @@ pub fn spawn_streams(
     actors: ActorCluster,
     replicator: Replicator,
     inference: Arc<Inference>,
+    tasks: swarm_actors::tasks::TaskService,
 ) {
     Services {
         actors,
         replicator,
         inference: Some(inference.cluster.clone()),
+        tasks: Some(Arc::new(tasks)),
     }
     .spawn_dispatch(rx);
 }

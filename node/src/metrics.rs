@@ -2,8 +2,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use swarm_actors::tasks::{TaskApi, TaskStats};
 
 const BUCKETS_MS: [f64; 10] = [
     1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0, 5000.0,
@@ -41,6 +43,27 @@ pub struct Metrics {
     pub audit_entries: std::sync::Arc<AtomicU64>,
     pub audit_failures: std::sync::Arc<AtomicU64>,
     pub in_flight: AtomicU64,
+    /// The task service's queue and counters, read when the metrics are rendered.
+    pub tasks: TaskGauges,
+}
+
+/// Where `/metrics` reads the task gauges from: the task service, when the node runs tasks.
+#[derive(Clone, Default)]
+pub struct TaskGauges(Option<Arc<dyn TaskApi>>);
+
+impl TaskGauges {
+    pub fn new(api: Option<Arc<dyn TaskApi>>) -> Self {
+        Self(api)
+    }
+}
+
+impl std::fmt::Debug for TaskGauges {
+    // By hand: the task service is a trait object without `Debug`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("TaskGauges")
+            .field(&self.0.is_some())
+            .finish()
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -201,7 +224,93 @@ impl Metrics {
             "swarm_http_in_flight{{node=\"{node}\"}} {}",
             self.in_flight.load(Ordering::Relaxed)
         );
+        if let Some(api) = &self.tasks.0 {
+            render_tasks(&mut out, node, &api.stats());
+        }
         out
+    }
+}
+
+/// The `swarm_tasks_*` series of one snapshot of the task service.
+pub fn render_tasks(out: &mut String, node: &str, st: &TaskStats) {
+    let header = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+    };
+    header(
+        out,
+        "swarm_tasks_backlog",
+        "gauge",
+        "Tasks waiting (not running) on this node, by priority.",
+    );
+    for b in &st.backlog {
+        let _ = writeln!(
+            out,
+            "swarm_tasks_backlog{{node=\"{node}\",priority=\"{}\"}} {}",
+            b.priority, b.waiting
+        );
+    }
+    header(
+        out,
+        "swarm_tasks_oldest_age_seconds",
+        "gauge",
+        "Age of the oldest waiting task, by priority (0 when none waits).",
+    );
+    for b in &st.backlog {
+        let age = b.oldest_ms as f64 / 1000.0;
+        let _ = writeln!(
+            out,
+            "swarm_tasks_oldest_age_seconds{{node=\"{node}\",priority=\"{}\"}} {age}",
+            b.priority
+        );
+    }
+    let series: [(&str, &str, &str, u64); 7] = [
+        (
+            "swarm_tasks_running",
+            "gauge",
+            "Workflows running on this node.",
+            st.running,
+        ),
+        (
+            "swarm_tasks_dead_letter",
+            "gauge",
+            "Tasks parked in the dead-letter queue, waiting for an admin.",
+            st.dead_letter,
+        ),
+        (
+            "swarm_tasks_completed_total",
+            "counter",
+            "Tasks completed.",
+            st.completed,
+        ),
+        (
+            "swarm_tasks_failed_total",
+            "counter",
+            "Tasks failed (deadline, budget, a stage that cannot be retried).",
+            st.failed,
+        ),
+        (
+            "swarm_tasks_deduplicated_total",
+            "counter",
+            "Submissions answered with a pending or running task of the same hash.",
+            st.deduplicated,
+        ),
+        (
+            "swarm_tasks_stale_results_total",
+            "counter",
+            "Stage results refused because a newer owner's epoch superseded them.",
+            st.stale_results,
+        ),
+        (
+            "swarm_tasks_adopted_total",
+            "counter",
+            "Tasks adopted from owners that died or left.",
+            st.adopted,
+        ),
+    ];
+    for (name, kind, help, v) in series {
+        header(out, name, kind, help);
+        let _ = writeln!(out, "{name}{{node=\"{node}\"}} {v}");
     }
 }
 
@@ -244,5 +353,48 @@ mod tests {
         let series = t.matches("swarm_http_request_duration_ms_count{").count();
         assert!(series <= MAX_ROUTES + 1, "{series}");
         assert!(t.matches("swarm_http_requests_total{").count() <= MAX_ROUTES * 16 + 2);
+    }
+
+    #[test]
+    fn task_series_show_the_backlog_by_priority() {
+        let st = TaskStats {
+            backlog: vec![
+                swarm_actors::tasks::Backlog {
+                    priority: "high".into(),
+                    waiting: 3,
+                    oldest_ms: 1500,
+                },
+                swarm_actors::tasks::Backlog {
+                    priority: "low".into(),
+                    waiting: 0,
+                    oldest_ms: 0,
+                },
+            ],
+            running: 2,
+            dead_letter: 1,
+            completed: 7,
+            adopted: 4,
+            ..TaskStats::default()
+        };
+        let mut t = String::new();
+        render_tasks(&mut t, "n1", &st);
+        for line in [
+            "swarm_tasks_backlog{node=\"n1\",priority=\"high\"} 3",
+            "swarm_tasks_backlog{node=\"n1\",priority=\"low\"} 0",
+            "swarm_tasks_oldest_age_seconds{node=\"n1\",priority=\"high\"} 1.5",
+            "swarm_tasks_running{node=\"n1\"} 2",
+            "swarm_tasks_dead_letter{node=\"n1\"} 1",
+            "swarm_tasks_completed_total{node=\"n1\"} 7",
+            "swarm_tasks_failed_total{node=\"n1\"} 0",
+            "swarm_tasks_deduplicated_total{node=\"n1\"} 0",
+            "swarm_tasks_stale_results_total{node=\"n1\"} 0",
+            "swarm_tasks_adopted_total{node=\"n1\"} 4",
+            "# TYPE swarm_tasks_adopted_total counter",
+            "# TYPE swarm_tasks_backlog gauge",
+        ] {
+            assert!(t.lines().any(|l| l == line), "no `{line}` in:\n{t}");
+        }
+        // Without a task service there is no task series at all.
+        assert!(!Metrics::default().render("n1").contains("swarm_tasks_"));
     }
 }

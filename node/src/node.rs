@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use swarm_actors::{ActorCluster, RefusalHook, Replicator};
+use swarm_actors::agents::{Access, AgentRuntime, Roster};
+use swarm_actors::tasks::{EventBus, QuicTaskPeers, TaskApi, TaskParts, TaskService};
+use swarm_actors::{ActorCluster, Memory, RefusalHook, Replicator};
 use swarm_config::secret::{ENV_JWT_SIGNING_KEY, ENV_MASTER_KEY, read_secret, read_secret_file};
 use swarm_config::{ConfigError, NodeConfig};
 use swarm_membership::Membership;
@@ -70,6 +72,8 @@ pub struct NodeHandle {
     pub membership: Membership,
     pub actors: ActorCluster,
     pub state: gateway::AppState,
+    /// Tasks and agents.
+    pub tasks: TaskService,
     replicator: Option<Replicator>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
@@ -114,6 +118,7 @@ impl NodeHandle {
         })
         .await
         .map_err(|e| StorageError::Engine(e.to_string()))??;
+        self.tasks.shutdown();
         if let Some(r) = &self.replicator {
             r.shutdown().await;
         }
@@ -171,6 +176,95 @@ pub fn verify_audit(cfg: &NodeConfig) -> Result<swarm_storage::VerifyReport, Nod
     let engine = swarm_storage::SledEngine::open(&cfg.data_dir().join("sled"))?;
     let log = swarm_storage::AuditLog::for_verify(Arc::new(engine), &master);
     Ok(log.verify()?)
+}
+
+/// Agents pass the node's RBAC policy like any client.
+#[derive(Debug)]
+struct PolicyAccess(Policy);
+
+impl Access for PolicyAccess {
+    fn allowed(&self, role: &str, action: &str) -> bool {
+        self.0.allows(role, action)
+    }
+}
+
+/// Start this node's agents and task service.
+#[allow(clippy::too_many_arguments)]
+async fn start_tasks(
+    cfg: &NodeConfig,
+    swarm: &swarm_config::SwarmFile,
+    storage: &Storage,
+    replicator: &Replicator,
+    audit: Arc<dyn AuditSink>,
+    inference: &Arc<Inference>,
+    policy: &Policy,
+    membership: &Membership,
+) -> Result<TaskService, NodeError> {
+    let memory = Memory::new(
+        cfg.node.name.clone(),
+        storage.clone(),
+        Some(replicator.clone()),
+        audit,
+    );
+    let events = Arc::new(EventBus::new());
+    spawn_member_events(membership.clone(), events.clone());
+    let cluster_inference: Arc<dyn swarm_actors::Inference> = inference.cluster.clone();
+    let agents = AgentRuntime::start(
+        cfg.node.name.clone(),
+        Roster::new(swarm, &cfg.agents),
+        cfg.agents.clone(),
+        cluster_inference.clone(),
+        memory.clone(),
+        Arc::new(PolicyAccess(policy.clone())),
+        events.clone(),
+    )
+    .await
+    .map_err(|e| NodeError::Actors(e.to_string()))?;
+    Ok(TaskService::start(TaskParts {
+        node: cfg.node.name.clone(),
+        tasks: cfg.tasks.clone(),
+        swarm: swarm.clone(),
+        memory,
+        inference: cluster_inference,
+        agents,
+        events,
+        peers: Arc::new(QuicTaskPeers {
+            membership: membership.clone(),
+            hosts_here: cfg.agents.host,
+        }),
+        seed: rand::random(),
+    }))
+}
+
+/// Membership changes as events (`member.up`, `member.down`, `member.left`), as this node
+/// sees them; every node publishes its own view (they are not relayed).
+fn spawn_member_events(membership: Membership, events: Arc<EventBus>) {
+    use swarm_membership::MemberEvent;
+    let mut rx = membership.subscribe();
+    let node = membership.name().to_string();
+    tokio::spawn(async move {
+        loop {
+            let e = match rx.recv().await {
+                Ok(e) => e,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            };
+            let (kind, member) = match e {
+                MemberEvent::Up(id) => ("member.up", id.name),
+                MemberEvent::Down(id) => ("member.down", id.name),
+                MemberEvent::Left(id) => ("member.left", id.name),
+                _ => continue,
+            };
+            events.publish(swarm_actors::tasks::NewEvent {
+                kind: kind.into(),
+                task: None,
+                agent: None,
+                submitter: None,
+                node: node.clone(),
+                data: serde_json::json!({"member": member}),
+            });
+        }
+    });
 }
 
 /// The `swarm` node.
@@ -254,12 +348,24 @@ impl Node {
             hook,
         );
         let inference = Inference::start(&cfg, Some(membership.clone())).await;
+        let policy = Policy::new(&cfg.roles);
+        let tasks = start_tasks(
+            &cfg,
+            &swarm,
+            &storage,
+            &replicator,
+            audit.clone(),
+            &inference,
+            &policy,
+            &membership,
+        )
+        .await?;
         let state = Inner::with_audit(
             GatewayParts {
                 node: cfg.node.name.clone(),
                 storage,
                 auth,
-                policy: Policy::new(&cfg.roles),
+                policy,
                 swarm,
                 limits: cfg.limits.clone(),
                 body_limit: cfg.gateway.body_limit,
@@ -271,11 +377,30 @@ impl Node {
                 actors: Some(actors.clone()),
                 replicator: Some(replicator.clone()),
                 inference: inference.clone(),
+                tasks: Some(Arc::new(tasks.clone()) as Arc<dyn TaskApi>),
+                workflows: cfg
+                    .tasks
+                    .effective_workflows()
+                    .into_iter()
+                    .map(|(name, w)| (name, w.stages.into_iter().map(|s| s.name).collect()))
+                    .collect(),
             },
             audit_writer,
         );
-        cluster::spawn_duties(state.clone(), audit, membership.clone(), http_addr);
-        cluster::spawn_streams(streams_rx, actors.clone(), replicator.clone(), inference);
+        cluster::spawn_duties(
+            state.clone(),
+            audit,
+            membership.clone(),
+            http_addr,
+            cfg.agents.host,
+        );
+        cluster::spawn_streams(
+            streams_rx,
+            actors.clone(),
+            replicator.clone(),
+            inference,
+            tasks.clone(),
+        );
         swarm_actors::spawn_sessions(membership.clone(), actors.clone());
         // A node with seeds catches up with a peer before it serves (streams are already
         // dispatched, so rounds peers start towards it are served too), whatever its name: a
@@ -307,6 +432,7 @@ impl Node {
             membership,
             actors,
             state,
+            tasks,
             replicator: Some(replicator),
             shutdown: tx,
             server,

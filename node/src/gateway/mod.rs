@@ -7,6 +7,9 @@
 //! A state change goes through the memory service ([`swarm_actors::Memory`]): write, audit entry
 //! committed with one group-commit sync, push to the peers, outcome; the handler only maps it.
 //! Anonymous refusals are counted per source and audited once per interval (`abuse`).
+//! Tasks and agents go through the task service ([`swarm_actors::tasks::TaskApi`]), which
+//! `tasks` only maps to HTTP; an event stream (`/v1/events`) holds a subscriber slot for its
+//! life, never a bulkhead permit.
 
 mod abuse;
 mod admin;
@@ -17,7 +20,9 @@ mod memory;
 mod openai;
 mod openapi;
 mod system;
+mod tasks;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -30,6 +35,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use ed25519_dalek::SigningKey;
 use rand::Rng;
+use swarm_actors::tasks::TaskApi;
 use swarm_actors::{ActorCluster, Caller, Memory, Replicator};
 use swarm_config::{LimitsConfig, SwarmFile};
 use swarm_membership::Membership;
@@ -46,6 +52,7 @@ use audit_writer::Unaudited;
 pub(crate) use abuse::source_ip;
 pub use audit_writer::AuditWriter;
 pub use extract::parse_json;
+pub use tasks::{MAX_EVENT_SUBSCRIBERS, workflow_stages};
 
 /// Classes of work, each with its own bulkhead and response target (from the swarm file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,13 +130,18 @@ pub struct Inner {
     retention: std::collections::HashMap<String, u64>,
     /// Notified when the node should stop (after `POST /v1/cluster/leave`).
     pub(crate) stop: Arc<Notify>,
+    /// The task service and the stage names of its workflows; `None` where the node runs no
+    /// tasks (the task routes answer 503).
+    tasks: Option<tasks::TaskService>,
+    /// `/v1/events` subscribers this node serves at once: a stream holds one of these, never a
+    /// bulkhead permit, so subscribers cannot starve requests (nor requests subscribers).
+    event_subscribers: Arc<Semaphore>,
 }
 
 /// Shared state of the gateway.
 pub type AppState = Arc<Inner>;
 
 /// What the gateway needs to be built.
-#[derive(Debug)]
 pub struct GatewayParts {
     pub node: String,
     pub storage: Storage,
@@ -146,6 +158,26 @@ pub struct GatewayParts {
     pub actors: Option<ActorCluster>,
     pub replicator: Option<Replicator>,
     pub inference: Arc<Inference>,
+    /// The task service (`None`: this node runs no tasks; the task routes answer 503).
+    pub tasks: Option<Arc<dyn TaskApi>>,
+    /// Workflow name → its stage names, in order ([`workflow_stages`]), for the `current_stage`
+    /// of a task; empty: the preset workflows.
+    pub workflows: BTreeMap<String, Vec<String>>,
+}
+
+impl std::fmt::Debug for GatewayParts {
+    // By hand: the task service is a trait object without `Debug`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayParts")
+            .field("node", &self.node)
+            .field("limits", &self.limits)
+            .field("body_limit", &self.body_limit)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("tasks", &self.tasks.is_some())
+            .field("workflows", &self.workflows)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Inner {
@@ -161,6 +193,7 @@ impl Inner {
         let mut metrics = Metrics::default();
         metrics.audit_entries = audit.entries();
         metrics.audit_failures = audit.failures();
+        metrics.tasks = crate::metrics::TaskGauges::new(p.tasks.clone());
         let secured = !cfg!(feature = "bench-noauth");
         let audited = !cfg!(any(feature = "bench-noauth", feature = "bench-noaudit"));
         // Unaudited builds still make every change durable before acknowledging it.
@@ -234,6 +267,8 @@ impl Inner {
                 .filter_map(|a| Some((a.id.clone(), a.memory.retention.as_millis()?)))
                 .collect(),
             stop: Arc::new(Notify::new()),
+            tasks: p.tasks.map(|api| tasks::TaskService::new(api, p.workflows)),
+            event_subscribers: Arc::new(Semaphore::new(MAX_EVENT_SUBSCRIBERS)),
             secured,
             audited,
         });
@@ -339,6 +374,12 @@ impl Inner {
                     retry_after_s: 1,
                 }
             })
+    }
+
+    /// Whether `who` sees everyone's tasks and events (an admin, or every caller of a bench
+    /// build without authentication).
+    fn sees_all(&self, who: &Principal) -> bool {
+        !self.secured || self.policy.is_admin(&who.role)
     }
 
     /// The `limit` of a list request: 100 by default, at most `limits.max_list`.
@@ -462,6 +503,11 @@ impl AuditCtx {
             i.action = Some(action.to_string());
             i.resource = Some(resource.to_string());
         });
+    }
+
+    /// The request's id (the `x-request-id` header), for services that record it.
+    fn request_id(&self) -> String {
+        self.with(|i| i.request_id.clone())
     }
 
     fn mark_audited(&self) {

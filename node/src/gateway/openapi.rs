@@ -24,7 +24,7 @@ use utoipa::openapi::{Components, ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{AppState, admin, cluster, memory, openai, system};
+use super::{AppState, admin, cluster, memory, openai, system, tasks};
 
 /// The statuses every operation may answer with the [`schemas::Error`] body.
 const ERROR_STATUSES: [&str; 9] = [
@@ -69,6 +69,14 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(cluster::members))
         .routes(routes!(cluster::leave))
         .routes(routes!(cluster::ping))
+        .routes(routes!(tasks::create_task, tasks::list_tasks))
+        .routes(routes!(tasks::get_task, tasks::cancel_task))
+        .routes(routes!(tasks::task_results))
+        .routes(routes!(tasks::requeue_task))
+        .routes(routes!(tasks::agents))
+        .routes(routes!(tasks::query_agent))
+        .routes(routes!(tasks::stats))
+        .routes(routes!(tasks::events::subscribe))
 }
 
 /// The document, built once (it depends on the code only).

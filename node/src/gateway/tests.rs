@@ -27,6 +27,16 @@ fn fixture_with(body_limit: usize, swarm: SwarmFile) -> Fixture {
 }
 
 fn fixture_full(body_limit: usize, swarm: SwarmFile, limits: LimitsConfig) -> Fixture {
+    fixture_parts(body_limit, swarm, limits, None)
+}
+
+/// The gateway with `tasks` as its task service (`None`: a node without one).
+fn fixture_parts(
+    body_limit: usize,
+    swarm: SwarmFile,
+    limits: LimitsConfig,
+    tasks: Option<Arc<dyn TaskApi>>,
+) -> Fixture {
     let key = SigningKey::from_bytes(&rand::random());
     let storage = Storage::with_engine(
         Arc::new(MemEngine::new()),
@@ -60,6 +70,8 @@ fn fixture_full(body_limit: usize, swarm: SwarmFile, limits: LimitsConfig) -> Fi
         actors: None,
         replicator: None,
         inference: crate::inference::Inference::standalone("n1"),
+        tasks,
+        workflows: BTreeMap::new(),
     })
     .expect("gateway state");
     Fixture { state, key }
@@ -1022,3 +1034,4 @@ mod bounded_abuse {
 
 mod api_contract;
 mod audit_once;
+mod tasks;

@@ -389,3 +389,133 @@ pub(in crate::gateway) struct Usage {
     completion_tokens: u64,
     total_tokens: u64,
 }
+
+/// A task's id.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(in crate::gateway) struct TaskPath {
+    #[param(min_length = 1)]
+    id: String,
+}
+
+/// Where a task is in its life (`swarm_actors::tasks::TaskStatus`).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(in crate::gateway) enum TaskStatus {
+    /// Accepted, waiting for a workflow slot (or for a retry).
+    Pending,
+    /// Its workflow runs.
+    InProgress,
+    Completed,
+    /// Ended without a result: deadline, budget, a stage that cannot be retried.
+    Failed,
+    Cancelled,
+    /// Retries exhausted: waits for an admin to requeue it.
+    DeadLetter,
+}
+
+/// Queue priority; `critical` runs first (`swarm_actors::tasks::Priority`).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(in crate::gateway) enum Priority {
+    Critical,
+    High,
+    Normal,
+    Low,
+    Background,
+}
+
+/// `GET /v1/agents`.
+#[derive(Serialize, ToSchema)]
+pub(in crate::gateway) struct AgentList {
+    agents: Vec<Agent>,
+}
+
+/// An agent of the swarm file, where it runs and how it does (`swarm_actors::tasks::AgentView`).
+#[derive(Serialize, ToSchema)]
+pub(in crate::gateway) struct Agent {
+    id: String,
+    name: String,
+    /// `coordinator`, `specialist` or `worker`.
+    #[serde(rename = "type")]
+    kind: String,
+    role: String,
+    priority: u32,
+    capabilities: Vec<String>,
+    specialization: String,
+    clearance: String,
+    /// Its parent in the supervision tree (null for the root).
+    #[schema(required = true)]
+    parent: Option<String>,
+    /// Its home node (null when no live node can host it).
+    #[schema(required = true)]
+    node: Option<String>,
+    /// `idle`, `busy`, `error` or `offline`.
+    state: String,
+    #[schema(required = true)]
+    current_task: Option<String>,
+    load: u32,
+    max_load: u32,
+    completed: u64,
+    failed: u64,
+    #[schema(minimum = 0, maximum = 1)]
+    success_rate: f64,
+    mean_stage_ms: f64,
+    restarts: u32,
+    /// The model it uses.
+    #[schema(required = true)]
+    model: Option<String>,
+}
+
+/// `POST /v1/agents/query` (`swarm_actors::tasks::AgentAnswer`).
+#[derive(Serialize, ToSchema)]
+pub(in crate::gateway) struct AgentAnswer {
+    agent: String,
+    node: String,
+    answer: String,
+    /// Mean probability of the generated tokens (or, where the engine gives none, an estimate
+    /// from how the generation ended and its length).
+    #[schema(minimum = 0, maximum = 1)]
+    confidence: f64,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    duration_ms: u64,
+}
+
+/// `GET /v1/stats`: this node's task queue and counters (`swarm_actors::tasks::TaskStats`).
+#[derive(Serialize, ToSchema)]
+pub(in crate::gateway) struct TaskStats {
+    node: String,
+    /// Waiting tasks by priority.
+    backlog: Vec<Backlog>,
+    /// Workflows running now.
+    running: u64,
+    /// Workflows this node runs at once.
+    concurrency: u64,
+    /// Waiting tasks past which a submission gets 429 `queue_full`.
+    queue_bound: u64,
+    dead_letter: u64,
+    submitted: u64,
+    deduplicated: u64,
+    completed: u64,
+    failed: u64,
+    cancelled: u64,
+    stages_completed: u64,
+    stages_failed: u64,
+    retries: u64,
+    /// Stage results refused because their epoch was superseded.
+    stale_results: u64,
+    /// Tasks adopted from owners that died or left.
+    adopted: u64,
+}
+
+/// Backlog of one priority (`swarm_actors::tasks::Backlog`).
+#[derive(Serialize, ToSchema)]
+pub(in crate::gateway) struct Backlog {
+    #[schema(value_type = Priority)]
+    priority: String,
+    /// Tasks waiting (not running) on this node.
+    waiting: u64,
+    /// Age of the oldest waiting one, in milliseconds (0 when none).
+    oldest_ms: u64,
+}

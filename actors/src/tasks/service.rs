@@ -1,0 +1,1776 @@
+//! [`TaskService`]: the IO shell around this node's [`Dispatcher`].
+//!
+//! - **Ownership.** A task belongs to the rendezvous owner of its hash among the live members
+//!   when it is submitted; a submission arriving elsewhere is forwarded there (so every copy of
+//!   one hash meets the same dispatcher, which refuses to start it twice). It stays with that
+//!   owner while the owner lives. When membership says the owner died or left, the rendezvous
+//!   owner of its hash among the live members adopts it: the epoch goes up and it resumes from
+//!   its last recorded stage. A node also reconciles at start the unfinished tasks it owns.
+//! - **Durability.** Every record the dispatcher changes is written through [`Memory`] with
+//!   `w=2`; a submission is answered once its record is durable here and on one peer (when one
+//!   is alive). Writes of one task are chained, so they land in the order decided.
+//! - **Stages** run on the agent's home node: locally through the [`AgentRuntime`], or over a
+//!   [`crate::StreamKind::Tasks`] stream that carries the stage's text back as it is generated
+//!   (published as `stage.delta` events). Aborting a stage drops its stream or future, which
+//!   stops its generation.
+//! - **Events** happen where they happen and are relayed in batches to every live peer, so a
+//!   client following a task sees it from any gateway.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use swarm_config::{SwarmFile, TasksConfig, WorkflowConfig};
+use swarm_membership::{MemberState, Membership};
+use swarm_storage::{MemoryType, PutRequest};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::dispatcher::{
+    Action, Catalog, Dispatcher, Event as DEvent, Limits, Refusal, RunStage, StageError,
+    StageOutcome,
+};
+use super::model::{StageRecord, TASKS_NAMESPACE, TaskRecord, TaskStatus, rendezvous, task_hash};
+use super::wire::{Reply, Req, StageJob, WireError};
+use super::{
+    AgentAnswer, AgentQuery, AgentView, EventBus, ListQuery, NewEvent, Priority, Submit, Submitted,
+    TaskApi, TaskStats, now_ms,
+};
+use crate::agents::{AgentRecord, AgentRuntime, Host, place};
+use crate::inference::{BoxFuture, StreamPair};
+use crate::stream::{FrameReader, FrameWriter, StreamKind};
+use crate::{Caller, Error, Inference, Memory, StreamService};
+
+/// Commands the dispatcher loop takes; bounded.
+const CMD_QUEUE: usize = 4096;
+/// How often membership and placement are looked at.
+const VIEW_EVERY: Duration = Duration::from_millis(250);
+/// How often unfinished tasks of dead owners are looked for, outside membership changes.
+const SCAN_EVERY: Duration = Duration::from_secs(10);
+/// After a membership change, scan this often for a while (records of a dead owner may reach
+/// this node by anti-entropy after the change).
+const SCAN_AFTER_CHANGE: Duration = Duration::from_secs(1);
+const SCAN_AFTER_CHANGE_FOR: Duration = Duration::from_secs(30);
+/// Most task records read in one scan or listing.
+const SCAN_MAX: usize = 100_000;
+/// How long a peer may take to answer a forwarded call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Events relayed to peers in one batch, and how often.
+const RELAY_BATCH: usize = 512;
+const RELAY_EVERY: Duration = Duration::from_millis(100);
+/// Earlier stage text sent with a stage (bytes per stage).
+const PREVIOUS_MAX: usize = 2000;
+
+/// What the task service needs of the network: who is alive (with what they host) and streams.
+pub trait TaskPeers: Send + Sync {
+    /// This node's name.
+    fn name(&self) -> &str;
+    /// Live members, this node included: name, whether it hosts agents.
+    fn live(&self) -> Vec<(String, bool)>;
+    /// Opens a tasks stream to `peer`.
+    fn open(&self, peer: &str) -> BoxFuture<'_, Result<StreamPair, Error>>;
+}
+
+/// QUIC through the membership service. `hosts_here` is this node's `agents.host`; peers say
+/// theirs with the gossiped `agents` role.
+#[derive(Debug, Clone)]
+pub struct QuicTaskPeers {
+    pub membership: Membership,
+    pub hosts_here: bool,
+}
+
+impl TaskPeers for QuicTaskPeers {
+    fn name(&self) -> &str {
+        self.membership.name()
+    }
+
+    fn live(&self) -> Vec<(String, bool)> {
+        let me = self.membership.name().to_string();
+        let mut out: Vec<(String, bool)> = self
+            .membership
+            .view()
+            .members
+            .into_iter()
+            .filter(|m| m.name != me)
+            .filter(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect))
+            .map(|m| {
+                let hosts = m
+                    .meta
+                    .as_ref()
+                    .is_some_and(|meta| meta.roles.iter().any(|r| r == "agents"));
+                (m.name, hosts)
+            })
+            .collect();
+        out.push((me, self.hosts_here));
+        out.sort();
+        out
+    }
+
+    fn open(&self, peer: &str) -> BoxFuture<'_, Result<StreamPair, Error>> {
+        let peer = peer.to_string();
+        Box::pin(async move {
+            let (send, recv) = self
+                .membership
+                .open_stream(&peer, StreamKind::Tasks.byte())
+                .await
+                .map_err(|e| Error::Stream {
+                    peer: peer.clone(),
+                    message: e.to_string(),
+                })?;
+            Ok(StreamPair {
+                send: Box::new(send),
+                recv: Box::new(recv),
+            })
+        })
+    }
+}
+
+/// A node alone (tests of the gateway): only itself, no streams.
+#[derive(Debug, Clone)]
+pub struct AlonePeers {
+    pub name: String,
+    pub hosts_here: bool,
+}
+
+impl TaskPeers for AlonePeers {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn live(&self) -> Vec<(String, bool)> {
+        vec![(self.name.clone(), self.hosts_here)]
+    }
+
+    fn open(&self, peer: &str) -> BoxFuture<'_, Result<StreamPair, Error>> {
+        let peer = peer.to_string();
+        Box::pin(async move { Err(Error::NoSession(peer)) })
+    }
+}
+
+enum Cmd {
+    Submit(Box<TaskRecord>, oneshot::Sender<Result<Submitted, Error>>),
+    Outcome(Box<StageOutcome>),
+    Cancel(String, oneshot::Sender<Result<TaskRecord, Error>>),
+    Requeue(String, oneshot::Sender<Result<TaskRecord, Error>>),
+}
+
+/// The parts a task service is built from.
+#[allow(missing_debug_implementations)]
+pub struct TaskParts {
+    pub node: String,
+    pub tasks: TasksConfig,
+    pub swarm: SwarmFile,
+    pub memory: Memory,
+    pub inference: Arc<dyn Inference>,
+    pub agents: Arc<AgentRuntime>,
+    pub events: Arc<EventBus>,
+    pub peers: Arc<dyn TaskPeers>,
+    /// Seed of the dispatcher's jitter.
+    pub seed: u64,
+}
+
+struct Shared {
+    node: String,
+    cfg: TasksConfig,
+    workflows: BTreeMap<String, WorkflowConfig>,
+    /// Every capability some agent holds.
+    capabilities: Vec<String>,
+    memory: Memory,
+    inference: Arc<dyn Inference>,
+    agents: Arc<AgentRuntime>,
+    events: Arc<EventBus>,
+    peers: Arc<dyn TaskPeers>,
+    cmd: mpsc::Sender<Cmd>,
+    stats: Mutex<TaskStats>,
+    /// Agent → home node.
+    placement: Mutex<BTreeMap<String, Option<String>>>,
+    /// Stages running from this node: task → what stops them.
+    running: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    /// Per task, the last write in flight (the next one waits for it), with its number.
+    writes: Mutex<HashMap<String, (u64, JoinHandle<()>)>>,
+    write_seq: std::sync::atomic::AtomicU64,
+    stop: CancellationToken,
+}
+
+/// The task service of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct TaskService {
+    s: Arc<Shared>,
+}
+
+impl std::fmt::Debug for TaskService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskService")
+            .field("node", &self.s.node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl TaskService {
+    /// Start the dispatcher loop, the event relay and placement.
+    pub fn start(p: TaskParts) -> Self {
+        let catalog = Catalog::from_config(&p.tasks, &p.swarm, agents_max_load(&p.agents));
+        let limits = Limits {
+            node: p.node.clone(),
+            queue_bound: p.tasks.queue_bound,
+            concurrency: p.tasks.concurrency(&p.swarm) as usize,
+            max_retries: p.tasks.max_retries(&p.swarm),
+            retry_delay_ms: p.tasks.retry_delay.0.as_millis() as u64,
+            stage_timeout_ms: p.tasks.stage_timeout.0.as_millis() as u64,
+            seed: p.seed,
+        };
+        let mut capabilities: Vec<String> = p
+            .swarm
+            .agents
+            .iter()
+            .flat_map(|a| a.capabilities.iter().cloned())
+            .collect();
+        capabilities.sort();
+        capabilities.dedup();
+        let (tx, rx) = mpsc::channel(CMD_QUEUE);
+        let s = Arc::new(Shared {
+            node: p.node,
+            workflows: p.tasks.effective_workflows(),
+            cfg: p.tasks,
+            capabilities,
+            memory: p.memory,
+            inference: p.inference,
+            agents: p.agents,
+            events: p.events,
+            peers: p.peers,
+            cmd: tx,
+            stats: Mutex::new(TaskStats::default()),
+            placement: Mutex::new(BTreeMap::new()),
+            running: Mutex::new(HashMap::new()),
+            writes: Mutex::new(HashMap::new()),
+            write_seq: std::sync::atomic::AtomicU64::new(0),
+            stop: CancellationToken::new(),
+        });
+        let svc = Self { s };
+        let dispatcher = Dispatcher::new(limits, catalog);
+        tokio::spawn(svc.clone().run(dispatcher, rx));
+        tokio::spawn(svc.clone().relay());
+        svc
+    }
+
+    /// Stop the loop, the relay and every stage this node runs.
+    pub fn shutdown(&self) {
+        self.s.stop.cancel();
+        for (_, (_, t)) in lock(&self.s.running).drain() {
+            t.cancel();
+        }
+        self.s.agents.shutdown();
+    }
+
+    /// The agent runtime of this node.
+    pub fn agent_runtime(&self) -> &Arc<AgentRuntime> {
+        &self.s.agents
+    }
+
+    // ---- the dispatcher loop ----
+
+    async fn run(self, mut d: Dispatcher, mut rx: mpsc::Receiver<Cmd>) {
+        let mut view: Vec<(String, bool)> = Vec::new();
+        let mut last_view = tokio::time::Instant::now() - VIEW_EVERY;
+        let mut last_scan: Option<tokio::time::Instant> = None;
+        let mut changed_at = tokio::time::Instant::now();
+        loop {
+            let wake = d
+                .next_wakeup()
+                .map(|t| Duration::from_millis(t.saturating_sub(now_ms())))
+                .unwrap_or(VIEW_EVERY)
+                .min(VIEW_EVERY);
+            tokio::select! {
+                _ = self.s.stop.cancelled() => return,
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.command(&mut d, cmd),
+                    None => return,
+                },
+                _ = tokio::time::sleep(wake) => {}
+            }
+            // Drain what else is queued before looking at time and membership.
+            while let Ok(cmd) = rx.try_recv() {
+                self.command(&mut d, cmd);
+            }
+            if last_view.elapsed() >= VIEW_EVERY {
+                last_view = tokio::time::Instant::now();
+                let live = self.s.peers.live();
+                if live != view {
+                    view = live;
+                    changed_at = tokio::time::Instant::now();
+                    self.placed(&mut d, &view);
+                    last_scan = None;
+                }
+                let due = match last_scan {
+                    None => true,
+                    Some(t) if changed_at.elapsed() < SCAN_AFTER_CHANGE_FOR => {
+                        t.elapsed() >= SCAN_AFTER_CHANGE
+                    }
+                    Some(t) => t.elapsed() >= SCAN_EVERY,
+                };
+                if due {
+                    last_scan = Some(tokio::time::Instant::now());
+                    self.adopt_orphans(&mut d, &view);
+                }
+            }
+            let actions = d.tick(now_ms());
+            self.execute(actions, None);
+            *lock(&self.s.stats) = d.stats(now_ms());
+        }
+    }
+
+    fn command(&self, d: &mut Dispatcher, cmd: Cmd) {
+        let now = now_ms();
+        match cmd {
+            Cmd::Submit(rec, reply) => match d.submit(now, (*rec).clone()) {
+                Ok(actions) => {
+                    self.execute(actions, Some(Ack::Submit(rec.id.clone(), reply, false)))
+                }
+                Err(Refusal::Duplicate { existing }) => {
+                    let task = d.task(&existing).cloned();
+                    let _ = reply.send(match task {
+                        Some(task) => Ok(Submitted {
+                            task,
+                            deduplicated: true,
+                            replayed: false,
+                        }),
+                        None => Err(Error::Unavailable("duplicate task vanished".into())),
+                    });
+                }
+                Err(r) => {
+                    let _ = reply.send(Err(refusal_error(&rec.id, r, &rec.capabilities)));
+                }
+            },
+            Cmd::Outcome(o) => {
+                let (task, index, epoch) = (o.task.clone(), o.index, o.epoch);
+                match d.stage_finished(now, *o) {
+                    Ok(actions) => self.execute(actions, None),
+                    Err(Refusal::Stale { current }) => {
+                        self.stale(&task, index, epoch, current);
+                    }
+                    Err(_) => {}
+                }
+            }
+            Cmd::Cancel(id, reply) => {
+                self.hold(d, &id);
+                match d.cancel(now, &id) {
+                    Ok(actions) => self.execute(actions, Some(Ack::Record(id, reply))),
+                    Err(r) => {
+                        let _ = reply.send(Err(self.state_error(&id, r)));
+                    }
+                }
+            }
+            Cmd::Requeue(id, reply) => {
+                self.hold(d, &id);
+                match d.requeue(now, &id) {
+                    Ok(actions) => self.execute(actions, Some(Ack::Record(id, reply))),
+                    Err(r) => {
+                        let _ = reply.send(Err(self.state_error(&id, r)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Make sure the dispatcher holds task `id` when its record is unfinished here (an
+    /// operation on a task this node owns by adoption but has not picked up yet).
+    fn hold(&self, d: &mut Dispatcher, id: &str) {
+        if d.task(id).is_some() {
+            return;
+        }
+        if let Some(rec) = self.read_task(id)
+            && !rec.status.is_finished()
+        {
+            let rec = self.resume_point(rec);
+            let actions = d.adopt(now_ms(), rec);
+            self.execute(actions, None);
+        }
+    }
+
+    fn state_error(&self, id: &str, r: Refusal) -> Error {
+        match r {
+            Refusal::Finished { status } => Error::TaskFinished {
+                id: id.to_string(),
+                status: status.as_str().into(),
+            },
+            Refusal::NotDeadLetter { status } => Error::TaskState {
+                id: id.to_string(),
+                status: status.as_str().into(),
+                message: "only a dead-lettered task can be requeued".into(),
+            },
+            Refusal::NotFound => match self.read_task(id) {
+                Some(rec) if rec.status.is_finished() => Error::TaskFinished {
+                    id: id.to_string(),
+                    status: rec.status.as_str().into(),
+                },
+                _ => Error::NotFound(format!("task {id}")),
+            },
+            other => refusal_error(id, other, &[]),
+        }
+    }
+
+    /// A stage result from a superseded epoch: refused, counted (in the dispatcher's stats),
+    /// audited and published.
+    fn stale(&self, task: &str, index: u32, epoch: u64, current: u64) {
+        let e = Error::StaleEpoch {
+            task: task.to_string(),
+            stage: index.to_string(),
+            epoch,
+            current,
+        };
+        tracing::warn!(%task, index, epoch, current, "stale stage result refused");
+        let caller = Caller::new(
+            "system",
+            "tasks.record",
+            format!("tasks/{task}/stage/{index}"),
+        )
+        .with_request_id(task.to_string());
+        self.s.memory.refuse(&caller, &e);
+        self.s.events.publish(NewEvent {
+            kind: "result.refused".into(),
+            task: Some(task.to_string()),
+            agent: None,
+            submitter: None,
+            node: self.s.node.clone(),
+            data: serde_json::json!({"index": index, "epoch": epoch, "current": current}),
+        });
+    }
+
+    /// Membership changed: place the agents, tell the dispatcher which are online.
+    fn placed(&self, d: &mut Dispatcher, view: &[(String, bool)]) {
+        let serving: Vec<String> = self
+            .s
+            .inference
+            .models()
+            .into_iter()
+            .flat_map(|m| m.nodes)
+            .collect();
+        let hosts: Vec<Host> = view
+            .iter()
+            .map(|(name, hosts)| Host {
+                name: name.clone(),
+                hosts_agents: *hosts,
+                serves_model: serving.contains(name),
+            })
+            .collect();
+        let placement = place(self.s.agents.roster(), &hosts);
+        let mine: Vec<String> = placement
+            .iter()
+            .filter(|(_, n)| n.as_deref() == Some(self.s.node.as_str()))
+            .map(|(a, _)| a.clone())
+            .collect();
+        let online: Vec<String> = placement
+            .iter()
+            .filter(|(_, n)| n.is_some())
+            .map(|(a, _)| a.clone())
+            .collect();
+        *lock(&self.s.placement) = placement;
+        self.s.agents.set_homes(&mine);
+        let actions = d.set_online(now_ms(), &online);
+        self.execute(actions, None);
+    }
+
+    /// Adopt the unfinished tasks whose owner is no longer alive and whose hash this node now
+    /// owns, and (at start) the unfinished ones this node owned before.
+    fn adopt_orphans(&self, d: &mut Dispatcher, view: &[(String, bool)]) {
+        let live: Vec<&str> = view.iter().map(|(n, _)| n.as_str()).collect();
+        let mut adopted = 0usize;
+        for rec in self.scan_tasks() {
+            if rec.status.is_finished() || d.task(&rec.id).is_some() {
+                continue;
+            }
+            let owner_alive = rec.owner != self.s.node && live.contains(&rec.owner.as_str());
+            if owner_alive {
+                continue;
+            }
+            let mine = rec.owner == self.s.node
+                || rendezvous(&rec.hash, live.iter().copied()) == Some(self.s.node.as_str());
+            if !mine {
+                continue;
+            }
+            let rec = self.resume_point(rec);
+            let actions = d.adopt(now_ms(), rec);
+            adopted += 1;
+            self.execute(actions, None);
+        }
+        if adopted > 0 {
+            tracing::info!(adopted, "unfinished tasks adopted");
+        }
+    }
+
+    /// `rec` with `stage` moved past every stage result recorded for it.
+    fn resume_point(&self, mut rec: TaskRecord) -> TaskRecord {
+        let Some(w) = self.s.workflows.get(&rec.workflow) else {
+            return rec;
+        };
+        let mut done = rec.stage;
+        for (i, st) in w.stages.iter().enumerate() {
+            let i = i as u32;
+            if i < done {
+                continue;
+            }
+            if self.read_stage(&rec.id, &st.name).is_some() {
+                done = i + 1;
+            } else {
+                break;
+            }
+        }
+        rec.stage = done.min(rec.stages_total);
+        rec
+    }
+
+    // ---- carrying out the dispatcher's decisions ----
+
+    fn execute(&self, actions: Vec<Action>, mut ack: Option<Ack>) {
+        // Consecutive records of one task collapse to the last (a record is the whole state);
+        // a stage result in between keeps the order.
+        let mut writes: Vec<(String, Write)> = Vec::new();
+        for a in actions {
+            match a {
+                Action::Persist(rec) => {
+                    if let Some((id, Write::Record(prev))) = writes.last_mut()
+                        && *id == rec.id
+                    {
+                        *prev = rec;
+                        continue;
+                    }
+                    writes.push((rec.id.clone(), Write::Record(rec)));
+                }
+                Action::RecordStage(st) => writes.push((st.task.clone(), Write::Stage(st))),
+                Action::Run(run) => {
+                    // Its record (with the stage running) is written first.
+                    self.flush_writes(&mut writes, &mut ack);
+                    self.run_stage(run);
+                }
+                Action::Abort { task, .. } => {
+                    if let Some((_, t)) = lock(&self.s.running).remove(&task) {
+                        t.cancel();
+                    }
+                }
+                Action::Event(e) => self.publish(e),
+            }
+        }
+        self.flush_writes(&mut writes, &mut ack);
+        if let Some(ack) = ack {
+            ack.fail(Error::Unavailable("the task was not written".into()));
+        }
+    }
+
+    /// Start the writes queued, chained per task; the ack (if its task is among them) is
+    /// answered after its task's last write.
+    fn flush_writes(&self, writes: &mut Vec<(String, Write)>, ack: &mut Option<Ack>) {
+        let mut per_task: Vec<(String, Vec<Write>)> = Vec::new();
+        for (id, w) in writes.drain(..) {
+            match per_task.iter_mut().find(|(t, _)| *t == id) {
+                Some((_, v)) => v.push(w),
+                None => per_task.push((id, vec![w])),
+            }
+        }
+        for (id, ws) in per_task {
+            let a = match ack {
+                Some(a) if a.task() == id => ack.take(),
+                _ => None,
+            };
+            self.chain_write(id, ws, a);
+        }
+    }
+
+    fn chain_write(&self, task: String, ws: Vec<Write>, ack: Option<Ack>) {
+        let svc = self.clone();
+        let seq = self
+            .s
+            .write_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut writes = lock(&self.s.writes);
+        let prev = writes.remove(&task);
+        let t = task.clone();
+        let handle = tokio::spawn(async move {
+            if let Some((_, p)) = prev {
+                let _ = p.await;
+            }
+            let mut last: Result<Option<TaskRecord>, Error> = Ok(None);
+            for w in ws {
+                last = match w {
+                    Write::Record(rec) => svc.write_record(&rec).await.map(|()| Some(rec)),
+                    Write::Stage(st) => svc.write_stage(&st).await.map(|()| None),
+                };
+                if last.is_err() {
+                    break;
+                }
+            }
+            if let Some(ack) = ack {
+                ack.answer(last);
+            }
+            // The last write of its task leaves the map (a later one replaced it otherwise).
+            let mut writes = lock(&svc.s.writes);
+            if writes.get(&t).is_some_and(|(s, _)| *s == seq) {
+                writes.remove(&t);
+            }
+        });
+        writes.insert(task, (seq, handle));
+    }
+
+    async fn write_record(&self, rec: &TaskRecord) -> Result<(), Error> {
+        let value_json = serde_json::to_string(rec).map_err(|e| Error::Encode(e.to_string()))?;
+        let key = TaskRecord::key(&rec.id);
+        let caller = Caller::new(
+            if rec.status == TaskStatus::Pending && rec.epoch <= 1 {
+                rec.submitter.clone()
+            } else {
+                "system".to_string()
+            },
+            "tasks.record",
+            format!("tasks/{}", rec.id),
+        )
+        .with_request_id(rec.id.clone());
+        self.put(caller, key, value_json).await
+    }
+
+    async fn write_stage(&self, st: &StageRecord) -> Result<(), Error> {
+        let key = StageRecord::key(&st.task, &st.stage);
+        // Written once per stage: a result already recorded (by an earlier epoch whose record
+        // reached this node late) is not written again.
+        if self.read_stage(&st.task, &st.stage).is_some() {
+            self.stale(&st.task, st.index, st.epoch, st.epoch);
+            return Ok(());
+        }
+        let value_json = serde_json::to_string(st).map_err(|e| Error::Encode(e.to_string()))?;
+        let caller = Caller::new(
+            st.agent.clone(),
+            "tasks.record",
+            format!("tasks/{}/stage/{}", st.task, st.stage),
+        )
+        .with_request_id(st.task.clone());
+        self.put(caller, key, value_json).await
+    }
+
+    /// Durable here and on one peer when one is alive.
+    async fn put(&self, caller: Caller, key: String, value_json: String) -> Result<(), Error> {
+        let req = PutRequest {
+            value_json,
+            memory_type: MemoryType::Semantic,
+            ttl_ms: None,
+            subject: None,
+            tags: Vec::new(),
+        };
+        match self
+            .s
+            .memory
+            .put(caller, TASKS_NAMESPACE.into(), key, req, true)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(Error::NotReplicated(inner))
+                if matches!(*inner, Error::NoReplica | Error::NoReplicator) =>
+            {
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "task write not confirmed");
+                Err(e)
+            }
+        }
+    }
+
+    fn publish(&self, e: DEvent) {
+        let (kind, task, agent, data) = event_parts(e);
+        let submitter = task
+            .as_deref()
+            .and_then(|t| self.read_task(t))
+            .map(|r| r.submitter);
+        self.s.events.publish(NewEvent {
+            kind,
+            task,
+            agent,
+            submitter,
+            node: self.s.node.clone(),
+            data,
+        });
+    }
+
+    /// Run a stage on its agent's home node; the outcome goes back to the loop.
+    fn run_stage(&self, run: RunStage) {
+        let svc = self.clone();
+        let token = CancellationToken::new();
+        let run_id = self
+            .s
+            .write_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some((_, old)) =
+            lock(&self.s.running).insert(run.task.clone(), (run_id, token.clone()))
+        {
+            old.cancel();
+        }
+        let span = tracing::info_span!(
+            "stage",
+            task = %run.task,
+            stage = %run.stage,
+            agent = %run.agent,
+            epoch = run.epoch,
+            attempt = run.attempt,
+        );
+        tokio::spawn(
+            async move {
+                let home = lock(&svc.s.placement).get(&run.agent).cloned().flatten();
+                let job = svc.job(&run);
+                let result = tokio::select! {
+                    _ = token.cancelled() => return,
+                    r = svc.dispatch_stage(home.clone(), job) => r,
+                };
+                {
+                    let mut running = lock(&svc.s.running);
+                    if running.get(&run.task).is_some_and(|(id, _)| *id == run_id) {
+                        running.remove(&run.task);
+                    }
+                }
+                let outcome = StageOutcome {
+                    task: run.task.clone(),
+                    index: run.index,
+                    epoch: run.epoch,
+                    agent: run.agent.clone(),
+                    node: home.unwrap_or_default(),
+                    result,
+                };
+                if svc
+                    .s
+                    .cmd
+                    .send(Cmd::Outcome(Box::new(outcome)))
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!("dispatcher stopped; stage outcome dropped");
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    fn job(&self, run: &RunStage) -> StageJob {
+        let rec = self.read_task(&run.task);
+        let prompt = self
+            .s
+            .workflows
+            .get(rec.as_ref().map(|r| r.workflow.as_str()).unwrap_or(""))
+            .and_then(|w| w.stages.get(run.index as usize))
+            .map(|s| s.prompt.clone())
+            .unwrap_or_default();
+        let previous = rec
+            .as_ref()
+            .and_then(|r| self.s.workflows.get(&r.workflow))
+            .map(|w| {
+                w.stages
+                    .iter()
+                    .take(run.index as usize)
+                    .filter_map(|st| self.read_stage(&run.task, &st.name))
+                    .map(|s| {
+                        let mut t = s.text;
+                        clip_in_place(&mut t, PREVIOUS_MAX);
+                        (s.stage, s.agent, t)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let rec = rec.unwrap_or_else(|| placeholder(&run.task));
+        StageJob {
+            task: run.task.clone(),
+            submitter: rec.submitter,
+            hash: run.hash.clone(),
+            objective: rec.objective,
+            task_definition: rec.task_definition,
+            context: rec.context,
+            workflow: rec.workflow,
+            stage: run.stage.clone(),
+            index: run.index,
+            kind: run.kind.clone(),
+            prompt,
+            max_tokens: run.max_tokens,
+            budget_capped: run.budget_capped,
+            agent: run.agent.clone(),
+            epoch: run.epoch,
+            attempt: run.attempt,
+            deadline_ms: run.deadline_ms,
+            previous,
+        }
+    }
+
+    /// Run `job` on `home` (here or a peer), publishing its text as it comes.
+    async fn dispatch_stage(
+        &self,
+        home: Option<String>,
+        job: StageJob,
+    ) -> Result<super::dispatcher::StageSuccess, StageError> {
+        let Some(home) = home else {
+            return Err(StageError {
+                code: "agent_offline".into(),
+                message: format!("no live node can host agent {}", job.agent),
+                retryable: true,
+            });
+        };
+        let (dtx, mut drx) = mpsc::channel::<String>(crate::agents::DELTA_BUFFER);
+        let meta = (job.task.clone(), job.stage.clone(), job.agent.clone());
+        let svc = self.clone();
+        let forward = tokio::spawn(async move {
+            let submitter = svc.read_task(&meta.0).map(|r| r.submitter);
+            while let Some(text) = drx.recv().await {
+                svc.s.events.publish(NewEvent {
+                    kind: "stage.delta".into(),
+                    task: Some(meta.0.clone()),
+                    agent: Some(meta.2.clone()),
+                    submitter: submitter.clone(),
+                    node: svc.s.node.clone(),
+                    data: serde_json::json!({"stage": meta.1, "text": text}),
+                });
+            }
+        });
+        let result = if home == self.s.node {
+            self.s.agents.run_stage(job, dtx).await
+        } else {
+            self.remote_stage(&home, job, dtx).await
+        };
+        let _ = forward.await;
+        result
+    }
+
+    async fn remote_stage(
+        &self,
+        home: &str,
+        job: StageJob,
+        deltas: mpsc::Sender<String>,
+    ) -> Result<super::dispatcher::StageSuccess, StageError> {
+        let unreachable = |e: &Error| StageError {
+            code: "agent_unreachable".into(),
+            message: e.to_string(),
+            retryable: true,
+        };
+        let pair = self.s.peers.open(home).await.map_err(|e| unreachable(&e))?;
+        let mut w = FrameWriter::new(pair.send, home);
+        let mut r = FrameReader::new(pair.recv, home);
+        w.send_json(&Req::RunStage(job))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        loop {
+            match r.next_json::<Reply>().await {
+                Ok(Some(Reply::Delta(t))) => {
+                    let _ = deltas.try_send(t);
+                }
+                Ok(Some(Reply::Stage(result))) => return result,
+                Ok(Some(_)) => {
+                    return Err(unreachable(&Error::BadReply(home.to_string())));
+                }
+                Ok(None) => return Err(unreachable(&Error::PeerGone(home.to_string()))),
+                Err(e) => return Err(unreachable(&e)),
+            }
+        }
+    }
+
+    // ---- reads of the local replica ----
+
+    fn read_task(&self, id: &str) -> Option<TaskRecord> {
+        let item = self
+            .s
+            .memory
+            .storage()
+            .memory
+            .get(TASKS_NAMESPACE, &TaskRecord::key(id), now_ms())
+            .ok()??;
+        serde_json::from_str(&item.value_json).ok()
+    }
+
+    fn read_stage(&self, task: &str, stage: &str) -> Option<StageRecord> {
+        let item = self
+            .s
+            .memory
+            .storage()
+            .memory
+            .get(TASKS_NAMESPACE, &StageRecord::key(task, stage), now_ms())
+            .ok()??;
+        serde_json::from_str(&item.value_json).ok()
+    }
+
+    /// Every task record here (at most [`SCAN_MAX`]).
+    fn scan_tasks(&self) -> Vec<TaskRecord> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        let store = &self.s.memory.storage().memory;
+        while out.len() < SCAN_MAX {
+            let Ok(page) = store.list(TASKS_NAMESPACE, "task:", after.as_deref(), 1000, now_ms())
+            else {
+                break;
+            };
+            let n = page.len();
+            after = page.last().map(|i| i.key.clone());
+            out.extend(
+                page.into_iter()
+                    .filter_map(|i| serde_json::from_str::<TaskRecord>(&i.value_json).ok()),
+            );
+            if n < 1000 {
+                break;
+            }
+        }
+        out
+    }
+
+    fn idempotency_key(submitter: &str, key: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(submitter.as_bytes());
+        h.update([0]);
+        h.update(key.as_bytes());
+        format!("idem:{}", &hex::encode(h.finalize())[..32])
+    }
+
+    fn replay(&self, submitter: &str, key: &str) -> Option<TaskRecord> {
+        let item = self
+            .s
+            .memory
+            .storage()
+            .memory
+            .get(
+                TASKS_NAMESPACE,
+                &Self::idempotency_key(submitter, key),
+                now_ms(),
+            )
+            .ok()??;
+        let id: String = serde_json::from_str(&item.value_json).ok()?;
+        self.read_task(&id)
+    }
+
+    async fn remember_idempotency(&self, submitter: &str, key: &str, id: &str) {
+        let caller = Caller::new(submitter, "tasks.create", format!("tasks/{id}"));
+        let value = serde_json::Value::String(id.to_string()).to_string();
+        if let Err(e) = self
+            .put(caller, Self::idempotency_key(submitter, key), value)
+            .await
+        {
+            tracing::debug!(error = %e, "idempotency key not confirmed by a peer");
+        }
+    }
+
+    // ---- submissions ----
+
+    /// Check a submission's values and build its record (id, hash, deadline, budget).
+    fn validate(&self, req: &Submit) -> Result<TaskRecord, Error> {
+        let invalid = |field: &str, message: String| Error::Invalid {
+            field: field.into(),
+            message,
+        };
+        let objective = req.objective.trim();
+        if objective.is_empty() {
+            return Err(invalid("objective", "must not be empty".into()));
+        }
+        if req.objective.len() > self.s.cfg.max_objective_bytes {
+            return Err(invalid(
+                "objective",
+                format!("longer than {} bytes", self.s.cfg.max_objective_bytes),
+            ));
+        }
+        let priority = match req.priority.as_deref() {
+            None => Priority::Normal,
+            Some(p) => Priority::parse(p).ok_or_else(|| {
+                invalid(
+                    "priority",
+                    format!("`{p}`: use critical, high, normal, low or background"),
+                )
+            })?,
+        };
+        let workflow = req
+            .workflow
+            .clone()
+            .unwrap_or_else(|| self.s.cfg.default_workflow.clone());
+        let Some(w) = self.s.workflows.get(&workflow) else {
+            let known: Vec<&str> = self.s.workflows.keys().map(String::as_str).collect();
+            return Err(invalid(
+                "workflow",
+                format!("`{workflow}` is not a workflow ({})", known.join(", ")),
+            ));
+        };
+        let context = req.context.clone().unwrap_or(serde_json::Value::Null);
+        if !(context.is_object() || context.is_null()) {
+            return Err(invalid("context", "must be an object".into()));
+        }
+        check_context_types(&context)?;
+        let ctx_len =
+            context.to_string().len() + req.task_definition.as_ref().map_or(0, String::len);
+        if ctx_len > self.s.cfg.max_context_bytes {
+            return Err(invalid(
+                "context",
+                format!(
+                    "context and task_definition over {} bytes",
+                    self.s.cfg.max_context_bytes
+                ),
+            ));
+        }
+        for (i, c) in req.capabilities.iter().enumerate() {
+            if !self.s.capabilities.contains(c) {
+                return Err(Error::NoCapableAgent {
+                    field: format!("capabilities[{i}]"),
+                    capability: c.clone(),
+                });
+            }
+        }
+        let budget = match req.token_budget {
+            None => self.s.cfg.token_budget,
+            Some(0) => return Err(invalid("token_budget", "must be at least 1".into())),
+            Some(b) if b > self.s.cfg.token_budget => {
+                return Err(invalid(
+                    "token_budget",
+                    format!("at most {} (tasks.token_budget)", self.s.cfg.token_budget),
+                ));
+            }
+            Some(b) => b,
+        };
+        let max_deadline = self.s.cfg.default_deadline.0.as_secs().max(1) * 24;
+        let deadline_s = match req.deadline_s {
+            None => self.s.cfg.default_deadline.0.as_secs().max(1),
+            Some(0) => return Err(invalid("deadline_s", "must be at least 1".into())),
+            Some(s) if s > max_deadline => {
+                return Err(invalid("deadline_s", format!("at most {max_deadline} s")));
+            }
+            Some(s) => s,
+        };
+        if let Some(k) = &req.idempotency_key
+            && (k.is_empty() || k.len() > 128 || !k.chars().all(|c| c.is_ascii_graphic()))
+        {
+            return Err(invalid(
+                "Idempotency-Key",
+                "1-128 printable ASCII characters".into(),
+            ));
+        }
+        let now = now_ms();
+        let id = {
+            use rand::Rng;
+            let mut b = [0u8; 10];
+            rand::rng().fill_bytes(&mut b);
+            hex::encode(b)
+        };
+        Ok(TaskRecord {
+            hash: task_hash(objective, &context),
+            id,
+            objective: objective.to_string(),
+            task_definition: req.task_definition.clone(),
+            priority,
+            workflow,
+            context,
+            capabilities: req.capabilities.clone(),
+            submitter: req.submitter.clone(),
+            idempotency_key: req.idempotency_key.clone(),
+            created_ms: now,
+            deadline_ms: now + deadline_s * 1000,
+            token_budget: budget,
+            tokens_used: 0,
+            status: TaskStatus::Pending,
+            epoch: 1,
+            owner: self.s.node.clone(),
+            stages_total: w.stages.len() as u32,
+            stage: 0,
+            current: None,
+            failures: 0,
+            failed_agents: Vec::new(),
+            agents_involved: Vec::new(),
+            error: None,
+            started_ms: None,
+            finished_ms: None,
+            updated_ms: now,
+        })
+    }
+
+    /// Submit on this node as the owner.
+    async fn submit_here(&self, req: Submit) -> Result<Submitted, Error> {
+        let rec = self.validate(&req)?;
+        if let Some(k) = &req.idempotency_key
+            && let Some(task) = self.replay(&req.submitter, k)
+        {
+            return Ok(Submitted {
+                task,
+                deduplicated: false,
+                replayed: true,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.s
+            .cmd
+            .try_send(Cmd::Submit(Box::new(rec), tx))
+            .map_err(|_| Error::QueueFull { retry_after_s: 1 })?;
+        let out = rx
+            .await
+            .map_err(|_| Error::Unavailable("the dispatcher stopped".into()))??;
+        if let Some(k) = &req.idempotency_key
+            && !out.deduplicated
+        {
+            self.remember_idempotency(&req.submitter, k, &out.task.id)
+                .await;
+        }
+        Ok(out)
+    }
+
+    /// Call `peer`'s task service with `req` and read its one reply.
+    async fn call(&self, peer: &str, req: &Req) -> Result<Reply, Error> {
+        let fut = async {
+            let pair = self.s.peers.open(peer).await?;
+            let mut w = FrameWriter::new(pair.send, peer);
+            let mut r = FrameReader::new(pair.recv, peer);
+            w.send_json(req).await?;
+            let _ = w.get_mut().shutdown().await;
+            r.next_json::<Reply>()
+                .await?
+                .ok_or_else(|| Error::PeerGone(peer.to_string()))
+        };
+        tokio::time::timeout(CALL_TIMEOUT, fut)
+            .await
+            .map_err(|_| Error::RpcTimeout(peer.to_string()))?
+    }
+
+    /// The live node a task's changes go to: its owner while alive, else the rendezvous owner
+    /// of its hash.
+    fn owner_of(&self, rec: &TaskRecord) -> String {
+        let live = self.s.peers.live();
+        if live.iter().any(|(n, _)| *n == rec.owner) {
+            return rec.owner.clone();
+        }
+        rendezvous(&rec.hash, live.iter().map(|(n, _)| n.as_str()))
+            .unwrap_or(self.s.node.as_str())
+            .to_string()
+    }
+
+    async fn change(&self, id: &str, req: Req, requeue: bool) -> Result<TaskRecord, Error> {
+        let rec = self
+            .read_task(id)
+            .ok_or_else(|| Error::NotFound(format!("task {id}")))?;
+        let owner = self.owner_of(&rec);
+        if owner != self.s.node {
+            match self.call(&owner, &req).await? {
+                Reply::Task(r) => return r.map_err(Error::from),
+                _ => return Err(Error::BadReply(owner)),
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        let cmd = if requeue {
+            Cmd::Requeue(id.to_string(), tx)
+        } else {
+            Cmd::Cancel(id.to_string(), tx)
+        };
+        self.s
+            .cmd
+            .send(cmd)
+            .await
+            .map_err(|_| Error::Unavailable("the dispatcher stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Unavailable("the dispatcher stopped".into()))?
+    }
+
+    // ---- the event relay ----
+
+    async fn relay(self) {
+        let mut sub = self.s.events.subscribe(None).live;
+        let mut batch: Vec<NewEvent> = Vec::new();
+        let mut tick = tokio::time::interval(RELAY_EVERY);
+        loop {
+            tokio::select! {
+                _ = self.s.stop.cancelled() => return,
+                e = sub.recv() => match e {
+                    // Membership events are not relayed: every node publishes its own view.
+                    Ok(e) if e.node == self.s.node && !e.kind.starts_with("member.") => {
+                        if batch.len() < RELAY_BATCH {
+                            batch.push(NewEvent {
+                                kind: e.kind.clone(),
+                                task: e.task.clone(),
+                                agent: e.agent.clone(),
+                                submitter: e.submitter.clone(),
+                                node: e.node.clone(),
+                                data: e.data.clone(),
+                            });
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::debug!(missed = n, "event relay fell behind");
+                    }
+                    Err(_) => return,
+                },
+                _ = tick.tick() => {
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    let events = std::mem::take(&mut batch);
+                    for (peer, _) in self.s.peers.live() {
+                        if peer == self.s.node {
+                            continue;
+                        }
+                        let svc = self.clone();
+                        let req = Req::Events(events.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = svc.call(&peer, &req).await {
+                                tracing::debug!(%peer, error = %e, "events not relayed");
+                            }
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- serving peers ----
+
+    async fn serve_stream(self, peer: String, pair: StreamPair) {
+        let mut r = FrameReader::new(pair.recv, &peer);
+        let mut w = FrameWriter::new(pair.send, &peer);
+        let req = match r.next_json::<Req>().await {
+            Ok(Some(req)) => req,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "bad tasks frame");
+                return;
+            }
+        };
+        let reply = match req {
+            Req::Submit(s) => {
+                Reply::Submitted(self.submit_here(s).await.map_err(|e| WireError::from(&e)))
+            }
+            Req::Cancel { id, .. } => Reply::Task(
+                self.local_change(&id, false)
+                    .await
+                    .map_err(|e| WireError::from(&e)),
+            ),
+            Req::Requeue { id, .. } => Reply::Task(
+                self.local_change(&id, true)
+                    .await
+                    .map_err(|e| WireError::from(&e)),
+            ),
+            Req::Query(q) => {
+                let agent = q.agent.clone().unwrap_or_default();
+                Reply::Answer(
+                    self.s
+                        .agents
+                        .query(&agent, q)
+                        .await
+                        .map_err(|e| WireError::from(&e)),
+                )
+            }
+            Req::Events(events) => {
+                for e in events.into_iter().take(RELAY_BATCH) {
+                    self.s.events.publish(e);
+                }
+                Reply::Ack
+            }
+            Req::RunStage(job) => {
+                self.serve_stage(job, &mut w).await;
+                return;
+            }
+        };
+        if let Err(e) = w.send_json(&reply).await {
+            tracing::debug!(%peer, error = %e, "tasks reply not sent");
+        }
+        let _ = w.get_mut().shutdown().await;
+    }
+
+    async fn local_change(&self, id: &str, requeue: bool) -> Result<TaskRecord, Error> {
+        let (tx, rx) = oneshot::channel();
+        let cmd = if requeue {
+            Cmd::Requeue(id.to_string(), tx)
+        } else {
+            Cmd::Cancel(id.to_string(), tx)
+        };
+        self.s
+            .cmd
+            .send(cmd)
+            .await
+            .map_err(|_| Error::Unavailable("the dispatcher stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Unavailable("the dispatcher stopped".into()))?
+    }
+
+    /// Run a stage for a peer, streaming its text; a closed stream cancels it.
+    async fn serve_stage<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        job: StageJob,
+        w: &mut FrameWriter<W>,
+    ) {
+        let (dtx, mut drx) = mpsc::channel::<String>(crate::agents::DELTA_BUFFER);
+        let run = self.s.agents.run_stage(job, dtx);
+        tokio::pin!(run);
+        let result = loop {
+            tokio::select! {
+                r = &mut run => break r,
+                Some(t) = drx.recv() => {
+                    if w.send_json(&Reply::Delta(t)).await.is_err() {
+                        // The owner is gone or aborted: dropping `run` stops the generation.
+                        return;
+                    }
+                }
+            }
+        };
+        while let Ok(t) = drx.try_recv() {
+            if w.send_json(&Reply::Delta(t)).await.is_err() {
+                return;
+            }
+        }
+        let _ = w.send_json(&Reply::Stage(result)).await;
+        let _ = w.get_mut().shutdown().await;
+    }
+
+    /// Serve a tasks stream from an in-memory or test transport.
+    pub fn serve_pair(&self, peer: String, pair: StreamPair) {
+        tokio::spawn(self.clone().serve_stream(peer, pair));
+    }
+}
+
+impl StreamService for TaskService {
+    fn serve(&self, peer: String, send: quinn::SendStream, recv: quinn::RecvStream) {
+        let span = tracing::debug_span!("tasks_peer", %peer);
+        let pair = StreamPair {
+            send: Box::new(send),
+            recv: Box::new(recv),
+        };
+        tokio::spawn(self.clone().serve_stream(peer, pair).instrument(span));
+    }
+}
+
+impl TaskApi for TaskService {
+    fn submit(&self, req: Submit) -> BoxFuture<'_, Result<Submitted, Error>> {
+        Box::pin(async move {
+            // Shape first, here, so a bad request costs no forwarding.
+            let rec = self.validate(&req)?;
+            if let Some(k) = &req.idempotency_key
+                && let Some(task) = self.replay(&req.submitter, k)
+            {
+                return Ok(Submitted {
+                    task,
+                    deduplicated: false,
+                    replayed: true,
+                });
+            }
+            let live = self.s.peers.live();
+            let owner = rendezvous(&rec.hash, live.iter().map(|(n, _)| n.as_str()))
+                .unwrap_or(self.s.node.as_str())
+                .to_string();
+            if owner == self.s.node {
+                return self.submit_here(req).await;
+            }
+            match self.call(&owner, &Req::Submit(req.clone())).await {
+                Ok(Reply::Submitted(r)) => r.map_err(Error::from),
+                Ok(_) => Err(Error::BadReply(owner)),
+                // The owner cannot be reached: take the task here rather than refuse it (it
+                // is durable and runs; only deduplication against that owner is lost).
+                Err(e) => {
+                    tracing::warn!(%owner, error = %e, "owner unreachable; task taken here");
+                    self.submit_here(req).await
+                }
+            }
+        })
+    }
+
+    fn get(&self, id: &str) -> Result<Option<TaskRecord>, Error> {
+        Ok(self.read_task(id))
+    }
+
+    fn list(&self, q: ListQuery) -> Result<Vec<TaskRecord>, Error> {
+        let mut all: Vec<TaskRecord> = self
+            .scan_tasks()
+            .into_iter()
+            .filter(|r| q.submitter.as_ref().is_none_or(|s| *s == r.submitter))
+            .filter(|r| q.status.is_none_or(|s| s == r.status))
+            .collect();
+        all.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then(a.id.cmp(&b.id)));
+        all.truncate(q.limit.max(1));
+        Ok(all)
+    }
+
+    fn results(&self, id: &str) -> Result<Vec<StageRecord>, Error> {
+        let rec = self
+            .read_task(id)
+            .ok_or_else(|| Error::NotFound(format!("task {id}")))?;
+        let Some(w) = self.s.workflows.get(&rec.workflow) else {
+            return Ok(Vec::new());
+        };
+        Ok(w.stages
+            .iter()
+            .filter_map(|st| self.read_stage(id, &st.name))
+            .collect())
+    }
+
+    fn cancel(
+        &self,
+        id: &str,
+        by: &str,
+        request_id: &str,
+    ) -> BoxFuture<'_, Result<TaskRecord, Error>> {
+        let req = Req::Cancel {
+            id: id.to_string(),
+            by: by.to_string(),
+            request_id: request_id.to_string(),
+        };
+        let id = id.to_string();
+        Box::pin(async move { self.change(&id, req, false).await })
+    }
+
+    fn requeue(
+        &self,
+        id: &str,
+        by: &str,
+        request_id: &str,
+    ) -> BoxFuture<'_, Result<TaskRecord, Error>> {
+        let req = Req::Requeue {
+            id: id.to_string(),
+            by: by.to_string(),
+            request_id: request_id.to_string(),
+        };
+        let id = id.to_string();
+        Box::pin(async move { self.change(&id, req, true).await })
+    }
+
+    fn agents(&self) -> Vec<AgentView> {
+        let placement = lock(&self.s.placement).clone();
+        let local: HashMap<String, AgentRecord> = self
+            .s
+            .agents
+            .records()
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect();
+        let models = self.s.inference.models();
+        self.s
+            .agents
+            .roster()
+            .specs
+            .iter()
+            .map(|spec| {
+                let id = &spec.agent.id;
+                let home = placement.get(id).cloned().flatten();
+                let rec = local
+                    .get(id)
+                    .cloned()
+                    .or_else(|| self.stored_agent(id))
+                    .unwrap_or_default();
+                let state = match &home {
+                    None => "offline".to_string(),
+                    Some(n) if *n == rec.node && !rec.state.is_empty() => {
+                        match rec.state.as_str() {
+                            "restarting" => "error".to_string(),
+                            s => s.to_string(),
+                        }
+                    }
+                    Some(_) => "idle".to_string(),
+                };
+                let runs = rec.completed + rec.failed;
+                AgentView {
+                    id: id.clone(),
+                    name: spec.agent.name.clone(),
+                    kind: format!("{:?}", spec.agent.kind).to_lowercase(),
+                    role: spec.agent.role.clone(),
+                    priority: spec.agent.priority,
+                    capabilities: spec.agent.capabilities.clone(),
+                    specialization: spec.agent.specialization.clone(),
+                    clearance: spec.agent.security_clearance.as_str().to_string(),
+                    parent: spec.parent.clone(),
+                    node: home.clone(),
+                    state,
+                    current_task: rec.current_task.clone().filter(|_| home.is_some()),
+                    load: if home.as_deref() == Some(rec.node.as_str()) {
+                        rec.load
+                    } else {
+                        0
+                    },
+                    max_load: agents_max_load(&self.s.agents),
+                    completed: rec.completed,
+                    failed: rec.failed,
+                    success_rate: if runs == 0 {
+                        1.0
+                    } else {
+                        rec.completed as f64 / runs as f64
+                    },
+                    mean_stage_ms: if rec.completed == 0 {
+                        0.0
+                    } else {
+                        rec.total_stage_ms as f64 / rec.completed as f64
+                    },
+                    restarts: rec.restarts,
+                    model: spec
+                        .model
+                        .clone()
+                        .or_else(|| models.first().map(|m| m.name.clone())),
+                }
+            })
+            .collect()
+    }
+
+    fn query_agent(&self, q: AgentQuery) -> BoxFuture<'_, Result<AgentAnswer, Error>> {
+        Box::pin(async move {
+            if q.question.trim().is_empty() {
+                return Err(Error::Invalid {
+                    field: "question".into(),
+                    message: "must not be empty".into(),
+                });
+            }
+            let agent = match &q.agent {
+                Some(a) => {
+                    if self.s.agents.roster().get(a).is_none() {
+                        return Err(Error::Invalid {
+                            field: "agent".into(),
+                            message: format!("`{a}` is not an agent of the swarm"),
+                        });
+                    }
+                    a.clone()
+                }
+                None => self.best_agent_for(&q.question),
+            };
+            let home = lock(&self.s.placement)
+                .get(&agent)
+                .cloned()
+                .flatten()
+                .ok_or_else(|| Error::Unavailable(format!("agent {agent} is offline")))?;
+            let mut q = q;
+            q.agent = Some(agent.clone());
+            if home == self.s.node {
+                return self.s.agents.query(&agent, q).await;
+            }
+            match self.call(&home, &Req::Query(q)).await? {
+                Reply::Answer(r) => r.map_err(Error::from),
+                _ => Err(Error::BadReply(home)),
+            }
+        })
+    }
+
+    fn stats(&self) -> TaskStats {
+        lock(&self.s.stats).clone()
+    }
+
+    fn events(&self) -> &EventBus {
+        &self.s.events
+    }
+}
+
+impl TaskService {
+    fn stored_agent(&self, id: &str) -> Option<AgentRecord> {
+        let item = self
+            .s
+            .memory
+            .storage()
+            .memory
+            .get(super::model::AGENTS_NAMESPACE, id, now_ms())
+            .ok()??;
+        serde_json::from_str(&item.value_json).ok()
+    }
+
+    /// The agent whose specialization or capabilities share the most words with `question`;
+    /// the coordinator (first in priority) when none does.
+    fn best_agent_for(&self, question: &str) -> String {
+        let q = question.to_lowercase();
+        let roster = self.s.agents.roster();
+        let score = |spec: &crate::agents::AgentSpec| {
+            std::iter::once(&spec.agent.specialization)
+                .chain(spec.agent.capabilities.iter())
+                .flat_map(|s| s.split('_'))
+                .filter(|w| w.len() > 2 && q.contains(*w))
+                .count()
+        };
+        roster
+            .specs
+            .iter()
+            .max_by_key(|s| (score(s), std::cmp::Reverse(s.agent.priority)))
+            .filter(|s| score(s) > 0)
+            .or_else(|| roster.specs.first())
+            .map(|s| s.agent.id.clone())
+            .unwrap_or_default()
+    }
+}
+
+fn agents_max_load(rt: &AgentRuntime) -> u32 {
+    rt.max_load()
+}
+
+/// A write of the dispatcher's.
+enum Write {
+    Record(TaskRecord),
+    Stage(StageRecord),
+}
+
+/// Who waits for a task's writes.
+enum Ack {
+    /// A submission: answered with the record once it is durable. `deduplicated` as decided.
+    Submit(String, oneshot::Sender<Result<Submitted, Error>>, bool),
+    /// A cancel or requeue: answered with the record once it is durable.
+    Record(String, oneshot::Sender<Result<TaskRecord, Error>>),
+}
+
+impl Ack {
+    fn task(&self) -> &str {
+        match self {
+            Ack::Submit(id, _, _) | Ack::Record(id, _) => id,
+        }
+    }
+
+    fn answer(self, last: Result<Option<TaskRecord>, Error>) {
+        match (self, last) {
+            (Ack::Submit(_, tx, dedup), Ok(Some(task))) => {
+                let _ = tx.send(Ok(Submitted {
+                    task,
+                    deduplicated: dedup,
+                    replayed: false,
+                }));
+            }
+            (Ack::Record(_, tx), Ok(Some(task))) => {
+                let _ = tx.send(Ok(task));
+            }
+            (a, Ok(None)) => a.fail(Error::Unavailable("the task was not written".into())),
+            (a, Err(e)) => a.fail(e),
+        }
+    }
+
+    fn fail(self, e: Error) {
+        match self {
+            Ack::Submit(_, tx, _) => {
+                let _ = tx.send(Err(e));
+            }
+            Ack::Record(_, tx) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    }
+}
+
+fn refusal_error(id: &str, r: Refusal, capabilities: &[String]) -> Error {
+    match r {
+        Refusal::QueueFull { retry_after_ms } => Error::QueueFull {
+            retry_after_s: retry_after_ms.div_ceil(1000).max(1),
+        },
+        Refusal::UnknownWorkflow => Error::Invalid {
+            field: "workflow".into(),
+            message: "not a workflow".into(),
+        },
+        Refusal::NoCapableAgent { capability } => Error::NoCapableAgent {
+            field: capabilities
+                .iter()
+                .position(|c| *c == capability)
+                .map_or("capabilities".into(), |i| format!("capabilities[{i}]")),
+            capability,
+        },
+        Refusal::NotFound => Error::NotFound(format!("task {id}")),
+        Refusal::Finished { status } => Error::TaskFinished {
+            id: id.into(),
+            status: status.as_str().into(),
+        },
+        Refusal::NotDeadLetter { status } => Error::TaskState {
+            id: id.into(),
+            status: status.as_str().into(),
+            message: "only a dead-lettered task can be requeued".into(),
+        },
+        Refusal::Stale { current } => Error::StaleEpoch {
+            task: id.into(),
+            stage: String::new(),
+            epoch: 0,
+            current,
+        },
+        Refusal::Duplicate { existing } => Error::TaskState {
+            id: existing,
+            status: "pending".into(),
+            message: "a task with the same hash is active".into(),
+        },
+    }
+}
+
+/// Values of the hashed context keys must have their documented types.
+fn check_context_types(ctx: &serde_json::Value) -> Result<(), Error> {
+    let Some(m) = ctx.as_object() else {
+        return Ok(());
+    };
+    let list_of_strings = |v: &serde_json::Value| {
+        v.as_array()
+            .is_some_and(|a| a.iter().all(|x| x.is_string()))
+    };
+    for (key, ok) in [
+        (
+            "file_paths",
+            m.get("file_paths").is_none_or(list_of_strings),
+        ),
+        (
+            "service_names",
+            m.get("service_names").is_none_or(list_of_strings),
+        ),
+        (
+            "technology_stack",
+            m.get("technology_stack").is_none_or(list_of_strings),
+        ),
+        (
+            "operation_type",
+            m.get("operation_type").is_none_or(|v| v.is_string()),
+        ),
+    ] {
+        if !ok {
+            let want = if key == "operation_type" {
+                "a string"
+            } else {
+                "an array of strings"
+            };
+            return Err(Error::Invalid {
+                field: format!("context.{key}"),
+                message: format!("must be {want}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn clip_in_place(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+}
+
+/// A record for a stage whose task record has not reached this node (never expected: the
+/// owner wrote it before the stage ran).
+fn placeholder(id: &str) -> TaskRecord {
+    TaskRecord {
+        id: id.into(),
+        hash: String::new(),
+        objective: String::new(),
+        task_definition: None,
+        priority: Priority::Normal,
+        workflow: String::new(),
+        context: serde_json::Value::Null,
+        capabilities: Vec::new(),
+        submitter: String::new(),
+        idempotency_key: None,
+        created_ms: 0,
+        deadline_ms: 0,
+        token_budget: 0,
+        tokens_used: 0,
+        status: TaskStatus::Pending,
+        epoch: 0,
+        owner: String::new(),
+        stages_total: 0,
+        stage: 0,
+        current: None,
+        failures: 0,
+        failed_agents: Vec::new(),
+        agents_involved: Vec::new(),
+        error: None,
+        started_ms: None,
+        finished_ms: None,
+        updated_ms: 0,
+    }
+}
+
+/// An event of the dispatcher's as the bus carries it: kind, task, agent, data (its fields).
+fn event_parts(e: DEvent) -> (String, Option<String>, Option<String>, serde_json::Value) {
+    let kind = e.kind().to_string();
+    let task = Some(e.task().to_string());
+    // Externally tagged: {"variant": {fields}}.
+    let data = serde_json::to_value(&e)
+        .ok()
+        .and_then(|v| v.as_object().and_then(|m| m.values().next().cloned()))
+        .unwrap_or(serde_json::Value::Null);
+    let agent = data.get("agent").and_then(|a| a.as_str()).map(String::from);
+    (kind, task, agent, data)
+}
