@@ -378,12 +378,7 @@ impl Node {
                 replicator: Some(replicator.clone()),
                 inference: inference.clone(),
                 tasks: Some(Arc::new(tasks.clone()) as Arc<dyn TaskApi>),
-                workflows: cfg
-                    .tasks
-                    .effective_workflows()
-                    .into_iter()
-                    .map(|(name, w)| (name, w.stages.into_iter().map(|s| s.name).collect()))
-                    .collect(),
+                workflows: gateway::workflow_stages(&cfg.tasks),
             },
             audit_writer,
         );

@@ -192,6 +192,8 @@ struct Shared {
     /// Per task, the last write in flight (the next one waits for it), with its number.
     writes: Mutex<HashMap<String, (u64, JoinHandle<()>)>>,
     write_seq: std::sync::atomic::AtomicU64,
+    /// Stage results refused at the write (already recorded by another epoch).
+    stale_writes: std::sync::atomic::AtomicU64,
     stop: CancellationToken,
 }
 
@@ -251,6 +253,7 @@ impl TaskService {
             running: Mutex::new(HashMap::new()),
             writes: Mutex::new(HashMap::new()),
             write_seq: std::sync::atomic::AtomicU64::new(0),
+            stale_writes: std::sync::atomic::AtomicU64::new(0),
             stop: CancellationToken::new(),
         });
         let svc = Self { s };
@@ -532,16 +535,20 @@ impl TaskService {
         // Consecutive records of one task collapse to the last (a record is the whole state);
         // a stage result in between keeps the order.
         let mut writes: Vec<(String, Write)> = Vec::new();
+        // Submitters of the tasks in this batch, for its events (a new task's record is not in
+        // the store yet).
+        let mut submitters: HashMap<String, String> = HashMap::new();
         for a in actions {
             match a {
                 Action::Persist(rec) => {
+                    submitters.insert(rec.id.clone(), rec.submitter.clone());
                     if let Some((id, Write::Record(prev))) = writes.last_mut()
                         && *id == rec.id
                     {
-                        *prev = rec;
+                        **prev = rec;
                         continue;
                     }
-                    writes.push((rec.id.clone(), Write::Record(rec)));
+                    writes.push((rec.id.clone(), Write::Record(Box::new(rec))));
                 }
                 Action::RecordStage(st) => writes.push((st.task.clone(), Write::Stage(st))),
                 Action::Run(run) => {
@@ -554,7 +561,7 @@ impl TaskService {
                         t.cancel();
                     }
                 }
-                Action::Event(e) => self.publish(e),
+                Action::Event(e) => self.publish(e, &submitters),
             }
         }
         self.flush_writes(&mut writes, &mut ack);
@@ -598,7 +605,7 @@ impl TaskService {
             let mut last: Result<Option<TaskRecord>, Error> = Ok(None);
             for w in ws {
                 last = match w {
-                    Write::Record(rec) => svc.write_record(&rec).await.map(|()| Some(rec)),
+                    Write::Record(rec) => svc.write_record(&rec).await.map(|()| Some(*rec)),
                     Write::Stage(st) => svc.write_stage(&st).await.map(|()| None),
                 };
                 if last.is_err() {
@@ -638,6 +645,9 @@ impl TaskService {
         // Written once per stage: a result already recorded (by an earlier epoch whose record
         // reached this node late) is not written again.
         if self.read_stage(&st.task, &st.stage).is_some() {
+            self.s
+                .stale_writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.stale(&st.task, st.index, st.epoch, st.epoch);
             return Ok(());
         }
@@ -679,12 +689,14 @@ impl TaskService {
         }
     }
 
-    fn publish(&self, e: DEvent) {
+    fn publish(&self, e: DEvent, submitters: &HashMap<String, String>) {
         let (kind, task, agent, data) = event_parts(e);
-        let submitter = task
-            .as_deref()
-            .and_then(|t| self.read_task(t))
-            .map(|r| r.submitter);
+        let submitter = task.as_deref().and_then(|t| {
+            submitters
+                .get(t)
+                .cloned()
+                .or_else(|| self.read_task(t).map(|r| r.submitter))
+        });
         self.s.events.publish(NewEvent {
             kind,
             task,
@@ -1538,7 +1550,12 @@ impl TaskApi for TaskService {
     }
 
     fn stats(&self) -> TaskStats {
-        lock(&self.s.stats).clone()
+        let mut st = lock(&self.s.stats).clone();
+        st.stale_results += self
+            .s
+            .stale_writes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        st
     }
 
     fn events(&self) -> &EventBus {
@@ -1587,7 +1604,7 @@ fn agents_max_load(rt: &AgentRuntime) -> u32 {
 
 /// A write of the dispatcher's.
 enum Write {
-    Record(TaskRecord),
+    Record(Box<TaskRecord>),
     Stage(StageRecord),
 }
 
