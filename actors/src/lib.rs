@@ -39,3 +39,5 @@ pub use cluster::fuzz_login_name_check;
 pub use inference::fuzz_decode_frames as fuzz_decode_inference_frames;
 #[cfg(feature = "fuzzing")]
 pub use replication::fuzz_decode_frames;
+#[cfg(feature = "fuzzing")]
+pub use tasks::wire::fuzz_decode_frames as fuzz_decode_task_frames;

@@ -165,9 +165,17 @@ impl From<WireError> for Error {
     }
 }
 
-/// Decode one request frame (the fuzz target's entry).
+/// Decode one request frame.
 pub fn decode_req(body: &[u8]) -> Result<Req, String> {
     serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+/// Decode arbitrary bytes as each frame of a tasks stream (the fuzz target's entry); the
+/// answer is ignored, only a panic or a hang would be a failure.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_decode_frames(data: &[u8]) {
+    let _ = decode_req(data);
+    let _ = serde_json::from_slice::<Reply>(data);
 }
 
 #[cfg(test)]
