@@ -61,6 +61,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Events relayed to peers in one batch, and how often.
 const RELAY_BATCH: usize = 512;
 const RELAY_EVERY: Duration = Duration::from_millis(100);
+/// History records per agent read at start for anti-collision.
+const HISTORY_LOADED: usize = 4096;
 /// Earlier stage text sent with a stage (bytes per stage).
 const PREVIOUS_MAX: usize = 2000;
 
@@ -280,6 +282,7 @@ impl TaskService {
     // ---- the dispatcher loop ----
 
     async fn run(self, mut d: Dispatcher, mut rx: mpsc::Receiver<Cmd>) {
+        self.load_histories(&mut d);
         let mut view: Vec<(String, bool)> = Vec::new();
         let mut last_view = tokio::time::Instant::now() - VIEW_EVERY;
         let mut last_scan: Option<tokio::time::Instant> = None;
@@ -446,6 +449,62 @@ impl TaskService {
         });
     }
 
+    /// Tell the dispatcher which task hashes each agent's history holds (anti-collision
+    /// survives restarts and adoptions): up to [`HISTORY_LOADED`] history records of each
+    /// agent's namespace.
+    fn load_histories(&self, d: &mut Dispatcher) {
+        let store = &self.s.memory.storage().memory;
+        for spec in &self.s.agents.roster().specs {
+            let id = &spec.agent.id;
+            let Ok(items) = store.list(id, "history:", None, HISTORY_LOADED, now_ms()) else {
+                continue;
+            };
+            for i in items {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&i.value_json)
+                    && let Some(hash) = v.get("hash").and_then(|h| h.as_str())
+                {
+                    d.note_history(id, hash);
+                }
+            }
+        }
+    }
+
+    /// A task escalated to the coordinator: besides the event, a record in the coordinator's
+    /// namespace (`escalation:{task}`) that says what failed, written as the coordinator.
+    fn record_escalation(&self, task: &str, coordinator: &str, code: &str) {
+        let svc = self.clone();
+        let (task, coordinator, code) =
+            (task.to_string(), coordinator.to_string(), code.to_string());
+        tokio::spawn(async move {
+            let rec = svc.read_task(&task);
+            let value = serde_json::json!({
+                "task": task,
+                "code": code,
+                "error": rec.as_ref().and_then(|r| r.error.clone()),
+                "stage": rec.as_ref().map(|r| r.stage),
+                "failed_agents": rec.as_ref().map(|r| r.failed_agents.clone()),
+                "at_ms": now_ms(),
+            });
+            let key = format!("escalation:{task}");
+            let caller = Caller::new(
+                coordinator.clone(),
+                "memory.write",
+                format!("memory/{coordinator}/{key}"),
+            )
+            .with_request_id(task.clone());
+            let req = PutRequest {
+                value_json: value.to_string(),
+                memory_type: MemoryType::Agent,
+                ttl_ms: None,
+                subject: None,
+                tags: vec![format!("task:{task}")],
+            };
+            if let Err(e) = svc.s.memory.put(caller, coordinator, key, req, false).await {
+                tracing::warn!(%task, error = %e, "escalation record not written");
+            }
+        });
+    }
+
     /// Membership changed: place the agents, tell the dispatcher which are online.
     fn placed(&self, d: &mut Dispatcher, view: &[(String, bool)]) {
         let serving: Vec<String> = self
@@ -561,7 +620,17 @@ impl TaskService {
                         t.cancel();
                     }
                 }
-                Action::Event(e) => self.publish(e, &submitters),
+                Action::Event(e) => {
+                    if let DEvent::Escalated {
+                        task,
+                        coordinator,
+                        code,
+                    } = &e
+                    {
+                        self.record_escalation(task, coordinator, code);
+                    }
+                    self.publish(e, &submitters)
+                }
             }
         }
         self.flush_writes(&mut writes, &mut ack);
