@@ -215,3 +215,6 @@ mod tests {
         assert!(place(&r, &[]).values().all(Option::is_none));
     }
 }
+
+#[cfg(test)]
+pub(crate) mod runtime_tests;

@@ -14,6 +14,8 @@ pub mod dispatcher;
 pub mod events;
 pub mod model;
 mod service;
+#[cfg(test)]
+mod service_tests;
 pub mod wire;
 
 use serde::{Deserialize, Serialize};

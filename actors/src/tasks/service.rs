@@ -20,9 +20,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use swarm_config::{SwarmFile, TasksConfig, WorkflowConfig};
 use swarm_membership::{MemberState, Membership};
 use swarm_storage::{MemoryType, PutRequest};
+
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -192,7 +194,7 @@ struct Shared {
     /// Stages running from this node: task → what stops them.
     running: Mutex<HashMap<String, (u64, CancellationToken)>>,
     /// Per task, the last write in flight (the next one waits for it), with its number.
-    writes: Mutex<HashMap<String, (u64, JoinHandle<()>)>>,
+    writes: Mutex<HashMap<String, (u64, WriteDone)>>,
     write_seq: std::sync::atomic::AtomicU64,
     /// Stage results refused at the write (already recorded by another epoch).
     stale_writes: std::sync::atomic::AtomicU64,
@@ -665,11 +667,11 @@ impl TaskService {
             .write_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut writes = lock(&self.s.writes);
-        let prev = writes.remove(&task);
+        let prev = writes.get(&task).map(|(_, done)| done.clone());
         let t = task.clone();
-        let handle = tokio::spawn(async move {
-            if let Some((_, p)) = prev {
-                let _ = p.await;
+        let handle: JoinHandle<()> = tokio::spawn(async move {
+            if let Some(p) = prev {
+                p.await;
             }
             let mut last: Result<Option<TaskRecord>, Error> = Ok(None);
             for w in ws {
@@ -690,7 +692,12 @@ impl TaskService {
                 writes.remove(&t);
             }
         });
-        writes.insert(task, (seq, handle));
+        let done: WriteDone = async move {
+            let _ = handle.await;
+        }
+        .boxed()
+        .shared();
+        writes.insert(task, (seq, done));
     }
 
     async fn write_record(&self, rec: &TaskRecord) -> Result<(), Error> {
@@ -797,8 +804,19 @@ impl TaskService {
             epoch = run.epoch,
             attempt = run.attempt,
         );
+        // The stage is built from the store (the task, the earlier results), and runs once
+        // the writes decided before it (its record showing it running) are durable.
+        let written = lock(&self.s.writes)
+            .get(&run.task)
+            .map(|(_, done)| done.clone());
         tokio::spawn(
             async move {
+                if let Some(w) = written {
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        () = w => {}
+                    }
+                }
                 let home = lock(&svc.s.placement).get(&run.agent).cloned().flatten();
                 let job = svc.job(&run);
                 let result = tokio::select! {
@@ -1670,6 +1688,9 @@ impl TaskService {
 fn agents_max_load(rt: &AgentRuntime) -> u32 {
     rt.max_load()
 }
+
+/// Resolves when a task's writes so far are done (each waiter holds a clone).
+type WriteDone = futures_util::future::Shared<futures_util::future::BoxFuture<'static, ()>>;
 
 /// A write of the dispatcher's.
 enum Write {

@@ -1,0 +1,519 @@
+//! In-process tests of [`TaskService`] on one node (`AlonePeers`), its agents on a scripted
+//! fake model, over an in-memory store without a replicator: a SPARC task end to end,
+//! deduplication and idempotency, validation, retries into the dead-letter queue and back,
+//! cancellation, the token budget, and adoption of unfinished tasks at restart.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use swarm_config::{AgentsConfig, HumanDuration, SPARC_STAGES, SwarmFile, TasksConfig};
+use swarm_storage::Storage;
+
+use super::events::EVENT_RING;
+use super::{
+    AlonePeers, EventBus, Submit, Submitted, TaskApi, TaskParts, TaskRecord, TaskService,
+    TaskStatus,
+};
+use crate::agents::runtime_tests::{
+    Act, Deny, FakeModel, Recorder, agents_config, eventually, nth_event, storage,
+};
+use crate::agents::{AgentRuntime, Roster};
+use crate::inference::{FailureCode, FinishReason};
+use crate::{Error, Memory};
+
+/// A node "n1" alone: its task service, the fake model its agents call, its event bus.
+struct Node {
+    svc: TaskService,
+    model: Arc<FakeModel>,
+    events: Arc<EventBus>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.svc.shutdown();
+    }
+}
+
+/// Short delays, a few retries.
+fn tasks_config() -> TasksConfig {
+    TasksConfig {
+        retry_delay: HumanDuration(Duration::from_millis(10)),
+        concurrency: Some(4),
+        max_retries: Some(2),
+        ..TasksConfig::default()
+    }
+}
+
+/// Start the node over `storage` and wait until its eight agents run.
+async fn start(storage: Storage, model: Arc<FakeModel>, tasks: TasksConfig) -> Node {
+    let events = Arc::new(EventBus::new());
+    let memory = Memory::new("n1", storage, None, Arc::new(Recorder::default()));
+    let swarm = SwarmFile::preset().expect("preset");
+    let cfg: AgentsConfig = agents_config();
+    let agents = AgentRuntime::start(
+        "n1",
+        Roster::new(&swarm, &cfg),
+        cfg,
+        model.clone(),
+        memory.clone(),
+        Arc::new(Deny(&[])),
+        events.clone(),
+    )
+    .await
+    .expect("agents");
+    let svc = TaskService::start(TaskParts {
+        node: "n1".into(),
+        tasks,
+        swarm: swarm.clone(),
+        memory,
+        inference: model.clone(),
+        agents,
+        events: events.clone(),
+        peers: Arc::new(AlonePeers {
+            name: "n1".into(),
+            hosts_here: true,
+        }),
+        seed: 7,
+    });
+    for a in &swarm.agents {
+        nth_event(&events, "agent.started", &a.id, 1).await;
+    }
+    Node { svc, model, events }
+}
+
+/// A submission by alice of `objective` on the default workflow.
+fn submit(objective: &str) -> Submit {
+    Submit {
+        objective: objective.into(),
+        task_definition: None,
+        priority: None,
+        workflow: None,
+        context: None,
+        capabilities: Vec::new(),
+        token_budget: None,
+        deadline_s: None,
+        idempotency_key: None,
+        submitter: "alice".into(),
+        request_id: "req-1".into(),
+    }
+}
+
+/// A one-stage task.
+fn ask(objective: &str) -> Submit {
+    Submit {
+        workflow: Some("ask".into()),
+        ..submit(objective)
+    }
+}
+
+impl Node {
+    async fn accepted(&self, req: Submit) -> Submitted {
+        self.svc.submit(req).await.expect("accepted")
+    }
+
+    /// The stored record of `id` once it has `status`.
+    async fn reaches(&self, id: &str, status: TaskStatus) -> TaskRecord {
+        eventually(&format!("task {id} {}", status.as_str()), || {
+            self.svc
+                .get(id)
+                .expect("get")
+                .filter(|r| r.status == status)
+        })
+        .await
+    }
+
+    fn kinds_of_events_about(&self, task: &str) -> Vec<String> {
+        self.events
+            .recent(EVENT_RING)
+            .iter()
+            .filter(|e| e.task.as_deref() == Some(task))
+            .map(|e| e.kind.clone())
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sparc_task_runs_its_seven_stages_in_order() {
+    let n = start(storage(), FakeModel::new(Act::STOP), tasks_config()).await;
+    let s = n.accepted(submit("build a rate limiter")).await;
+    assert!(!s.deduplicated && !s.replayed);
+    let id = s.task.id;
+    let done = n.reaches(&id, TaskStatus::Completed).await;
+    assert_eq!(done.progress(), 1.0);
+    assert!(!done.agents_involved.is_empty());
+    assert_eq!(done.tokens_used, 7 * 3);
+    assert!(done.error.is_none() && done.current.is_none());
+
+    let results = n.svc.results(&id).expect("results");
+    let kinds = TasksConfig::default().effective_kinds();
+    assert_eq!(results.len(), 7);
+    for (i, (st, (name, kind))) in results.iter().zip(SPARC_STAGES).enumerate() {
+        assert_eq!((st.stage.as_str(), st.index as usize), (name, i));
+        assert!(
+            kinds[kind].contains(&st.agent),
+            "{name} ran on {} outside kind {kind}",
+            st.agent
+        );
+        assert_eq!((st.epoch, st.node.as_str()), (1, "n1"));
+        assert_eq!(st.text, "word0 word1 word2 ");
+    }
+    let kinds_seen = n.kinds_of_events_about(&id);
+    for kind in [
+        "task.accepted",
+        "stage.delta",
+        "stage.completed",
+        "task.completed",
+    ] {
+        assert!(
+            kinds_seen.iter().any(|k| k == kind),
+            "no {kind}: {kinds_seen:?}"
+        );
+    }
+    let delta = nth_event(&n.events, "stage.delta", &id, 1).await;
+    assert_eq!(delta.data["stage"], "specification");
+}
+
+/// A stage's job is built from the task record and the stage results in the local store
+/// (`TaskService::job`), so it must run only once the writes decided before it are durable:
+/// otherwise the first stage runs without its objective, a later one misses the stage just
+/// before it, and the first stage's `stage.delta` events carry no submitter (and would be
+/// shown to every `events.read` holder).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stage_is_given_its_task_and_the_earlier_stages() {
+    let n = start(storage(), FakeModel::new(Act::STOP), tasks_config()).await;
+    let id = n.accepted(submit("build a rate limiter")).await.task.id;
+    n.reaches(&id, TaskStatus::Completed).await;
+    let users = n.model.user_messages();
+    assert_eq!(users.len(), 7);
+    let mut missing = Vec::new();
+    for (i, (user, (name, _))) in users.iter().zip(SPARC_STAGES).enumerate() {
+        let given_task = user.starts_with("Objective: build a rate limiter\n")
+            && user.contains(&format!("Your step: {name}. "))
+            && user.contains("for: build a rate limiter");
+        if !given_task {
+            missing.push(format!("{name}: its task"));
+        }
+        for (earlier, _) in &SPARC_STAGES[..i] {
+            if !user.contains(&format!("## {earlier} (")) {
+                missing.push(format!("{name}: stage {earlier}"));
+            }
+        }
+    }
+    let unowned: Vec<u64> = n
+        .events
+        .recent(EVENT_RING)
+        .iter()
+        .filter(|e| e.task.as_deref() == Some(id.as_str()))
+        .filter(|e| e.submitter.as_deref() != Some("alice"))
+        .map(|e| e.id)
+        .collect();
+    assert!(
+        missing.is_empty() && unowned.is_empty(),
+        "stages not given: {missing:?}; events without their submitter: {unowned:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_is_answered_with_the_running_task_and_a_key_replays() {
+    let n = start(storage(), FakeModel::new(Act::Hang), tasks_config()).await;
+    let first = n.accepted(submit("index the repository")).await;
+    // The hash normalises case and spacing.
+    let again = n.accepted(submit("Index   the REPOSITORY")).await;
+    assert!(again.deduplicated && !again.replayed);
+    assert_eq!(again.task.id, first.task.id);
+
+    let keyed = Submit {
+        idempotency_key: Some("key-1".into()),
+        ..submit("write the changelog")
+    };
+    let a = n.accepted(keyed.clone()).await;
+    let b = n.accepted(keyed.clone()).await;
+    assert!(!a.replayed && !a.deduplicated);
+    assert!(b.replayed && !b.deduplicated);
+    assert_eq!(b.task.id, a.task.id);
+    // The key is the submitter's own: bob's same key is not a replay (only a duplicate).
+    let bob = n
+        .accepted(Submit {
+            submitter: "bob".into(),
+            ..keyed
+        })
+        .await;
+    assert!(!bob.replayed && bob.deduplicated);
+    eventually("stats counted the duplicates", || {
+        let st = n.svc.stats();
+        (st.submitted == 2 && st.deduplicated == 2).then_some(())
+    })
+    .await;
+}
+
+/// The field an error names.
+fn field(e: &Error) -> Option<&str> {
+    match e {
+        Error::Invalid { field, .. } | Error::NoCapableAgent { field, .. } => Some(field),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_submissions_are_refused_naming_the_field() {
+    let cfg = tasks_config();
+    let n = start(storage(), FakeModel::new(Act::STOP), cfg.clone()).await;
+    let base = submit("review the design");
+    let cases: Vec<(Submit, &str, &str)> = vec![
+        (submit("   "), "invalid_request", "objective"),
+        (
+            submit(&"o".repeat(cfg.max_objective_bytes + 1)),
+            "invalid_request",
+            "objective",
+        ),
+        (
+            Submit {
+                priority: Some("urgent".into()),
+                ..base.clone()
+            },
+            "invalid_request",
+            "priority",
+        ),
+        (
+            Submit {
+                workflow: Some("nope".into()),
+                ..base.clone()
+            },
+            "invalid_request",
+            "workflow",
+        ),
+        (
+            Submit {
+                context: Some(serde_json::json!(["not", "an", "object"])),
+                ..base.clone()
+            },
+            "invalid_request",
+            "context",
+        ),
+        (
+            Submit {
+                context: Some(serde_json::json!({"file_paths": "src/lib.rs"})),
+                ..base.clone()
+            },
+            "invalid_request",
+            "context.file_paths",
+        ),
+        (
+            Submit {
+                context: Some(serde_json::json!({"operation_type": 3})),
+                ..base.clone()
+            },
+            "invalid_request",
+            "context.operation_type",
+        ),
+        (
+            Submit {
+                capabilities: vec!["teleportation".into()],
+                ..base.clone()
+            },
+            "no_capable_agent",
+            "capabilities[0]",
+        ),
+        (
+            Submit {
+                capabilities: vec!["threat_modeling".into(), "teleportation".into()],
+                ..base.clone()
+            },
+            "no_capable_agent",
+            "capabilities[1]",
+        ),
+        (
+            Submit {
+                token_budget: Some(cfg.token_budget + 1),
+                ..base.clone()
+            },
+            "invalid_request",
+            "token_budget",
+        ),
+        (
+            Submit {
+                token_budget: Some(0),
+                ..base.clone()
+            },
+            "invalid_request",
+            "token_budget",
+        ),
+        (
+            Submit {
+                deadline_s: Some(0),
+                ..base.clone()
+            },
+            "invalid_request",
+            "deadline_s",
+        ),
+        (
+            Submit {
+                idempotency_key: Some(String::new()),
+                ..base.clone()
+            },
+            "invalid_request",
+            "Idempotency-Key",
+        ),
+    ];
+    for (req, kind, want) in cases {
+        let e = n.svc.submit(req).await.expect_err("refused");
+        assert_eq!((e.kind(), field(&e)), (kind, Some(want)), "{e}");
+    }
+    assert!(
+        n.svc
+            .list(super::ListQuery {
+                limit: 10,
+                ..Default::default()
+            })
+            .expect("list")
+            .is_empty(),
+        "a refused submission stores nothing"
+    );
+    // A capability some agent holds is accepted.
+    n.accepted(Submit {
+        capabilities: vec!["threat_modeling".into()],
+        ..ask("review the design")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_end_in_the_dead_letter_queue_and_a_requeue_runs_it_again() {
+    let n = start(
+        storage(),
+        FakeModel::new(Act::Fail(FailureCode::Overloaded)),
+        tasks_config(),
+    )
+    .await;
+    let id = n.accepted(ask("summarise the incident")).await.task.id;
+    let dead = n.reaches(&id, TaskStatus::DeadLetter).await;
+    assert_eq!(
+        dead.error.as_ref().map(|e| e.code.as_str()),
+        Some("overloaded")
+    );
+    assert_eq!(n.model.calls(), 3, "the first attempt and max_retries = 2");
+    let escalated = nth_event(&n.events, "task.escalated", &id, 1).await;
+    assert_eq!(escalated.data["coordinator"], "orchestration-coordinator");
+    nth_event(&n.events, "task.dead_letter", &id, 1).await;
+
+    n.model.set(Act::STOP);
+    let back = n.svc.requeue(&id, "root", "req-2").await.expect("requeued");
+    assert!(back.status.is_active(), "{:?}", back.status);
+    assert!(back.error.is_none());
+    nth_event(&n.events, "task.requeued", &id, 1).await;
+    let done = n.reaches(&id, TaskStatus::Completed).await;
+    assert_eq!(done.progress(), 1.0);
+
+    let e = n
+        .svc
+        .cancel(&id, "alice", "req-3")
+        .await
+        .expect_err("finished");
+    assert!(matches!(e, Error::TaskFinished { .. }), "{e:?}");
+    let e = n
+        .svc
+        .requeue(&id, "root", "req-4")
+        .await
+        .expect_err("not a dead letter");
+    assert_eq!(e.kind(), "task_state");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_the_running_generation() {
+    let n = start(storage(), FakeModel::new(Act::Hang), tasks_config()).await;
+    let id = n.accepted(ask("profile the cache")).await.task.id;
+    eventually("the stage generating", || {
+        (n.model.hangs() == 1).then_some(())
+    })
+    .await;
+    let rec = n
+        .svc
+        .cancel(&id, "alice", "req-2")
+        .await
+        .expect("cancelled");
+    assert_eq!(rec.status, TaskStatus::Cancelled);
+    let at = Instant::now();
+    eventually("the generation dropped", || {
+        (n.model.dropped() == 1).then_some(())
+    })
+    .await;
+    assert!(at.elapsed() < Duration::from_secs(1), "{:?}", at.elapsed());
+    n.reaches(&id, TaskStatus::Cancelled).await;
+    nth_event(&n.events, "task.cancelled", &id, 1).await;
+    eventually("the agents freed", || {
+        let rt = n.svc.agent_runtime();
+        rt.records().iter().all(|r| r.load == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_that_spends_the_budget_fails_the_task() {
+    let cut = Act::Answer {
+        chunks: 3,
+        finish: FinishReason::Length,
+    };
+    let n = start(storage(), FakeModel::new(cut), tasks_config()).await;
+    let id = n
+        .accepted(Submit {
+            token_budget: Some(10),
+            ..ask("list every open issue")
+        })
+        .await
+        .task
+        .id;
+    let failed = n.reaches(&id, TaskStatus::Failed).await;
+    assert_eq!(
+        failed.error.as_ref().map(|e| e.code.as_str()),
+        Some("budget_exceeded")
+    );
+    assert_eq!(n.model.calls(), 1, "not retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_adopts_its_unfinished_task_and_completes_it() {
+    let store = storage();
+    // Two stages answer, the third hangs when the node stops.
+    let before = FakeModel::new(Act::Hang);
+    before.then([Act::STOP, Act::STOP]);
+    // Agents may not be up yet when the adopted task's first stage is sent.
+    let cfg = TasksConfig {
+        retry_delay: HumanDuration(Duration::from_millis(50)),
+        max_retries: Some(5),
+        ..tasks_config()
+    };
+    let a = start(store.clone(), before.clone(), cfg.clone()).await;
+    let id = a.accepted(submit("migrate the schema")).await.task.id;
+    eventually("the third stage generating", || {
+        (before.hangs() == 1).then_some(())
+    })
+    .await;
+    eventually("the third stage recorded as running", || {
+        a.svc
+            .get(&id)
+            .expect("get")
+            .filter(|r| r.status == TaskStatus::InProgress && r.stage == 2 && r.current.is_some())
+    })
+    .await;
+    drop(a);
+    eventually("the stopped node's generation dropped", || {
+        (before.dropped() == 1).then_some(())
+    })
+    .await;
+
+    let after = FakeModel::new(Act::STOP);
+    let b = start(store, after.clone(), cfg).await;
+    let done = b.reaches(&id, TaskStatus::Completed).await;
+    assert_eq!((done.epoch, done.owner.as_str()), (2, "n1"));
+    let adopted = nth_event(&b.events, "task.adopted", &id, 1).await;
+    assert_eq!(adopted.data["epoch"], 2);
+    let epochs: Vec<u64> = b
+        .svc
+        .results(&id)
+        .expect("results")
+        .iter()
+        .map(|s| s.epoch)
+        .collect();
+    assert_eq!(epochs, [1, 1, 2, 2, 2, 2, 2], "resumed at the third stage");
+    assert_eq!(after.calls(), 5, "only the stages left ran again");
+}

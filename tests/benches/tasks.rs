@@ -1,0 +1,1003 @@
+//! Task dispatch with real processes on loopback (the task service's issue), in one run, on the
+//! `bench-noop` workflow (one stage that runs no model, so no model is needed):
+//!
+//! 1. **Dispatch** on one node and across three: `TASKS_N` tasks with unique objectives from
+//!    `TASKS_CLIENTS` client threads, round-robin over the gateways. Per task the accept latency
+//!    (the POST's round trip) and the dispatch latency (submit → the `task.completed` event,
+//!    read from `/v1/events` on every node: polling would add its own interval).
+//! 2. **Deduplication**: `TASKS_DEDUP_N` submissions over three nodes, `TASKS_DUP_PCT` % of them
+//!    repeating a recent objective. Counts tasks executed, duplicates executed (two tasks of one
+//!    objective active at once: the second should have been answered `deduplicated`) and lost
+//!    tasks (accepted, never completed).
+//! 3. **Failover**: three nodes with `[tasks] concurrency = 1` and a `slow-noop` workflow of
+//!    `TASKS_FAILOVER_STAGES` no-model stages, so submitted tasks queue on their owners;
+//!    `TASKS_FAILOVER_N` tasks, then SIGKILL of the node that owns most of the unfinished ones.
+//!    Times, per orphaned task, from the kill to its `task.adopted` event and to its completion.
+//!
+//! The gateways' per-source rate limits are raised (one client address sends everything) and the
+//! orchestration bulkhead is `TASKS_BULKHEAD` permits (the preset's 10 would answer 429 to most
+//! of 16 clients on one node); the task concurrency stays the preset's 10 unless
+//! `TASKS_CONCURRENCY` says otherwise. A 429 is retried and counted.
+//!
+//! `cargo build --release -p swarm-node && cargo bench -p swarm-tests --bench tasks`
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use swarm_tests::{Client, NodeProc, admin_token, init_cluster, start_joined, trust_ca};
+
+/// Longest wait for submitted tasks to finish once every submission is answered.
+const DRAIN: Duration = Duration::from_secs(60);
+/// Longest a client retries one submission refused with 429.
+const RETRY_FOR: Duration = Duration::from_secs(30);
+/// Event kinds after which nothing more happens to a task.
+const TERMINAL: [&str; 4] = [
+    "task.completed",
+    "task.failed",
+    "task.cancelled",
+    "task.dead_letter",
+];
+
+/// Sizes and knobs, each overridable by its environment variable.
+#[derive(Debug, Clone)]
+struct Sizes {
+    tasks: usize,
+    clients: usize,
+    dedup_tasks: usize,
+    dup_pct: u64,
+    failover_tasks: usize,
+    failover_stages: usize,
+    bulkhead: u32,
+    concurrency: u32,
+    seed: u64,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+impl Sizes {
+    fn from_env() -> Self {
+        let clock = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        Self {
+            tasks: env_or("TASKS_N", 2000),
+            clients: env_or("TASKS_CLIENTS", 16usize).max(1),
+            dedup_tasks: env_or("TASKS_DEDUP_N", 10_000),
+            dup_pct: env_or("TASKS_DUP_PCT", 20u64).min(100),
+            failover_tasks: env_or("TASKS_FAILOVER_N", 300),
+            failover_stages: env_or("TASKS_FAILOVER_STAGES", 20usize).max(1),
+            bulkhead: env_or("TASKS_BULKHEAD", 64),
+            concurrency: env_or("TASKS_CONCURRENCY", 10),
+            seed: env_or("TASKS_SEED", clock | 1),
+        }
+    }
+}
+
+// ---- statistics ----
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// xorshift64*: the duplicate pattern is reproducible from the printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+// ---- the cluster ----
+
+/// Nodes started from `swarm init` configs with the bench's settings appended.
+struct Cluster {
+    _dir: tempfile::TempDir,
+    nodes: Vec<NodeProc>,
+    clients: Vec<Client>,
+    token: String,
+}
+
+/// The bench's additions to every node.toml: no per-source rate limit worth the name (every
+/// client shares 127.0.0.1) and the task section.
+fn node_extra(tasks_section: &str) -> String {
+    format!(
+        "\n[limits]\nrequests_per_second_per_source = 1000000\nburst_per_source = 1000000\n\n{tasks_section}"
+    )
+}
+
+/// `[tasks]` with `concurrency`, and `extra` lines (workflows) after it.
+fn tasks_section(concurrency: u32, extra: &str) -> String {
+    format!("[tasks]\nconcurrency = {concurrency}\n{extra}")
+}
+
+/// A workflow of `stages` no-model stages: a task that takes as long as that many durable
+/// stage writes, so a queue builds behind `concurrency = 1`.
+fn slow_workflow(stages: usize) -> String {
+    let list: Vec<String> = (0..stages)
+        .map(|i| {
+            format!("{{ name = \"s{i}\", kind = \"bench_noop\", prompt = \"\", max_tokens = 0 }}")
+        })
+        .collect();
+    format!(
+        "\n[tasks.workflows.slow-noop]\ndescription = \"bench: no-model stages in a row\"\nstages = [\n  {}\n]\n",
+        list.join(",\n  ")
+    )
+}
+
+fn append_config(config: &Path, extra: &str) -> Result<()> {
+    let text = std::fs::read_to_string(config)?;
+    if text.contains("\n[limits]") || text.contains("\n[tasks]") {
+        bail!(
+            "{} already has [limits] or [tasks]: update the bench",
+            config.display()
+        );
+    }
+    std::fs::write(config, format!("{text}{extra}"))?;
+    Ok(())
+}
+
+/// Sets `performance.concurrency_limits.orchestration` (the bulkhead of the task routes) in
+/// the cluster's swarm file.
+fn set_bulkhead(dir: &Path, permits: u32) -> Result<()> {
+    let path = dir.join("swarm-config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    let slot = v
+        .pointer_mut("/performance/concurrency_limits/orchestration")
+        .context("swarm-config.json without performance.concurrency_limits.orchestration")?;
+    *slot = json!(permits);
+    std::fs::write(&path, serde_json::to_string_pretty(&v)?)?;
+    Ok(())
+}
+
+impl Cluster {
+    fn start(nodes: u16, bulkhead: u32, tasks_section: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let configs = init_cluster(dir.path(), nodes)?;
+        set_bulkhead(dir.path(), bulkhead)?;
+        let extra = node_extra(tasks_section);
+        for c in &configs {
+            append_config(c, &extra)?;
+        }
+        let token = admin_token(dir.path())?;
+        let (nodes, clients) = start_joined(&configs, &token)?;
+        Ok(Self {
+            _dir: dir,
+            nodes,
+            clients,
+            token,
+        })
+    }
+
+    fn node_index(&self, name: &str) -> Option<usize> {
+        // `swarm init` names node k `node-k` and writes its config to `node-k/node.toml`.
+        self.nodes
+            .iter()
+            .position(|n| n.config.parent().and_then(Path::file_name) == Some(name.as_ref()))
+    }
+
+    fn log(&self, i: usize) -> PathBuf {
+        self.nodes[i].config.with_extension("log")
+    }
+}
+
+// ---- the event streams ----
+
+/// What the event streams saw of one task: the first arrival of each kind that matters.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    /// The first terminal event: its kind, when it arrived, and the node's clock then.
+    end: Option<(String, Instant, u64)>,
+    adopted: Option<Instant>,
+    /// Where (node, that node's event number) `task.accepted` and the terminal event were
+    /// published, as the node's own stream numbers them: a dispatcher publishes its decisions
+    /// in order, so these order a task's acceptance against another's end on that node.
+    accepted_at: Option<(String, u64)>,
+    ended_at: Option<(String, u64)>,
+}
+
+/// Every node's `/v1/events`, read by one thread per node into one map.
+struct Watch {
+    seen: Arc<Mutex<HashMap<String, Seen>>>,
+    stop: Arc<AtomicBool>,
+    /// Streams ended by the node (a `dropped` event: the reader fell behind) and resumed.
+    dropped: Arc<AtomicU64>,
+}
+
+impl Watch {
+    /// Subscribes on every node; returns once every stream is open.
+    fn start(c: &Cluster) -> Result<Self> {
+        let w = Self {
+            seen: Arc::default(),
+            stop: Arc::default(),
+            dropped: Arc::default(),
+        };
+        let (ready_tx, ready_rx) = mpsc::sync_channel(c.nodes.len());
+        for n in &c.nodes {
+            let stream = Stream {
+                url: format!("{}/v1/events", n.url),
+                token: c.token.clone(),
+                agent: sse_agent(n.ca.as_deref())?,
+                node: node_name(n),
+                seen: w.seen.clone(),
+                stop: w.stop.clone(),
+                dropped: w.dropped.clone(),
+            };
+            let ready = ready_tx.clone();
+            std::thread::spawn(move || stream.run(ready));
+        }
+        for _ in &c.nodes {
+            ready_rx
+                .recv_timeout(Duration::from_secs(10))
+                .context("an event stream did not open in 10 s")?;
+        }
+        Ok(w)
+    }
+
+    fn snapshot(&self) -> HashMap<String, Seen> {
+        self.seen.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    fn end_of(&self, id: &str) -> Option<(String, Instant, u64)> {
+        self.seen
+            .lock()
+            .ok()
+            .and_then(|m| m.get(id).and_then(|s| s.end.clone()))
+    }
+
+    /// Waits until every id in `ids` has ended (or `within` passes); returns those that did not.
+    fn wait_ended(&self, ids: &HashSet<String>, within: Duration) -> Vec<String> {
+        let start = Instant::now();
+        loop {
+            let open: Vec<String> = {
+                let Ok(m) = self.seen.lock() else {
+                    return ids.iter().cloned().collect();
+                };
+                ids.iter()
+                    .filter(|id| m.get(*id).is_none_or(|s| s.end.is_none()))
+                    .cloned()
+                    .collect()
+            };
+            if open.is_empty() || start.elapsed() > within {
+                return open;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        // The readers notice at their next event, or when their node goes away.
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `node-k`, from the folder `swarm init` wrote its config into.
+fn node_name(n: &NodeProc) -> String {
+    n.config
+        .parent()
+        .and_then(Path::file_name)
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// An agent without an overall timeout (a stream lasts as long as the phase) that trusts `ca`.
+fn sse_agent(ca: Option<&Path>) -> Result<ureq::Agent> {
+    let mut b = ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(2))
+        .timeout_read(Duration::from_secs(60));
+    if let Some(ca) = ca {
+        b = b.tls_config(trust_ca(ca)?);
+    }
+    Ok(b.build())
+}
+
+/// One node's event stream.
+struct Stream {
+    url: String,
+    token: String,
+    agent: ureq::Agent,
+    /// The node's name: events it publishes itself carry it (relayed ones another).
+    node: String,
+    seen: Arc<Mutex<HashMap<String, Seen>>>,
+    stop: Arc<AtomicBool>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Stream {
+    /// Reads until stopped, resuming after its last id when the node drops it; says `ready`
+    /// once subscribed the first time.
+    fn run(self, ready: mpsc::SyncSender<()>) {
+        let mut last: Option<u64> = None;
+        let mut ready = Some(ready);
+        while !self.stop.load(Ordering::Relaxed) {
+            let mut req = self
+                .agent
+                .get(&self.url)
+                .set("Authorization", &format!("Bearer {}", self.token))
+                .set("Accept", "text/event-stream");
+            if let Some(id) = last {
+                req = req.set("Last-Event-ID", &id.to_string());
+            }
+            let Ok(resp) = req.call() else {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            };
+            if let Some(r) = ready.take() {
+                let _ = r.send(());
+            }
+            if self.read(resp, &mut last) {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Reads one response to its end; true when it ended with `dropped`.
+    fn read(&self, resp: ureq::Response, last: &mut Option<u64>) -> bool {
+        let mut kind = String::new();
+        for line in BufReader::new(resp.into_reader()).lines() {
+            let Ok(line) = line else { return false };
+            if self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            if line.is_empty() {
+                kind.clear();
+            } else if let Some(k) = line.strip_prefix("event:") {
+                kind = k.trim().to_string();
+            } else if let Some(id) = line.strip_prefix("id:") {
+                *last = id.trim().parse().ok().or(*last);
+            } else if let Some(data) = line.strip_prefix("data:") {
+                if kind == "dropped" {
+                    return true;
+                }
+                self.record(&kind, data.trim());
+            }
+        }
+        false
+    }
+
+    fn record(&self, kind: &str, data: &str) {
+        let terminal = TERMINAL.contains(&kind);
+        if !terminal && kind != "task.adopted" && kind != "task.accepted" {
+            return;
+        }
+        let at = Instant::now();
+        let Ok(e) = serde_json::from_str::<Value>(data) else {
+            return;
+        };
+        let Some(task) = e["task"].as_str() else {
+            return;
+        };
+        let own = (e["node"].as_str() == Some(self.node.as_str()))
+            .then(|| e["id"].as_u64().map(|id| (self.node.clone(), id)))
+            .flatten();
+        let Ok(mut m) = self.seen.lock() else { return };
+        let s = m.entry(task.to_string()).or_default();
+        if terminal {
+            if s.end.is_none() {
+                s.end = Some((kind.to_string(), at, e["ts_ms"].as_u64().unwrap_or(0)));
+            }
+            s.ended_at = s.ended_at.take().or(own);
+        } else if kind == "task.adopted" {
+            s.adopted = s.adopted.or(Some(at));
+        } else {
+            s.accepted_at = s.accepted_at.take().or(own);
+        }
+    }
+}
+
+// ---- submissions ----
+
+/// One submission and its answer.
+#[derive(Debug, Clone)]
+struct Sub {
+    objective: String,
+    sent: Instant,
+    /// The accepted POST's round trip (after any 429s).
+    accept: Duration,
+    /// 202 answer fields; `None` when the submission was not accepted.
+    task: Option<String>,
+    deduplicated: bool,
+    owner: String,
+    refusals: u32,
+    error: Option<String>,
+}
+
+/// POSTs `objective` until it is not refused with 429 (at most [`RETRY_FOR`]).
+fn submit(c: &Client, objective: &str, workflow: &str) -> Sub {
+    let body = json!({"objective": objective, "workflow": workflow});
+    let sent = Instant::now();
+    let mut sub = Sub {
+        objective: objective.to_string(),
+        sent,
+        accept: Duration::ZERO,
+        task: None,
+        deduplicated: false,
+        owner: String::new(),
+        refusals: 0,
+        error: None,
+    };
+    loop {
+        let t0 = Instant::now();
+        let answer = c.post_json("/v1/tasks", &body);
+        sub.accept = t0.elapsed();
+        match answer {
+            Ok((202, v)) => {
+                sub.task = v["task_id"].as_str().map(String::from);
+                sub.deduplicated = v["deduplicated"].as_bool().unwrap_or(false);
+                sub.owner = v["owner"].as_str().unwrap_or("").to_string();
+                return sub;
+            }
+            Ok((429, _)) if sent.elapsed() < RETRY_FOR => {
+                sub.refusals += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok((status, v)) => {
+                sub.error = Some(format!("{status}: {v}"));
+                return sub;
+            }
+            Err(e) => {
+                sub.error = Some(e.to_string());
+                return sub;
+            }
+        }
+    }
+}
+
+/// Submits every objective from `clients` threads, objective `i` through gateway
+/// `i % gateways`; answers in objective order.
+fn submit_all(c: &Cluster, objectives: &[String], workflow: &str, clients: usize) -> Vec<Sub> {
+    let next = AtomicUsize::new(0);
+    let out: Mutex<Vec<Option<Sub>>> = Mutex::new(vec![None; objectives.len()]);
+    std::thread::scope(|s| {
+        for _ in 0..clients {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(obj) = objectives.get(i) else { return };
+                    let sub = submit(&c.clients[i % c.clients.len()], obj, workflow);
+                    if let Ok(mut o) = out.lock() {
+                        o[i] = Some(sub);
+                    }
+                }
+            });
+        }
+    });
+    out.into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+fn accepted_ids(subs: &[Sub]) -> HashSet<String> {
+    subs.iter().filter_map(|s| s.task.clone()).collect()
+}
+
+fn first_errors(subs: &[Sub]) -> Vec<String> {
+    subs.iter()
+        .filter_map(|s| s.error.clone())
+        .take(3)
+        .collect()
+}
+
+/// What GET /v1/tasks/{id} says of tasks the events never ended: status → count.
+fn statuses(c: &Cluster, ids: &[String]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for id in ids {
+        let status = c
+            .clients
+            .iter()
+            .find_map(|cl| match cl.get(&format!("/v1/tasks/{id}")) {
+                Ok((200, v)) => v["status"].as_str().map(String::from),
+                _ => None,
+            })
+            .unwrap_or_else(|| "unreadable".into());
+        *out.entry(status).or_default() += 1;
+    }
+    out
+}
+
+// ---- 1. dispatch ----
+
+/// One dispatch run's results.
+#[derive(Debug)]
+struct Dispatch {
+    nodes: u16,
+    submitted: usize,
+    completed: usize,
+    per_s: f64,
+    accept: Vec<f64>,
+    dispatch: Vec<f64>,
+    refusals: u32,
+    not_ended: BTreeMap<String, usize>,
+    other_ends: usize,
+    dropped: u64,
+}
+
+fn dispatch_run(nodes: u16, z: &Sizes) -> Result<Dispatch> {
+    let c = Cluster::start(nodes, z.bulkhead, &tasks_section(z.concurrency, ""))?;
+    let watch = Watch::start(&c)?;
+    let tag = format!("d{nodes}-{}", z.seed);
+    let objectives: Vec<String> = (0..z.tasks)
+        .map(|i| format!("bench {tag} task {i}"))
+        .collect();
+    let start = Instant::now();
+    let subs = submit_all(&c, &objectives, "bench-noop", z.clients);
+    let ids = accepted_ids(&subs);
+    let open = watch.wait_ended(&ids, DRAIN);
+    let seen = watch.snapshot();
+    let ends: Vec<Instant> = ids
+        .iter()
+        .filter_map(|id| seen.get(id)?.end.as_ref())
+        .filter(|(k, _, _)| k == "task.completed")
+        .map(|(_, at, _)| *at)
+        .collect();
+    let wall = ends
+        .iter()
+        .max()
+        .map_or(start.elapsed(), |t| t.duration_since(start));
+    let mut dispatch = Vec::new();
+    for s in &subs {
+        if let Some((kind, at, _)) = s.task.as_ref().and_then(|id| watch.end_of(id))
+            && kind == "task.completed"
+        {
+            dispatch.push(ms(at.saturating_duration_since(s.sent)));
+        }
+    }
+    for e in first_errors(&subs) {
+        println!("  refused submission: {e}");
+    }
+    Ok(Dispatch {
+        nodes,
+        submitted: subs.len(),
+        completed: ends.len(),
+        per_s: ends.len() as f64 / wall.as_secs_f64(),
+        accept: subs
+            .iter()
+            .filter(|s| s.task.is_some())
+            .map(|s| ms(s.accept))
+            .collect(),
+        dispatch,
+        refusals: subs.iter().map(|s| s.refusals).sum(),
+        not_ended: statuses(&c, &open),
+        other_ends: ids.len() - open.len() - ends.len(),
+        dropped: watch.dropped.load(Ordering::Relaxed),
+    })
+}
+
+// ---- 2. deduplication ----
+
+/// Objectives where `dup_pct` % repeat one of the 32 before them.
+fn dedup_objectives(z: &Sizes) -> Vec<String> {
+    let mut rng = Rng(z.seed);
+    let mut out: Vec<String> = Vec::with_capacity(z.dedup_tasks);
+    for i in 0..z.dedup_tasks {
+        let repeat = i > 0 && rng.below(100) < z.dup_pct;
+        let obj = if repeat {
+            let back = 1 + rng.below(32.min(i as u64)) as usize;
+            out[i - back].clone()
+        } else {
+            format!("bench dedup {} task {i}", z.seed)
+        };
+        out.push(obj);
+    }
+    out
+}
+
+#[derive(Debug, Default)]
+struct Dedup {
+    submitted: usize,
+    repeats: usize,
+    answered_dedup: usize,
+    dedup_to_unknown: usize,
+    distinct: usize,
+    executed: usize,
+    /// Tasks of one objective accepted while the one before was still active (on its owner).
+    twins_overlapping: usize,
+    /// ... accepted by another owner than the one before (not deduplicated against it).
+    twins_other_owner: usize,
+    /// ... whose order the events do not tell (an event of the owner's own stream missing).
+    twins_unordered: usize,
+    lost: BTreeMap<String, usize>,
+    refused: usize,
+    per_s: f64,
+    dropped: u64,
+}
+
+fn dedup_run(z: &Sizes) -> Result<Dedup> {
+    let c = Cluster::start(3, z.bulkhead, &tasks_section(z.concurrency, ""))?;
+    let watch = Watch::start(&c)?;
+    let objectives = dedup_objectives(z);
+    let start = Instant::now();
+    let subs = submit_all(&c, &objectives, "bench-noop", z.clients);
+    let ids = accepted_ids(&subs);
+    let open = watch.wait_ended(&ids, DRAIN);
+    let wall = start.elapsed();
+    let seen = watch.snapshot();
+    for e in first_errors(&subs) {
+        println!("  refused submission: {e}");
+    }
+    let unique: HashSet<&String> = objectives.iter().collect();
+    let mut d = Dedup {
+        submitted: subs.len(),
+        repeats: objectives.len() - unique.len(),
+        answered_dedup: subs.iter().filter(|s| s.deduplicated).count(),
+        distinct: ids.len(),
+        refused: subs.iter().filter(|s| s.task.is_none()).count(),
+        dropped: watch.dropped.load(Ordering::Relaxed),
+        lost: statuses(&c, &open),
+        ..Dedup::default()
+    };
+    d.executed = ids
+        .iter()
+        .filter(|id| {
+            seen.get(*id)
+                .and_then(|s| s.end.as_ref())
+                .is_some_and(|(k, _, _)| k == "task.completed")
+        })
+        .count();
+    d.per_s = d.executed as f64 / wall.as_secs_f64();
+    count_twins(&subs, &seen, &mut d);
+    Ok(d)
+}
+
+/// Per objective: answers marked `deduplicated` must name a task created for it, and the
+/// tasks created for it must not overlap: on their owner's event stream each one's
+/// `task.accepted` comes after the terminal event of the one before.
+fn count_twins(subs: &[Sub], seen: &HashMap<String, Seen>, d: &mut Dedup) {
+    let mut created: HashMap<&str, Vec<&str>> = HashMap::new();
+    for s in subs.iter().filter(|s| !s.deduplicated) {
+        if let Some(id) = &s.task {
+            created.entry(&s.objective).or_default().push(id);
+        }
+    }
+    for s in subs.iter().filter(|s| s.deduplicated) {
+        let known = created
+            .get(s.objective.as_str())
+            .is_some_and(|v| v.iter().any(|id| Some(*id) == s.task.as_deref()));
+        if !known {
+            d.dedup_to_unknown += 1;
+        }
+    }
+    for ids in created.values_mut() {
+        ids.sort();
+        ids.dedup();
+        if ids.len() > 1 {
+            check_twins(ids, seen, d);
+        }
+    }
+}
+
+/// The tasks of one objective, ordered by their acceptance on the owner.
+fn check_twins(ids: &[&str], seen: &HashMap<String, Seen>, d: &mut Dedup) {
+    let accepted: Option<Vec<((String, u64), &str)>> = ids
+        .iter()
+        .map(|id| Some((seen.get(*id)?.accepted_at.clone()?, *id)))
+        .collect();
+    let Some(mut accepted) = accepted else {
+        d.twins_unordered += ids.len() - 1;
+        return;
+    };
+    if accepted.iter().any(|((n, _), _)| *n != accepted[0].0.0) {
+        // Accepted by two owners: the submission went around its owner (forwarding failed).
+        d.twins_other_owner += ids.len() - 1;
+        return;
+    }
+    accepted.sort();
+    for pair in accepted.windows(2) {
+        let (first, (_, next_accepted)) = (pair[0].1, &pair[1].0);
+        match seen.get(first).and_then(|s| s.ended_at.clone()) {
+            Some((_, ended)) if ended < *next_accepted => {}
+            Some(_) => d.twins_overlapping += 1,
+            None => d.twins_unordered += 1,
+        }
+    }
+}
+
+// ---- 3. failover ----
+
+#[derive(Debug, Default)]
+struct Failover {
+    submitted: usize,
+    victim: String,
+    orphans: usize,
+    completed: usize,
+    lost: BTreeMap<String, usize>,
+    to_adopted: Vec<f64>,
+    to_completed: Vec<f64>,
+    /// Orphans that completed without a `task.adopted` event seen.
+    unadopted_completions: usize,
+}
+
+fn failover_run(z: &Sizes) -> Result<Failover> {
+    let section = tasks_section(1, &slow_workflow(z.failover_stages));
+    let mut c = Cluster::start(3, z.bulkhead, &section)?;
+    let watch = Watch::start(&c)?;
+    let objectives: Vec<String> = (0..z.failover_tasks)
+        .map(|i| format!("bench failover {} task {i}", z.seed))
+        .collect();
+    let subs = submit_all(&c, &objectives, "slow-noop", z.clients);
+    let seen = watch.snapshot();
+    let unfinished = |s: &&Sub| {
+        s.task
+            .as_ref()
+            .is_some_and(|id| seen.get(id).is_none_or(|x| x.end.is_none()))
+    };
+    let mut per_owner: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in subs.iter().filter(unfinished) {
+        *per_owner.entry(s.owner.as_str()).or_default() += 1;
+    }
+    let Some((victim, _)) = per_owner.iter().max_by_key(|(_, n)| **n) else {
+        bail!("every task finished before the kill: raise TASKS_FAILOVER_N or _STAGES");
+    };
+    let victim = victim.to_string();
+    let idx = c
+        .node_index(&victim)
+        .with_context(|| format!("owner {victim} is not a node of the bench"))?;
+    let kill_ms = now_ms();
+    let killed = Instant::now();
+    c.nodes[idx].kill()?;
+    let orphans: HashSet<String> = subs
+        .iter()
+        .filter(unfinished)
+        .filter(|s| s.owner == victim)
+        .filter_map(|s| s.task.clone())
+        .collect();
+    let open = watch.wait_ended(&orphans, DRAIN);
+    println!(
+        "  failover: killed {victim} ({} unfinished of its tasks); log {}",
+        orphans.len(),
+        c.log(idx).display()
+    );
+    let seen = watch.snapshot();
+    let mut f = Failover {
+        submitted: subs.len(),
+        victim,
+        orphans: orphans.len(),
+        lost: statuses(&c, &open),
+        ..Failover::default()
+    };
+    for id in &orphans {
+        let Some(s) = seen.get(id) else { continue };
+        match &s.end {
+            // Ended on the victim before the kill, its event still on its way.
+            Some((_, _, ts)) if *ts < kill_ms => f.orphans -= 1,
+            Some((k, at, _)) if k == "task.completed" => {
+                f.completed += 1;
+                f.to_completed.push(at.duration_since(killed).as_secs_f64());
+                match s.adopted {
+                    Some(a) => f.to_adopted.push(a.duration_since(killed).as_secs_f64()),
+                    None => f.unadopted_completions += 1,
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(f)
+}
+
+// ---- the report ----
+
+fn pass(ok: bool) -> &'static str {
+    if ok { "PASS" } else { "FAIL" }
+}
+
+fn print_dispatch(d: &Dispatch) {
+    println!(
+        "| dispatch, {} node(s) | {} | {} | {:.0} | {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} | {} |",
+        d.nodes,
+        d.submitted,
+        d.completed,
+        d.per_s,
+        pct(&d.accept, 0.5),
+        pct(&d.accept, 0.99),
+        pct(&d.dispatch, 0.5),
+        pct(&d.dispatch, 0.99),
+        pct(&d.dispatch, 1.0),
+        d.refusals,
+        d.dropped
+    );
+    if !d.not_ended.is_empty() || d.other_ends > 0 {
+        println!(
+            "  {} node(s): not ended per events {:?}; ended otherwise than completed: {}",
+            d.nodes, d.not_ended, d.other_ends
+        );
+    }
+}
+
+fn print_dedup(d: &Dedup) {
+    println!("\n| dedup, 3 nodes | value |");
+    println!("|---|---|");
+    let rows: [(&str, String); 12] = [
+        ("submissions", d.submitted.to_string()),
+        ("repeats of an earlier objective", d.repeats.to_string()),
+        ("answered `deduplicated`", d.answered_dedup.to_string()),
+        (
+            "`deduplicated` naming a task not of its objective",
+            d.dedup_to_unknown.to_string(),
+        ),
+        ("refused (not 202)", d.refused.to_string()),
+        ("distinct tasks accepted", d.distinct.to_string()),
+        ("tasks executed (completed)", d.executed.to_string()),
+        (
+            "duplicates executed (twin created while the first was active)",
+            d.twins_overlapping.to_string(),
+        ),
+        (
+            "twin accepted by another owner than its first",
+            d.twins_other_owner.to_string(),
+        ),
+        (
+            "twins the events cannot order",
+            d.twins_unordered.to_string(),
+        ),
+        ("lost (accepted, never ended)", format!("{:?}", d.lost)),
+        (
+            "completed/s; event streams resumed",
+            format!("{:.0}; {}", d.per_s, d.dropped),
+        ),
+    ];
+    for (k, v) in rows {
+        println!("| {k} | {v} |");
+    }
+}
+
+fn print_failover(f: &Failover) {
+    println!("\n| failover, 3 nodes, concurrency 1 | value |");
+    println!("|---|---|");
+    println!("| tasks submitted | {} |", f.submitted);
+    println!(
+        "| unfinished tasks of the killed owner ({}) | {} |",
+        f.victim, f.orphans
+    );
+    println!("| of them completed | {} |", f.completed);
+    println!("| lost (never ended) | {:?} |", f.lost);
+    println!(
+        "| kill → `task.adopted` p50 / p99 / max | {:.2} / {:.2} / {:.2} s |",
+        pct(&f.to_adopted, 0.5),
+        pct(&f.to_adopted, 0.99),
+        pct(&f.to_adopted, 1.0)
+    );
+    println!(
+        "| kill → completed p50 / p99 / max | {:.2} / {:.2} / {:.2} s |",
+        pct(&f.to_completed, 0.5),
+        pct(&f.to_completed, 0.99),
+        pct(&f.to_completed, 1.0)
+    );
+    println!(
+        "| completed without a `task.adopted` seen | {} |",
+        f.unadopted_completions
+    );
+}
+
+fn print_targets(one: &Dispatch, three: &Dispatch, d: &Dedup, f: &Failover) {
+    let p99 = |v: &[f64]| pct(v, 0.99);
+    let accept = p99(&one.accept).max(p99(&three.accept));
+    let lines = [
+        (
+            p99(&one.dispatch) <= 5.0,
+            format!(
+                "dispatch p99 on one node {:.2} ms ≤ 5 ms",
+                p99(&one.dispatch)
+            ),
+        ),
+        (
+            p99(&three.dispatch) <= 20.0,
+            format!(
+                "dispatch p99 across three nodes {:.2} ms ≤ 20 ms",
+                p99(&three.dispatch)
+            ),
+        ),
+        (
+            accept <= 10.0,
+            format!("accept p99 (worse of the two runs) {accept:.2} ms ≤ 10 ms"),
+        ),
+        (
+            three.per_s >= 2000.0,
+            format!(
+                "durable tasks through three nodes {:.0}/s ≥ 2000/s",
+                three.per_s
+            ),
+        ),
+        (
+            d.twins_overlapping == 0 && d.twins_other_owner == 0 && d.dedup_to_unknown == 0,
+            format!(
+                "duplicates executed {} = 0 (of another owner {}, dedup answers naming a foreign task {})",
+                d.twins_overlapping, d.twins_other_owner, d.dedup_to_unknown
+            ),
+        ),
+        (
+            d.lost.is_empty() && one.not_ended.is_empty() && three.not_ended.is_empty(),
+            format!(
+                "lost tasks 0 (dispatch runs {:?} {:?}, dedup run {:?})",
+                one.not_ended, three.not_ended, d.lost
+            ),
+        ),
+        (
+            f.lost.is_empty() && f.completed == f.orphans && f.orphans > 0,
+            format!(
+                "failover: {} of {} orphaned tasks completed, lost {:?}",
+                f.completed, f.orphans, f.lost
+            ),
+        ),
+        (
+            p99(&f.to_adopted) <= 12.0,
+            format!(
+                "failover: kill → adopted task resumed p99 {:.2} s ≤ 12 s",
+                p99(&f.to_adopted)
+            ),
+        ),
+    ];
+    println!();
+    for (ok, line) in lines {
+        println!("{}: {line}", pass(ok));
+    }
+}
+
+fn main() -> Result<()> {
+    let z = Sizes::from_env();
+    println!(
+        "tasks bench: {} tasks x 2 dispatch runs, {} clients, {} dedup submissions ({}% repeats), \
+         failover {} tasks of {} stages; bulkhead {}, concurrency {}, seed {}",
+        z.tasks,
+        z.clients,
+        z.dedup_tasks,
+        z.dup_pct,
+        z.failover_tasks,
+        z.failover_stages,
+        z.bulkhead,
+        z.concurrency,
+        z.seed
+    );
+    let one = dispatch_run(1, &z)?;
+    let three = dispatch_run(3, &z)?;
+    println!(
+        "\n| run | submitted | completed | tasks/s | accept p50 / p99 ms | dispatch p50 / p99 / max ms | 429s | streams resumed |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    print_dispatch(&one);
+    print_dispatch(&three);
+    let d = dedup_run(&z)?;
+    print_dedup(&d);
+    let f = failover_run(&z)?;
+    print_failover(&f);
+    print_targets(&one, &three, &d, &f);
+    Ok(())
+}
