@@ -36,6 +36,8 @@ use swarm_tests::{Client, NodeProc, admin_token, init_cluster, start_joined, tru
 const DRAIN: Duration = Duration::from_secs(60);
 /// Longest a client retries one submission refused with 429.
 const RETRY_FOR: Duration = Duration::from_secs(30);
+/// How long agent placement must hold still before a phase starts.
+const SETTLE: Duration = Duration::from_secs(1);
 /// Event kinds after which nothing more happens to a task.
 const TERMINAL: [&str; 4] = [
     "task.completed",
@@ -56,6 +58,10 @@ struct Sizes {
     bulkhead: u32,
     concurrency: u32,
     seed: u64,
+    /// `TASKS_PHASES`: which of `dispatch`, `dedup`, `failover` run (all by default).
+    phases: String,
+    /// `TASKS_KEEP=1`: leave the clusters' folders (configs, node logs) behind.
+    keep: bool,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -81,7 +87,13 @@ impl Sizes {
             bulkhead: env_or("TASKS_BULKHEAD", 64),
             concurrency: env_or("TASKS_CONCURRENCY", 10),
             seed: env_or("TASKS_SEED", clock | 1),
+            phases: env_or("TASKS_PHASES", "dispatch,dedup,failover".to_string()),
+            keep: env_or("TASKS_KEEP", 0u8) == 1,
         }
+    }
+
+    fn runs(&self, phase: &str) -> bool {
+        self.phases.split(',').any(|p| p.trim() == phase)
     }
 }
 
@@ -105,6 +117,32 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// CPU seconds (user + system) process `pid` has used, from `/proc` (Linux; 0 elsewhere).
+/// On a small machine the client's share tells how much of the figures is the nodes'.
+fn cpu_secs(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // After the command name in parentheses: state is field 3, utime 14 and stime 15.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 are at 11 and 12 counting from the state; clock ticks are 1/100 s.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds of the nodes of `c` and of this process.
+fn cpu_split(c: &Cluster) -> (f64, f64) {
+    let nodes = c
+        .nodes
+        .iter()
+        .map(|n| cpu_secs(&n.child.id().to_string()))
+        .sum();
+    (nodes, cpu_secs("self"))
 }
 
 /// xorshift64*: the duplicate pattern is reproducible from the printed seed.
@@ -160,6 +198,24 @@ fn slow_workflow(stages: usize) -> String {
     )
 }
 
+/// Agent → home node as the node behind `c` sees it; empty when an agent has none or the node
+/// does not answer.
+fn placement(c: &Client) -> BTreeMap<String, String> {
+    let Ok((200, v)) = c.get("/v1/agents") else {
+        return BTreeMap::new();
+    };
+    let agents = v["agents"].as_array().cloned().unwrap_or_default();
+    let placed: BTreeMap<String, String> = agents
+        .iter()
+        .filter_map(|a| Some((a["id"].as_str()?.into(), a["node"].as_str()?.into())))
+        .collect();
+    if placed.len() == agents.len() {
+        placed
+    } else {
+        BTreeMap::new()
+    }
+}
+
 fn append_config(config: &Path, extra: &str) -> Result<()> {
     let text = std::fs::read_to_string(config)?;
     if text.contains("\n[limits]") || text.contains("\n[tasks]") {
@@ -186,22 +242,54 @@ fn set_bulkhead(dir: &Path, permits: u32) -> Result<()> {
 }
 
 impl Cluster {
-    fn start(nodes: u16, bulkhead: u32, tasks_section: &str) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
+    fn start(nodes: u16, z: &Sizes, tasks_section: &str) -> Result<Self> {
+        let mut dir = tempfile::tempdir()?;
+        dir.disable_cleanup(z.keep);
+        if z.keep {
+            println!("  cluster of {nodes} in {}", dir.path().display());
+        }
         let configs = init_cluster(dir.path(), nodes)?;
-        set_bulkhead(dir.path(), bulkhead)?;
+        set_bulkhead(dir.path(), z.bulkhead)?;
         let extra = node_extra(tasks_section);
         for c in &configs {
             append_config(c, &extra)?;
         }
         let token = admin_token(dir.path())?;
         let (nodes, clients) = start_joined(&configs, &token)?;
-        Ok(Self {
+        let c = Self {
             _dir: dir,
             nodes,
             clients,
             token,
-        })
+        };
+        c.wait_placed()?;
+        Ok(c)
+    }
+
+    /// Waits until every node places every agent on the same live node, and that has held for
+    /// [`SETTLE`]: stages sent while agents move fail (`agent_busy`) and wait out the retry
+    /// delay, which would measure the cluster's start instead of the dispatcher.
+    fn wait_placed(&self) -> Result<()> {
+        let start = Instant::now();
+        let mut stable_since: Option<(Instant, Vec<BTreeMap<String, String>>)> = None;
+        loop {
+            let views: Vec<BTreeMap<String, String>> = self.clients.iter().map(placement).collect();
+            let agreed = !views[0].is_empty() && views.iter().all(|v| *v == views[0]);
+            stable_since = match stable_since {
+                Some((t, prev)) if agreed && prev == views => Some((t, prev)),
+                _ if agreed => Some((Instant::now(), views)),
+                _ => None,
+            };
+            if let Some((t, _)) = &stable_since
+                && t.elapsed() >= SETTLE
+            {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("agents not placed alike on every node in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn node_index(&self, name: &str) -> Option<usize> {
@@ -237,6 +325,8 @@ struct Watch {
     stop: Arc<AtomicBool>,
     /// Streams ended by the node (a `dropped` event: the reader fell behind) and resumed.
     dropped: Arc<AtomicU64>,
+    /// Events of each kind, over every stream (relayed ones count on each node).
+    kinds: Arc<Mutex<BTreeMap<String, (u64, String)>>>,
 }
 
 impl Watch {
@@ -246,6 +336,7 @@ impl Watch {
             seen: Arc::default(),
             stop: Arc::default(),
             dropped: Arc::default(),
+            kinds: Arc::default(),
         };
         let (ready_tx, ready_rx) = mpsc::sync_channel(c.nodes.len());
         for n in &c.nodes {
@@ -257,6 +348,7 @@ impl Watch {
                 seen: w.seen.clone(),
                 stop: w.stop.clone(),
                 dropped: w.dropped.clone(),
+                kinds: w.kinds.clone(),
             };
             let ready = ready_tx.clone();
             std::thread::spawn(move || stream.run(ready));
@@ -267,6 +359,30 @@ impl Watch {
                 .context("an event stream did not open in 10 s")?;
         }
         Ok(w)
+    }
+
+    /// Event kinds other than the ordinary life of a task, with their counts (and, where
+    /// `samples`, the first such event).
+    fn unusual(&self, samples: bool) -> BTreeMap<String, (u64, String)> {
+        let usual = [
+            "task.accepted",
+            "task.started",
+            "stage.started",
+            "stage.completed",
+            "task.completed",
+        ];
+        self.kinds
+            .lock()
+            .map(|k| {
+                k.iter()
+                    .filter(|(kind, _)| !usual.contains(&kind.as_str()))
+                    .map(|(kind, (n, e))| {
+                        let sample = if samples { e.clone() } else { String::new() };
+                        (kind.clone(), (*n, sample))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     fn snapshot(&self) -> HashMap<String, Seen> {
@@ -338,6 +454,7 @@ struct Stream {
     seen: Arc<Mutex<HashMap<String, Seen>>>,
     stop: Arc<AtomicBool>,
     dropped: Arc<AtomicU64>,
+    kinds: Arc<Mutex<BTreeMap<String, (u64, String)>>>,
 }
 
 impl Stream {
@@ -386,10 +503,34 @@ impl Stream {
                 if kind == "dropped" {
                     return true;
                 }
+                self.count(&kind, data.trim());
                 self.record(&kind, data.trim());
             }
         }
         false
+    }
+
+    /// Counts the event under its kind; a failed stage under its code and agent too, and only
+    /// on the stream of the node that published it (relayed copies would count it thrice).
+    fn count(&self, kind: &str, data: &str) {
+        let key = if kind == "stage.failed" {
+            let Ok(e) = serde_json::from_str::<Value>(data) else {
+                return;
+            };
+            if e["node"].as_str() != Some(self.node.as_str()) {
+                return;
+            }
+            format!(
+                "stage.failed {} {}",
+                e["data"]["code"].as_str().unwrap_or("?"),
+                e["agent"].as_str().unwrap_or("?")
+            )
+        } else {
+            kind.to_string()
+        };
+        if let Ok(mut k) = self.kinds.lock() {
+            k.entry(key).or_insert_with(|| (0, data.to_string())).0 += 1;
+        }
     }
 
     fn record(&self, kind: &str, data: &str) {
@@ -534,6 +675,22 @@ fn statuses(c: &Cluster, ids: &[String]) -> BTreeMap<String, usize> {
     out
 }
 
+/// `created → started → finished` of a task's record, in ms, for a slow one's story.
+fn timeline(c: &Cluster, id: &str) -> String {
+    let Ok((200, v)) = c.clients[0].get(&format!("/v1/tasks/{id}")) else {
+        return "record unreadable".into();
+    };
+    let at = |k: &str| v[k].as_u64().unwrap_or(0);
+    let created = at("created_at");
+    format!(
+        "started +{} ms, finished +{} ms, epoch {}, owner {}",
+        at("started_at").saturating_sub(created),
+        at("finished_at").saturating_sub(created),
+        v["epoch"],
+        v["owner"]
+    )
+}
+
 // ---- 1. dispatch ----
 
 /// One dispatch run's results.
@@ -546,22 +703,26 @@ struct Dispatch {
     accept: Vec<f64>,
     dispatch: Vec<f64>,
     refusals: u32,
+    /// CPU seconds the nodes and this client used during the run.
+    cpu: (f64, f64),
     not_ended: BTreeMap<String, usize>,
     other_ends: usize,
     dropped: u64,
 }
 
 fn dispatch_run(nodes: u16, z: &Sizes) -> Result<Dispatch> {
-    let c = Cluster::start(nodes, z.bulkhead, &tasks_section(z.concurrency, ""))?;
+    let c = Cluster::start(nodes, z, &tasks_section(z.concurrency, ""))?;
     let watch = Watch::start(&c)?;
     let tag = format!("d{nodes}-{}", z.seed);
     let objectives: Vec<String> = (0..z.tasks)
         .map(|i| format!("bench {tag} task {i}"))
         .collect();
     let start = Instant::now();
+    let cpu0 = cpu_split(&c);
     let subs = submit_all(&c, &objectives, "bench-noop", z.clients);
     let ids = accepted_ids(&subs);
     let open = watch.wait_ended(&ids, DRAIN);
+    let cpu1 = cpu_split(&c);
     let seen = watch.snapshot();
     let ends: Vec<Instant> = ids
         .iter()
@@ -573,17 +734,30 @@ fn dispatch_run(nodes: u16, z: &Sizes) -> Result<Dispatch> {
         .iter()
         .max()
         .map_or(start.elapsed(), |t| t.duration_since(start));
-    let mut dispatch = Vec::new();
+    let mut slowest = Vec::new();
     for s in &subs {
-        if let Some((kind, at, _)) = s.task.as_ref().and_then(|id| watch.end_of(id))
+        if let Some(id) = &s.task
+            && let Some((kind, at, _)) = watch.end_of(id)
             && kind == "task.completed"
         {
-            dispatch.push(ms(at.saturating_duration_since(s.sent)));
+            slowest.push((ms(at.saturating_duration_since(s.sent)), id.clone()));
         }
     }
+    let dispatch: Vec<f64> = slowest.iter().map(|(t, _)| *t).collect();
+    slowest.sort_by(|a, b| b.0.total_cmp(&a.0));
+    slowest.truncate(3);
     for e in first_errors(&subs) {
         println!("  refused submission: {e}");
     }
+    println!(
+        "  {nodes} node(s): unusual events {:?}; slowest: {}",
+        watch.unusual(z.keep),
+        slowest
+            .iter()
+            .map(|(t, id)| format!("{id} {t:.0} ms ({})", timeline(&c, id)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
     Ok(Dispatch {
         nodes,
         submitted: subs.len(),
@@ -596,6 +770,7 @@ fn dispatch_run(nodes: u16, z: &Sizes) -> Result<Dispatch> {
             .collect(),
         dispatch,
         refusals: subs.iter().map(|s| s.refusals).sum(),
+        cpu: (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1),
         not_ended: statuses(&c, &open),
         other_ends: ids.len() - open.len() - ends.len(),
         dropped: watch.dropped.load(Ordering::Relaxed),
@@ -642,7 +817,7 @@ struct Dedup {
 }
 
 fn dedup_run(z: &Sizes) -> Result<Dedup> {
-    let c = Cluster::start(3, z.bulkhead, &tasks_section(z.concurrency, ""))?;
+    let c = Cluster::start(3, z, &tasks_section(z.concurrency, ""))?;
     let watch = Watch::start(&c)?;
     let objectives = dedup_objectives(z);
     let start = Instant::now();
@@ -748,7 +923,7 @@ struct Failover {
 
 fn failover_run(z: &Sizes) -> Result<Failover> {
     let section = tasks_section(1, &slow_workflow(z.failover_stages));
-    let mut c = Cluster::start(3, z.bulkhead, &section)?;
+    let mut c = Cluster::start(3, z, &section)?;
     let watch = Watch::start(&c)?;
     let objectives: Vec<String> = (0..z.failover_tasks)
         .map(|i| format!("bench failover {} task {i}", z.seed))
@@ -821,7 +996,7 @@ fn pass(ok: bool) -> &'static str {
 
 fn print_dispatch(d: &Dispatch) {
     println!(
-        "| dispatch, {} node(s) | {} | {} | {:.0} | {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} | {} |",
+        "| dispatch, {} node(s) | {} | {} | {:.0} | {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} | {} | {:.1} / {:.1} |",
         d.nodes,
         d.submitted,
         d.completed,
@@ -832,7 +1007,9 @@ fn print_dispatch(d: &Dispatch) {
         pct(&d.dispatch, 0.99),
         pct(&d.dispatch, 1.0),
         d.refusals,
-        d.dropped
+        d.dropped,
+        d.cpu.0,
+        d.cpu.1
     );
     if !d.not_ended.is_empty() || d.other_ends > 0 {
         println!(
@@ -907,10 +1084,16 @@ fn print_failover(f: &Failover) {
     );
 }
 
-fn print_targets(one: &Dispatch, three: &Dispatch, d: &Dedup, f: &Failover) {
-    let p99 = |v: &[f64]| pct(v, 0.99);
+/// One line per target: whether it holds, and the figures.
+type Verdicts = Vec<(bool, String)>;
+
+fn p99(v: &[f64]) -> f64 {
+    pct(v, 0.99)
+}
+
+fn dispatch_targets(one: &Dispatch, three: &Dispatch) -> Verdicts {
     let accept = p99(&one.accept).max(p99(&three.accept));
-    let lines = [
+    vec![
         (
             p99(&one.dispatch) <= 5.0,
             format!(
@@ -937,6 +1120,18 @@ fn print_targets(one: &Dispatch, three: &Dispatch, d: &Dedup, f: &Failover) {
             ),
         ),
         (
+            one.not_ended.is_empty() && three.not_ended.is_empty(),
+            format!(
+                "dispatch runs: lost tasks 0 ({:?} {:?})",
+                one.not_ended, three.not_ended
+            ),
+        ),
+    ]
+}
+
+fn dedup_targets(d: &Dedup) -> Verdicts {
+    vec![
+        (
             d.twins_overlapping == 0 && d.twins_other_owner == 0 && d.dedup_to_unknown == 0,
             format!(
                 "duplicates executed {} = 0 (of another owner {}, dedup answers naming a foreign task {})",
@@ -944,12 +1139,14 @@ fn print_targets(one: &Dispatch, three: &Dispatch, d: &Dedup, f: &Failover) {
             ),
         ),
         (
-            d.lost.is_empty() && one.not_ended.is_empty() && three.not_ended.is_empty(),
-            format!(
-                "lost tasks 0 (dispatch runs {:?} {:?}, dedup run {:?})",
-                one.not_ended, three.not_ended, d.lost
-            ),
+            d.lost.is_empty(),
+            format!("dedup run: lost tasks 0 ({:?})", d.lost),
         ),
+    ]
+}
+
+fn failover_targets(f: &Failover) -> Verdicts {
+    vec![
         (
             f.lost.is_empty() && f.completed == f.orphans && f.orphans > 0,
             format!(
@@ -964,11 +1161,19 @@ fn print_targets(one: &Dispatch, three: &Dispatch, d: &Dedup, f: &Failover) {
                 p99(&f.to_adopted)
             ),
         ),
-    ];
-    println!();
-    for (ok, line) in lines {
-        println!("{}: {line}", pass(ok));
-    }
+    ]
+}
+
+fn run_dispatch(z: &Sizes) -> Result<Verdicts> {
+    let one = dispatch_run(1, z)?;
+    let three = dispatch_run(3, z)?;
+    println!(
+        "\n| run | submitted | completed | tasks/s | accept p50 / p99 ms | dispatch p50 / p99 / max ms | 429s | streams resumed | CPU s nodes / client |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    print_dispatch(&one);
+    print_dispatch(&three);
+    Ok(dispatch_targets(&one, &three))
 }
 
 fn main() -> Result<()> {
@@ -986,18 +1191,23 @@ fn main() -> Result<()> {
         z.concurrency,
         z.seed
     );
-    let one = dispatch_run(1, &z)?;
-    let three = dispatch_run(3, &z)?;
-    println!(
-        "\n| run | submitted | completed | tasks/s | accept p50 / p99 ms | dispatch p50 / p99 / max ms | 429s | streams resumed |"
-    );
-    println!("|---|---|---|---|---|---|---|---|");
-    print_dispatch(&one);
-    print_dispatch(&three);
-    let d = dedup_run(&z)?;
-    print_dedup(&d);
-    let f = failover_run(&z)?;
-    print_failover(&f);
-    print_targets(&one, &three, &d, &f);
+    let mut verdicts = Verdicts::new();
+    if z.runs("dispatch") {
+        verdicts.extend(run_dispatch(&z)?);
+    }
+    if z.runs("dedup") {
+        let d = dedup_run(&z)?;
+        print_dedup(&d);
+        verdicts.extend(dedup_targets(&d));
+    }
+    if z.runs("failover") {
+        let f = failover_run(&z)?;
+        print_failover(&f);
+        verdicts.extend(failover_targets(&f));
+    }
+    println!();
+    for (ok, line) in verdicts {
+        println!("{}: {line}", pass(ok));
+    }
     Ok(())
 }

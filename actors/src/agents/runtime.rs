@@ -426,17 +426,34 @@ impl AgentRuntime {
             .or_else(|| self.inference.models().into_iter().next().map(|m| m.name))
     }
 
+    /// The system prompt of a direct question: who the agent is.
     fn system_prompt(&self, spec: &AgentSpec) -> String {
+        format!("{} Answer concretely and briefly.", self.identity(spec))
+    }
+
+    /// The agent's swarm-file entry in words.
+    fn identity(&self, spec: &AgentSpec) -> String {
         let a = &spec.agent;
         format!(
             "You are {} ({}), the {} of the {} agent swarm. Your specialization is {}; your \
-             capabilities: {}. Do only the step you are asked for, concretely and briefly.",
+             capabilities: {}.",
             a.name,
             a.id,
             a.role,
             self.roster.swarm_name,
             a.specialization.replace('_', " "),
             a.capabilities.join(", ").replace('_', " "),
+        )
+    }
+
+    /// The system prompt of every stage, the same for every agent and task: with the task
+    /// first and the agent after it in the user message, the stages of one workflow share
+    /// their prompt up to the latest earlier stage, which the engine's prefix cache keeps.
+    fn stage_system_prompt(&self) -> String {
+        format!(
+            "You are one of the specialist agents of the {} agent swarm, who work on a task \
+             one step each. Do only the step you are asked for, concretely and briefly.",
+            self.roster.swarm_name
         )
     }
 
@@ -475,7 +492,13 @@ impl AgentRuntime {
     /// a model whose context cannot take it all: 1 clips earlier stages harder and drops the
     /// knowledge, 2 keeps only the last earlier stage and no context, 3 only the objective and
     /// the instruction.
-    fn user_prompt(&self, job: &StageJob, knowledge: &[String], level: u8) -> String {
+    fn user_prompt(
+        &self,
+        spec: &AgentSpec,
+        job: &StageJob,
+        knowledge: &[String],
+        level: u8,
+    ) -> String {
         let mut p = format!("Objective: {}\n", job.objective);
         if let Some(d) = &job.task_definition
             && level < 3
@@ -502,8 +525,11 @@ impl AgentRuntime {
                 ));
             }
         }
+        // What differs between the stages of a task comes last: the agent, its knowledge, the
+        // step.
+        p.push_str(&format!("\n{}\n", self.identity(spec)));
         if !knowledge.is_empty() && level == 0 {
-            p.push_str("\nWhat you learned on earlier tasks:\n");
+            p.push_str("What you learned on earlier tasks:\n");
             for k in knowledge {
                 p.push_str(&format!("- {}\n", clip(k, SUMMARY_CLIP)));
             }
@@ -512,7 +538,7 @@ impl AgentRuntime {
             .prompt
             .replace("{objective}", &job.objective)
             .replace("{definition}", job.task_definition.as_deref().unwrap_or(""));
-        p.push_str(&format!("\nYour step: {}. {instruction}", job.stage));
+        p.push_str(&format!("Your step: {}. {instruction}", job.stage));
         p
     }
 
@@ -598,11 +624,11 @@ impl AgentRuntime {
             let messages = vec![
                 Message {
                     role: "system".into(),
-                    content: self.system_prompt(spec),
+                    content: self.stage_system_prompt(),
                 },
                 Message {
                     role: "user".into(),
-                    content: self.user_prompt(job, &knowledge, level),
+                    content: self.user_prompt(spec, job, &knowledge, level),
                 },
             ];
             match self

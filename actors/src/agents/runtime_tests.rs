@@ -605,7 +605,8 @@ fn long_job() -> StageJob {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prompt_too_long_for_the_model_is_shortened() {
-    let r = rig(agents_config(), Act::Fit(200), Deny(&[])).await;
+    // The shortest prompt still names the task, the agent and the step (~400 bytes).
+    let r = rig(agents_config(), Act::Fit(600), Deny(&[])).await;
     r.home(&["testing-qa"]).await;
     r.rt.run_stage(long_job(), nowhere())
         .await
@@ -617,7 +618,7 @@ async fn a_prompt_too_long_for_the_model_is_shortened() {
         "shorter each time: {lens:?}"
     );
     assert!(lens.first().is_some_and(|l| *l > 3000), "{lens:?}");
-    assert!(lens.last().is_some_and(|l| *l <= 200), "{lens:?}");
+    assert!(lens.last().is_some_and(|l| *l <= 600), "{lens:?}");
 
     // Even the shortest prompt is too long: not retryable (no other agent would fit it).
     r.model.set(Act::Fit(5));
