@@ -8,6 +8,8 @@
 # (the issue's target: ≥ 3×, batching and the prefix cache working for agents).
 # The prefix cache holds 16 384 tokens (the default 4096 keeps the prompts of two or three
 # workflows), so the stages of each workflow reuse the KV of the stages before them.
+# The prefix cache holds 16 384 tokens (the default 4096 keeps the prompts of two or three
+# workflows), so each workflow's stages reuse the KV of the stages before them.
 # Usage: [ROUNDS=2] [STAGE_TOKENS=48] bench/agents.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
