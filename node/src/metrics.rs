@@ -307,6 +307,12 @@ pub fn render_tasks(out: &mut String, node: &str, st: &TaskStats) {
             "Tasks adopted from owners that died or left.",
             st.adopted,
         ),
+        (
+            "swarm_tasks_redispatched_total",
+            "counter",
+            "Stages sent to another agent because theirs could not take them (not failures).",
+            st.redispatched,
+        ),
     ];
     for (name, kind, help, v) in series {
         header(out, name, kind, help);

@@ -447,6 +447,7 @@ struct Counts {
     retries: u64,
     stale_results: u64,
     adopted: u64,
+    redispatched: u64,
 }
 
 /// How a running stage ended badly.
@@ -458,6 +459,20 @@ struct StageFault {
     message: String,
     retryable: bool,
 }
+
+/// Failure codes of a stage that never ran on its agent (at its load limit, placed elsewhere,
+/// restarting, unreachable): the stage goes to another agent after [`REDISPATCH_DELAY_MS`]
+/// without counting as a failed attempt.
+pub const NOT_RUN: [&str; 5] = [
+    "agent_busy",
+    "agent_moved",
+    "agent_down",
+    "agent_offline",
+    "agent_unreachable",
+];
+/// Wait before a stage that never ran is sent again (a short one: dispatchers on different
+/// owners may pick the same agent at once).
+pub const REDISPATCH_DELAY_MS: u64 = 20;
 
 /// The dispatcher of one node's tasks. See the module doc.
 #[derive(Debug)]
@@ -863,6 +878,7 @@ impl Dispatcher {
             retries: c.retries,
             stale_results: c.stale_results,
             adopted: c.adopted,
+            redispatched: c.redispatched,
         }
     }
 
@@ -1314,6 +1330,19 @@ impl Dispatcher {
 
     /// A stage failed (its attempt already ended): retry later, dead-letter, or fail the task.
     fn stage_fault(&mut self, now_ms: u64, id: &str, fault: StageFault) -> Vec<Action> {
+        let Some(h) = self.held.get_mut(id) else {
+            return Vec::new();
+        };
+        if fault.retryable && NOT_RUN.contains(&fault.code.as_str()) {
+            // The stage never ran (the agent was at its limit, moving or unreachable): another
+            // agent takes it at once; this is no attempt of the stage's.
+            if !h.rec.failed_agents.contains(&fault.agent) {
+                h.rec.failed_agents.push(fault.agent);
+            }
+            h.retry_due = Some(now_ms.saturating_add(REDISPATCH_DELAY_MS));
+            self.counts.redispatched += 1;
+            return Vec::new();
+        }
         self.counts.stages_failed += 1;
         let stage = self.stage_name(id, fault.index);
         let (max_retries, delay) = (self.limits.max_retries, self.limits.retry_delay_ms);

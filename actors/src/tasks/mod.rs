@@ -171,6 +171,9 @@ pub struct TaskStats {
     pub stale_results: u64,
     /// Tasks adopted from owners that died or left.
     pub adopted: u64,
+    /// Stages sent to another agent because theirs could not take them (at its load limit,
+    /// moving, unreachable): not failures.
+    pub redispatched: u64,
 }
 
 /// What the gateway calls. Reads are of this node's replica (task records replicate to
