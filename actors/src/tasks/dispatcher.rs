@@ -1787,6 +1787,31 @@ mod tests {
     }
 
     #[test]
+    fn a_stage_that_never_ran_goes_to_another_agent_without_counting_as_a_failure() {
+        let mut d = dispatcher(limits("n1"));
+        let run = only_run(&submit(
+            &mut d,
+            0,
+            record("t1", "one thing", Priority::Normal, "one"),
+        ));
+        // Busy at its home (another owner's dispatcher took its last slot).
+        let out = d
+            .stage_finished(10, failure(&run, "agent_busy", true))
+            .expect("current");
+        assert!(out.is_empty(), "no failure recorded: {out:?}");
+        let t = d.task("t1").expect("held");
+        assert_eq!(t.failures, 0);
+        assert!(t.current.is_none());
+        // Sent again shortly, to another agent, as the same attempt.
+        assert_eq!(d.next_wakeup(), Some(10 + REDISPATCH_DELAY_MS));
+        let again = only_run(&d.tick(10 + REDISPATCH_DELAY_MS));
+        assert_ne!(again.agent, run.agent);
+        assert_eq!(again.attempt, 1);
+        let st = d.stats(100);
+        assert_eq!((st.stages_failed, st.retries, st.redispatched), (0, 0, 1));
+    }
+
+    #[test]
     fn failures_retry_on_other_agents_after_the_delay_then_dead_letter_and_requeue() {
         let mut d = dispatcher(limits("n1"));
         let mut run = only_run(&submit(
