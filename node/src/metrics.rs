@@ -264,7 +264,7 @@ pub fn render_tasks(out: &mut String, node: &str, st: &TaskStats) {
             b.priority
         );
     }
-    let series: [(&str, &str, &str, u64); 7] = [
+    let series: [(&str, &str, &str, u64); 8] = [
         (
             "swarm_tasks_running",
             "gauge",
