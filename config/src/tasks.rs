@@ -134,7 +134,7 @@ impl Default for AgentsConfig {
             restart_budget: 5,
             restart_window: HumanDuration(std::time::Duration::from_secs(60)),
             restart_backoff: HumanDuration(std::time::Duration::from_millis(200)),
-            max_load: 4,
+            max_load: 8,
             knowledge_in_prompt: 3,
         }
     }

@@ -446,6 +446,17 @@ impl AgentRuntime {
         )
     }
 
+    /// The agent in a stage's prompt, short: it is the part of the prompt a stage cannot share
+    /// with the stage before it, so every token of it is computed again.
+    fn stage_identity(&self, spec: &AgentSpec) -> String {
+        let a = &spec.agent;
+        format!(
+            "You are {}, specialized in {}.",
+            a.name,
+            a.specialization.replace('_', " ")
+        )
+    }
+
     /// The system prompt of every stage, the same for every agent and task: with the task
     /// first and the agent after it in the user message, the stages of one workflow share
     /// their prompt up to the latest earlier stage, which the engine's prefix cache keeps.
@@ -527,7 +538,7 @@ impl AgentRuntime {
         }
         // What differs between the stages of a task comes last: the agent, its knowledge, the
         // step.
-        p.push_str(&format!("\n{}\n", self.identity(spec)));
+        p.push_str(&format!("\n{}\n", self.stage_identity(spec)));
         if !knowledge.is_empty() && level == 0 {
             p.push_str("What you learned on earlier tasks:\n");
             for k in knowledge {

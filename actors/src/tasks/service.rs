@@ -596,6 +596,9 @@ impl TaskService {
         // Consecutive records of one task collapse to the last (a record is the whole state);
         // a stage result in between keeps the order.
         let mut writes: Vec<(String, Write)> = Vec::new();
+        // A task's events are published once the writes decided with them are durable, so a
+        // client that reads the task on an event sees what the event says.
+        let mut events: Vec<(String, NewEvent)> = Vec::new();
         // Submitters of the tasks in this batch, for its events (a new task's record is not in
         // the store yet).
         let mut submitters: HashMap<String, String> = HashMap::new();
@@ -614,7 +617,7 @@ impl TaskService {
                 Action::RecordStage(st) => writes.push((st.task.clone(), Write::Stage(st))),
                 Action::Run(run) => {
                     // Its record (with the stage running) is written first.
-                    self.flush_writes(&mut writes, &mut ack);
+                    self.flush_writes(&mut writes, &mut events, &mut ack);
                     self.run_stage(run);
                 }
                 Action::Abort { task, .. } => {
@@ -631,36 +634,55 @@ impl TaskService {
                     {
                         self.record_escalation(task, coordinator, code);
                     }
-                    self.publish(e, &submitters)
+                    let task = e.task().to_string();
+                    events.push((task, self.event(e, &submitters)));
                 }
             }
         }
-        self.flush_writes(&mut writes, &mut ack);
+        self.flush_writes(&mut writes, &mut events, &mut ack);
         if let Some(ack) = ack {
             ack.fail(Error::Unavailable("the task was not written".into()));
         }
     }
 
-    /// Start the writes queued, chained per task; the ack (if its task is among them) is
-    /// answered after its task's last write.
-    fn flush_writes(&self, writes: &mut Vec<(String, Write)>, ack: &mut Option<Ack>) {
-        let mut per_task: Vec<(String, Vec<Write>)> = Vec::new();
+    /// Start the writes queued, chained per task, each chain publishing its task's events
+    /// when its writes are done; the ack (if its task is among them) is answered after its
+    /// task's last write. Events of a task with no write here follow its writes in flight, or
+    /// go out at once when there are none.
+    fn flush_writes(
+        &self,
+        writes: &mut Vec<(String, Write)>,
+        events: &mut Vec<(String, NewEvent)>,
+        ack: &mut Option<Ack>,
+    ) {
+        let mut per_task: Vec<(String, Vec<Write>, Vec<NewEvent>)> = Vec::new();
         for (id, w) in writes.drain(..) {
-            match per_task.iter_mut().find(|(t, _)| *t == id) {
-                Some((_, v)) => v.push(w),
-                None => per_task.push((id, vec![w])),
+            match per_task.iter_mut().find(|(t, _, _)| *t == id) {
+                Some((_, v, _)) => v.push(w),
+                None => per_task.push((id, vec![w], Vec::new())),
             }
         }
-        for (id, ws) in per_task {
+        for (id, e) in events.drain(..) {
+            match per_task.iter_mut().find(|(t, _, _)| *t == id) {
+                Some((_, _, v)) => v.push(e),
+                None if lock(&self.s.writes).contains_key(&id) => {
+                    per_task.push((id, Vec::new(), vec![e]));
+                }
+                None => {
+                    self.s.events.publish(e);
+                }
+            }
+        }
+        for (id, ws, evs) in per_task {
             let a = match ack {
                 Some(a) if a.task() == id => ack.take(),
                 _ => None,
             };
-            self.chain_write(id, ws, a);
+            self.chain_write(id, ws, evs, a);
         }
     }
 
-    fn chain_write(&self, task: String, ws: Vec<Write>, ack: Option<Ack>) {
+    fn chain_write(&self, task: String, ws: Vec<Write>, events: Vec<NewEvent>, ack: Option<Ack>) {
         let svc = self.clone();
         let seq = self
             .s
@@ -682,6 +704,10 @@ impl TaskService {
                 if last.is_err() {
                     break;
                 }
+            }
+            // Published even when a write was not confirmed by a peer: it is durable here.
+            for e in events {
+                svc.s.events.publish(e);
             }
             if let Some(ack) = ack {
                 ack.answer(last);
@@ -765,7 +791,8 @@ impl TaskService {
         }
     }
 
-    fn publish(&self, e: DEvent, submitters: &HashMap<String, String>) {
+    /// A dispatcher event as the bus carries it.
+    fn event(&self, e: DEvent, submitters: &HashMap<String, String>) -> NewEvent {
         let (kind, task, agent, data) = event_parts(e);
         let submitter = task.as_deref().and_then(|t| {
             submitters
@@ -773,14 +800,14 @@ impl TaskService {
                 .cloned()
                 .or_else(|| self.read_task(t).map(|r| r.submitter))
         });
-        self.s.events.publish(NewEvent {
+        NewEvent {
             kind,
             task,
             agent,
             submitter,
             node: self.s.node.clone(),
             data,
-        });
+        }
     }
 
     /// Run a stage on its agent's home node; the outcome goes back to the loop.
