@@ -845,10 +845,16 @@ impl TaskService {
                     }
                 }
                 let home = lock(&svc.s.placement).get(&run.agent).cloned().flatten();
-                let job = svc.job(&run);
-                let result = tokio::select! {
-                    _ = token.cancelled() => return,
-                    r = svc.dispatch_stage(home.clone(), job) => r,
+                let result = match svc.job(&run) {
+                    Some(job) => tokio::select! {
+                        _ = token.cancelled() => return,
+                        r = svc.dispatch_stage(home.clone(), job) => r,
+                    },
+                    None => Err(StageError {
+                        code: "task_missing".into(),
+                        message: "the task's record is not in this node's store".into(),
+                        retryable: false,
+                    }),
                 };
                 {
                     let mut running = lock(&svc.s.running);
@@ -878,8 +884,10 @@ impl TaskService {
         );
     }
 
-    fn job(&self, run: &RunStage) -> StageJob {
-        let rec = self.read_task(&run.task);
+    /// The stage's job, from the task record and the earlier results here; `None` when the
+    /// record is missing (its writes came before the stage, so only a lost store does that).
+    fn job(&self, run: &RunStage) -> Option<StageJob> {
+        let rec = Some(self.read_task(&run.task)?);
         let prompt = self
             .s
             .workflows
@@ -903,8 +911,8 @@ impl TaskService {
                     .collect()
             })
             .unwrap_or_default();
-        let rec = rec.unwrap_or_else(|| placeholder(&run.task));
-        StageJob {
+        let rec = rec?;
+        Some(StageJob {
             task: run.task.clone(),
             submitter: rec.submitter,
             hash: run.hash.clone(),
@@ -923,7 +931,7 @@ impl TaskService {
             attempt: run.attempt,
             deadline_ms: run.deadline_ms,
             previous,
-        }
+        })
     }
 
     /// Run `job` on `home` (here or a peer), publishing its text as it comes.
@@ -1276,19 +1284,7 @@ impl TaskService {
                 _ => return Err(Error::BadReply(owner)),
             }
         }
-        let (tx, rx) = oneshot::channel();
-        let cmd = if requeue {
-            Cmd::Requeue(id.to_string(), tx)
-        } else {
-            Cmd::Cancel(id.to_string(), tx)
-        };
-        self.s
-            .cmd
-            .send(cmd)
-            .await
-            .map_err(|_| Error::Unavailable("the dispatcher stopped".into()))?;
-        rx.await
-            .map_err(|_| Error::Unavailable("the dispatcher stopped".into()))?
+        self.local_change(id, requeue).await
     }
 
     // ---- the event relay ----
@@ -1860,40 +1856,6 @@ fn clip_in_place(s: &mut String, max: usize) {
         end -= 1;
     }
     s.truncate(end);
-}
-
-/// A record for a stage whose task record has not reached this node (never expected: the
-/// owner wrote it before the stage ran).
-fn placeholder(id: &str) -> TaskRecord {
-    TaskRecord {
-        id: id.into(),
-        hash: String::new(),
-        objective: String::new(),
-        task_definition: None,
-        priority: Priority::Normal,
-        workflow: String::new(),
-        context: serde_json::Value::Null,
-        capabilities: Vec::new(),
-        submitter: String::new(),
-        idempotency_key: None,
-        created_ms: 0,
-        deadline_ms: 0,
-        token_budget: 0,
-        tokens_used: 0,
-        status: TaskStatus::Pending,
-        epoch: 0,
-        owner: String::new(),
-        stages_total: 0,
-        stage: 0,
-        current: None,
-        failures: 0,
-        failed_agents: Vec::new(),
-        agents_involved: Vec::new(),
-        error: None,
-        started_ms: None,
-        finished_ms: None,
-        updated_ms: 0,
-    }
 }
 
 /// An event of the dispatcher's as the bus carries it: kind, task, agent, data (its fields).
