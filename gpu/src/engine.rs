@@ -473,6 +473,19 @@ impl<'a, M: LanguageModel> Runner<'a, M> {
                             .store(self.prefixes.held() as u64, Relaxed);
                     }
                     if self.advance(&mut s, token) {
+                        // A finished sequence's KV (prompt and answer) is kept too: the next
+                        // turn of a conversation (an agent's next stage) extends it.
+                        if s.cached > s.prompt_len
+                            && let Some(cache) = &s.cache
+                        {
+                            let model = self.model;
+                            let n = s.cached;
+                            self.prefixes
+                                .insert(&s.tokens[..n], || model.fork(cache, n, n));
+                            self.stats
+                                .prefix_cache_tokens
+                                .store(self.prefixes.held() as u64, Relaxed);
+                        }
                         self.sched.finish(id);
                     } else {
                         self.seqs.insert(id, s);

@@ -105,6 +105,32 @@ async fn prompts_sharing_a_prefix_reuse_its_kv_and_get_the_same_tokens() {
 }
 
 #[tokio::test]
+async fn a_finished_answer_keeps_its_kv_for_the_next_turn() {
+    let (_d, m, t) = tiny();
+    let config = EngineConfig {
+        prefix_cache_tokens: 4096,
+        ..EngineConfig::default()
+    };
+    let engine = EngineHandle::start(m, t.clone(), config).unwrap();
+    let first = t
+        .encode("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")
+        .unwrap();
+    let (_, _, generated) = collect(engine.submit(first.clone(), greedy(12)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(generated, 12);
+    // The prompt's entry gave way to the whole sequence: the prompt and every answer token but
+    // the last one sampled (its KV is never computed), so a next turn that replays the answer
+    // computes only what follows it.
+    // (The engine keeps it right after sending the end.)
+    let want = (first.len() + generated - 1) as u64;
+    wait_for("the answer kept", || {
+        engine.stats().prefix_cache_tokens.load(Relaxed) == want
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn concurrent_requests_get_what_they_get_alone() {
     let (_d, m, t) = tiny();
     let engine = EngineHandle::start(m, t.clone(), EngineConfig::default()).unwrap();

@@ -499,17 +499,54 @@ impl AgentRuntime {
             .collect()
     }
 
-    /// The stage's user message. `level` 0 has everything; each level up leaves more out, for
-    /// a model whose context cannot take it all: 1 clips earlier stages harder and drops the
-    /// knowledge, 2 keeps only the last earlier stage and no context, 3 only the objective and
-    /// the instruction.
-    fn user_prompt(
+    /// A stage's messages and its own turn (recorded with its result). `level` 0 has
+    /// everything: the earlier stages as the conversation they were (each one's turn and its
+    /// whole answer, so this prompt extends the one before it word for word and the engine's
+    /// prefix cache computes only the new turn), or, when an earlier stage recorded no turn,
+    /// quoted. Each level up leaves more out, for a model whose context cannot take it all: 1
+    /// quotes the earlier stages clipped harder and drops the knowledge, 2 keeps only the last
+    /// earlier stage and no context, 3 only the objective and the instruction.
+    fn stage_messages(
         &self,
         spec: &AgentSpec,
         job: &StageJob,
         knowledge: &[String],
         level: u8,
-    ) -> String {
+    ) -> (Vec<Message>, String) {
+        let turn = self.turn(spec, job, knowledge, level);
+        let message = |role: &str, content: String| Message {
+            role: role.into(),
+            content,
+        };
+        let mut messages = vec![message("system", self.stage_system_prompt())];
+        let header = Self::task_header(job, level);
+        if level == 0 && job.turns.len() == job.index as usize {
+            let mut first = true;
+            for t in &job.turns {
+                let user = if first {
+                    format!("{header}\n{}", t.user)
+                } else {
+                    t.user.clone()
+                };
+                first = false;
+                messages.push(message("user", user));
+                messages.push(message("assistant", t.assistant.clone()));
+            }
+            let user = if first {
+                format!("{header}\n{turn}")
+            } else {
+                turn.clone()
+            };
+            messages.push(message("user", user));
+        } else {
+            let earlier = Self::earlier_quoted(job, level);
+            messages.push(message("user", format!("{header}{earlier}\n{turn}")));
+        }
+        (messages, turn)
+    }
+
+    /// The task: objective, definition, context.
+    fn task_header(job: &StageJob, level: u8) -> String {
         let mut p = format!("Objective: {}\n", job.objective);
         if let Some(d) = &job.task_definition
             && level < 3
@@ -522,11 +559,17 @@ impl AgentRuntime {
                 clip(&job.context.to_string(), 600)
             ));
         }
+        p
+    }
+
+    /// The earlier stages quoted (clipped), for prompts that cannot replay them as turns.
+    fn earlier_quoted(job: &StageJob, level: u8) -> String {
         let previous: &[(String, String, String)] = match level {
             0 | 1 => &job.previous,
             2 => job.previous.last().map(std::slice::from_ref).unwrap_or(&[]),
             _ => &[],
         };
+        let mut p = String::new();
         if !previous.is_empty() {
             p.push_str("\nEarlier stages:\n");
             for (stage, agent, text) in previous {
@@ -536,9 +579,12 @@ impl AgentRuntime {
                 ));
             }
         }
-        // What differs between the stages of a task comes last: the agent, its knowledge, the
-        // step.
-        p.push_str(&format!("\n{}\n", self.stage_identity(spec)));
+        p
+    }
+
+    /// What differs between the stages of a task: the agent, its knowledge, the step.
+    fn turn(&self, spec: &AgentSpec, job: &StageJob, knowledge: &[String], level: u8) -> String {
+        let mut p = format!("{}\n", self.stage_identity(spec));
         if !knowledge.is_empty() && level == 0 {
             p.push_str("What you learned on earlier tasks:\n");
             for k in knowledge {
@@ -617,6 +663,7 @@ impl AgentRuntime {
         if job.kind == BENCH_NOOP_KIND {
             return Ok(StageSuccess {
                 text: "noop".into(),
+                prompt: String::new(),
                 prompt_tokens: 0,
                 completion_tokens: 0,
                 duration_ms: 0,
@@ -631,17 +678,8 @@ impl AgentRuntime {
         // not with the stage's tokens, the tokens halved) before the stage gives up.
         let mut max_tokens = job.max_tokens;
         let mut level = 0u8;
-        let (text, usage) = loop {
-            let messages = vec![
-                Message {
-                    role: "system".into(),
-                    content: self.stage_system_prompt(),
-                },
-                Message {
-                    role: "user".into(),
-                    content: self.user_prompt(spec, job, &knowledge, level),
-                },
-            ];
+        let (text, usage, turn) = loop {
+            let (messages, turn) = self.stage_messages(spec, job, &knowledge, level);
             match self
                 .generate(model.clone(), messages, max_tokens, seed, Some(deltas))
                 .await
@@ -657,7 +695,10 @@ impl AgentRuntime {
                     e.retryable = false;
                     return Err(e);
                 }
-                r => break r?,
+                r => {
+                    let (text, usage) = r?;
+                    break (text, usage, turn);
+                }
             }
         };
         let duration_ms = started.elapsed().as_millis() as u64;
@@ -676,6 +717,7 @@ impl AgentRuntime {
         }
         let success = StageSuccess {
             text,
+            prompt: turn,
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             duration_ms,

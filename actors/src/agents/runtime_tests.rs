@@ -129,12 +129,13 @@ impl FakeModel {
 /// The user message of a request (the prompt of a raw one).
 fn user_message(req: &Request) -> String {
     match &req.input {
+        // The conversation the model is asked to continue, the system prompt left out.
         Input::Chat(messages) => messages
             .iter()
-            .rev()
-            .find(|m| m.role == "user")
-            .map(|m| m.content.clone())
-            .unwrap_or_default(),
+            .filter(|m| m.role != "system")
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
         Input::Prompt(p) => p.clone(),
     }
 }
@@ -349,6 +350,7 @@ fn job(agent: &str, kind: &str, task: &str) -> StageJob {
         attempt: 1,
         deadline_ms: 0,
         previous: Vec::new(),
+        turns: Vec::new(),
     }
 }
 

@@ -186,6 +186,9 @@ pub struct StageOutcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageSuccess {
     pub text: String,
+    /// The stage's own turn of the prompt ([`StageRecord::prompt`]).
+    #[serde(default)]
+    pub prompt: String,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub duration_ms: u64,
@@ -1259,6 +1262,7 @@ impl Dispatcher {
             node: node.to_string(),
             attempt: running.attempt,
             text: success.text,
+            prompt: success.prompt,
             prompt_tokens: success.prompt_tokens,
             completion_tokens: success.completion_tokens,
             duration_ms: success.duration_ms,
@@ -1683,6 +1687,7 @@ mod tests {
             node: "n1".into(),
             result: Ok(StageSuccess {
                 text: format!("{} done", run.stage),
+                prompt: String::new(),
                 prompt_tokens: 10,
                 completion_tokens,
                 duration_ms: 100,

@@ -204,6 +204,11 @@ pub struct StageRecord {
     pub node: String,
     pub attempt: u32,
     pub text: String,
+    /// The stage's own turn of the prompt (the agent and its step, without the task): a later
+    /// stage replays it word for word, so its prompt extends this one's and the engine's
+    /// prefix cache finds it.
+    #[serde(default)]
+    pub prompt: String,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub duration_ms: u64,

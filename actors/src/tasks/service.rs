@@ -36,7 +36,7 @@ use super::dispatcher::{
     StageOutcome,
 };
 use super::model::{StageRecord, TASKS_NAMESPACE, TaskRecord, TaskStatus, rendezvous, task_hash};
-use super::wire::{Reply, Req, StageJob, WireError};
+use super::wire::{Reply, Req, StageJob, Turn, WireError};
 use super::{
     AgentAnswer, AgentQuery, AgentView, EventBus, ListQuery, NewEvent, Priority, Submit, Submitted,
     TaskApi, TaskStats, now_ms,
@@ -895,7 +895,7 @@ impl TaskService {
             .and_then(|w| w.stages.get(run.index as usize))
             .map(|s| s.prompt.clone())
             .unwrap_or_default();
-        let previous = rec
+        let earlier: Vec<StageRecord> = rec
             .as_ref()
             .and_then(|r| self.s.workflows.get(&r.workflow))
             .map(|w| {
@@ -903,14 +903,31 @@ impl TaskService {
                     .iter()
                     .take(run.index as usize)
                     .filter_map(|st| self.read_stage(&run.task, &st.name))
-                    .map(|s| {
-                        let mut t = s.text;
-                        clip_in_place(&mut t, PREVIOUS_MAX);
-                        (s.stage, s.agent, t)
-                    })
                     .collect()
             })
             .unwrap_or_default();
+        // The conversation so far, when every earlier stage recorded its turn.
+        let turns = if earlier.len() == run.index as usize
+            && earlier.iter().all(|s| !s.prompt.is_empty())
+        {
+            earlier
+                .iter()
+                .map(|s| Turn {
+                    user: s.prompt.clone(),
+                    assistant: s.text.clone(),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let previous = earlier
+            .into_iter()
+            .map(|s| {
+                let mut t = s.text;
+                clip_in_place(&mut t, PREVIOUS_MAX);
+                (s.stage, s.agent, t)
+            })
+            .collect();
         let rec = rec?;
         Some(StageJob {
             task: run.task.clone(),
@@ -931,6 +948,7 @@ impl TaskService {
             attempt: run.attempt,
             deadline_ms: run.deadline_ms,
             previous,
+            turns,
         })
     }
 

@@ -193,8 +193,9 @@ async fn every_stage_is_given_its_task_and_the_earlier_stages() {
         if !given_task {
             missing.push(format!("{name}: its task"));
         }
+        // Earlier stages come as the turns they were (their step and their answer).
         for (earlier, _) in &SPARC_STAGES[..i] {
-            if !user.contains(&format!("## {earlier} (")) {
+            if !user.contains(&format!("Your step: {earlier}. ")) {
                 missing.push(format!("{name}: stage {earlier}"));
             }
         }

@@ -34,6 +34,17 @@ pub struct StageJob {
     pub deadline_ms: u64,
     /// Earlier stages' results: (stage, agent, text), clipped.
     pub previous: Vec<(String, String, String)>,
+    /// Earlier stages as the conversation they were: each one's turn and its whole text, when
+    /// every earlier stage recorded its turn (empty otherwise).
+    #[serde(default)]
+    pub turns: Vec<Turn>,
+}
+
+/// One earlier stage as a turn of the conversation: what it was asked, what it answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Turn {
+    pub user: String,
+    pub assistant: String,
 }
 
 /// What a stream opener asks.
