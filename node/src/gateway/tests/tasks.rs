@@ -533,6 +533,7 @@ async fn only_the_submitter_and_admins_see_a_task() {
             node: "n1".into(),
             attempt: 1,
             text: "the spec".into(),
+            prompt: String::new(),
             prompt_tokens: 10,
             completion_tokens: 20,
             duration_ms: 30,
