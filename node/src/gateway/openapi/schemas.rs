@@ -507,6 +507,8 @@ pub(in crate::gateway) struct TaskStats {
     stale_results: u64,
     /// Tasks adopted from owners that died or left.
     adopted: u64,
+    /// Stages sent to another agent because theirs could not take them (not failures).
+    redispatched: u64,
 }
 
 /// Backlog of one priority (`swarm_actors::tasks::Backlog`).
