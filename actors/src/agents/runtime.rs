@@ -301,13 +301,7 @@ impl AgentRuntime {
     }
 
     fn stored_record(&self, id: &str) -> Option<AgentRecord> {
-        let item = self
-            .memory
-            .storage()
-            .memory
-            .get(AGENTS_NAMESPACE, id, now_ms())
-            .ok()??;
-        serde_json::from_str(&item.value_json).ok()
+        crate::tasks::model::read_json(&self.memory, AGENTS_NAMESPACE, id)
     }
 
     /// Write the changed records (best effort: the next flush retries a failed one).

@@ -222,6 +222,21 @@ impl StageRecord {
     }
 }
 
+/// The live value at `namespace`/`key` in this node's replica, decoded from its JSON; `None`
+/// when absent, expired, unreadable or of another shape.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    memory: &crate::Memory,
+    namespace: &str,
+    key: &str,
+) -> Option<T> {
+    let item = memory
+        .storage()
+        .memory
+        .get(namespace, key, super::now_ms())
+        .ok()??;
+    serde_json::from_str(&item.value_json).ok()
+}
+
 /// Lowercase, every run of whitespace one space, trimmed.
 pub fn normalise_objective(objective: &str) -> String {
     objective

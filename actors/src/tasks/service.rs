@@ -35,7 +35,9 @@ use super::dispatcher::{
     Action, Catalog, Dispatcher, Event as DEvent, Limits, Refusal, RunStage, StageError,
     StageOutcome,
 };
-use super::model::{StageRecord, TASKS_NAMESPACE, TaskRecord, TaskStatus, rendezvous, task_hash};
+use super::model::{
+    StageRecord, TASKS_NAMESPACE, TaskRecord, TaskStatus, read_json, rendezvous, task_hash,
+};
 use super::wire::{Reply, Req, StageJob, Turn, WireError};
 use super::{
     AgentAnswer, AgentQuery, AgentView, EventBus, ListQuery, NewEvent, Priority, Submit, Submitted,
@@ -1025,25 +1027,15 @@ impl TaskService {
     // ---- reads of the local replica ----
 
     fn read_task(&self, id: &str) -> Option<TaskRecord> {
-        let item = self
-            .s
-            .memory
-            .storage()
-            .memory
-            .get(TASKS_NAMESPACE, &TaskRecord::key(id), now_ms())
-            .ok()??;
-        serde_json::from_str(&item.value_json).ok()
+        read_json(&self.s.memory, TASKS_NAMESPACE, &TaskRecord::key(id))
     }
 
     fn read_stage(&self, task: &str, stage: &str) -> Option<StageRecord> {
-        let item = self
-            .s
-            .memory
-            .storage()
-            .memory
-            .get(TASKS_NAMESPACE, &StageRecord::key(task, stage), now_ms())
-            .ok()??;
-        serde_json::from_str(&item.value_json).ok()
+        read_json(
+            &self.s.memory,
+            TASKS_NAMESPACE,
+            &StageRecord::key(task, stage),
+        )
     }
 
     /// Every task record here (at most [`SCAN_MAX`]).
@@ -1079,18 +1071,11 @@ impl TaskService {
     }
 
     fn replay(&self, submitter: &str, key: &str) -> Option<TaskRecord> {
-        let item = self
-            .s
-            .memory
-            .storage()
-            .memory
-            .get(
-                TASKS_NAMESPACE,
-                &Self::idempotency_key(submitter, key),
-                now_ms(),
-            )
-            .ok()??;
-        let id: String = serde_json::from_str(&item.value_json).ok()?;
+        let id: String = read_json(
+            &self.s.memory,
+            TASKS_NAMESPACE,
+            &Self::idempotency_key(submitter, key),
+        )?;
         self.read_task(&id)
     }
 
@@ -1693,14 +1678,7 @@ impl TaskApi for TaskService {
 
 impl TaskService {
     fn stored_agent(&self, id: &str) -> Option<AgentRecord> {
-        let item = self
-            .s
-            .memory
-            .storage()
-            .memory
-            .get(super::model::AGENTS_NAMESPACE, id, now_ms())
-            .ok()??;
-        serde_json::from_str(&item.value_json).ok()
+        read_json(&self.s.memory, super::model::AGENTS_NAMESPACE, id)
     }
 
     /// The agent whose specialization or capabilities share the most words with `question`;
