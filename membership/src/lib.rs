@@ -14,6 +14,7 @@
 //!   and partitions.
 
 mod error;
+mod faults;
 mod gossip;
 mod service;
 #[cfg(feature = "sim")]

@@ -279,7 +279,9 @@ impl Endpoint {
         let mut client = quinn::ClientConfig::new(Arc::new(client));
         client.transport_config(transport_config());
 
-        let mut inner = quinn::Endpoint::server(server, addr)
+        // `quinn::Endpoint::server`, with a fault-injecting socket under SWARM_NET_FAULTS (chaos
+        // suite only).
+        let mut inner = crate::faults::server_endpoint(server, addr)
             .map_err(|source| MembershipError::Bind { addr, source })?;
         inner.set_default_client_config(client);
         Ok(Self {

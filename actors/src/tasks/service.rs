@@ -756,12 +756,14 @@ impl TaskService {
             return Ok(());
         }
         let value_json = serde_json::to_string(st).map_err(|e| Error::Encode(e.to_string()))?;
+        // The request id names the task and the epoch that recorded it: a stage recorded by two
+        // epochs (an owner cut off, then adopted) shows in the audit logs as such.
         let caller = Caller::new(
             st.agent.clone(),
             "tasks.record",
             format!("tasks/{}/stage/{}", st.task, st.stage),
         )
-        .with_request_id(st.task.clone());
+        .with_request_id(format!("{}@{}", st.task, st.epoch));
         self.put(caller, key, value_json).await
     }
 
