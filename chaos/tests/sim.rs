@@ -43,14 +43,15 @@ fn the_second_half_of_the_batch_keeps_every_invariant() {
 #[test]
 fn a_seed_replays_exactly() {
     let opts = SimOptions::default();
+    let mut traces = Vec::new();
     for seed in [3, 12] {
         let first = run_seed(seed, &opts).expect("a clean seed");
         let again = run_seed(seed, &opts).expect("a clean seed");
         assert_eq!(first, again, "seed {seed} ran differently the second time");
         assert!(first.faults > 0 && first.writes_acked > 0 && first.tasks_completed > 0);
+        traces.push(first.trace);
     }
-    let other = run_seed(4, &opts).expect("a clean seed");
-    assert_ne!(other.trace, run_seed(3, &opts).expect("a clean seed").trace);
+    assert_ne!(traces[0], traces[1], "two seeds ran the same way");
 }
 
 /// The message of the failure `opts` makes of `seed`.
@@ -98,11 +99,12 @@ fn a_cluster_outside_three_to_seven_nodes_is_refused() {
 }
 
 /// The task shell as `swarm_actors::tasks::service` has it today runs tasks twice outside any
-/// partition: a restarted node adopts before gossip has joined (alone, every owner looks dead),
-/// and a hash whose owner moved to a member that came back is not deduplicated. See
+/// partition: a restarted node adopts before it has caught up and before gossip has joined
+/// (alone, every owner looks dead), an adopter re-runs stages whose results its replica lacks
+/// yet, and a hash whose owner moved to a member that came back is not deduplicated. See
 /// `ShellModel`.
 #[test]
-#[ignore = "fails until the task service adopts only once caught up and joined, and deduplicates against its replica"]
+#[ignore = "fails: today's task service adopts before it has caught up and deduplicates only in its dispatcher (see ShellModel)"]
 fn todays_task_shell_keeps_every_invariant() {
     let opts = SimOptions {
         shell: ShellModel::Current,

@@ -12,9 +12,12 @@
 //! 7. **task stuck**: every task ended (completed, failed, cancelled) or waits in the dead
 //!    letters; no dispatcher still holds one; a completed task has every stage's result.
 //! 8. **stage recorded twice**: a stage's result was written more than once outside a
-//!    partition.
+//!    partition (its aftermath, or gossip wrongly declaring a member down, count as inside).
 //! 9. **ran twice**: a task held by two dispatchers, or two tasks of one hash active, at once,
-//!    outside a partition (and not through the submission fallback).
+//!    outside a partition; two tasks of a hash are also excused when one came from the
+//!    submission fallback (the owner did not answer) or from replication lag (the owner that
+//!    accepted the later one did not hold the earlier one in its replica yet). Excused cases
+//!    are counted in the outcome.
 //! 10. **fencing**: a stage result recorded under another epoch than the one it ran under.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,7 +29,7 @@ use swarm_storage::Version;
 use super::faults::{NOTES, PEOPLE};
 use super::history::{History, Write, secs};
 use super::node::name;
-use super::tasks::stage_names;
+use super::swarm::stage_names;
 use super::world::{World, destroyed, digests};
 
 /// What a key holds on one node.

@@ -5,8 +5,8 @@
 //! synced) or a graceful leave, restarted after a while; a partition into halves, one node
 //! isolated, or one link cut, healed after a while (a new one replaces the old, in gossip and in
 //! the network alike); a storm of loss, duplication and reordering on the network. At least two
-//! nodes stay up, node 0 among them (the gossip simulator rejoins a restarted member through
-//! member 0). The workload is a stream of client operations at random live nodes: writes
+//! nodes stay up. Node 0 is never stopped nor cut off with the smaller side: the gossip
+//! simulator rejoins a restarted member through member 0 alone, and gives member 0 no seeds. The workload is a stream of client operations at random live nodes: writes
 //! (some under a data subject), deletes, erasures of a subject, and task submissions, whose
 //! objectives repeat so that deduplication is exercised.
 
@@ -15,7 +15,7 @@ use rand::seq::SliceRandom;
 
 use super::net::Faults;
 use super::node::name;
-use super::tasks::workflow_names;
+use super::swarm::workflow_names;
 use super::world::{Ev, World};
 
 /// Keys of the plain namespace, and of the namespace whose values belong to data subjects.
@@ -140,14 +140,12 @@ impl World {
                 self.ctx
                     .schedule(now + for_us, Ev::Fault(Fault::Heal(self.partition_gen)));
             }
-            Fault::Heal(generation) => {
-                if generation == self.partition_gen && self.ctx.partitioned {
-                    self.ctx.gossip.heal();
-                    self.ctx.net.heal();
-                    self.ctx.partitioned = false;
-                    self.ctx.disturbed_until_us = now + super::world::GRACE_US;
-                    self.ctx.history.fault(now, "heal the partition");
-                }
+            Fault::Heal(generation) if generation == self.partition_gen && self.ctx.partitioned => {
+                self.ctx.gossip.heal();
+                self.ctx.net.heal();
+                self.ctx.partitioned = false;
+                self.ctx.disturbed_until_us = now + super::world::GRACE_US;
+                self.ctx.history.fault(now, "heal the partition");
             }
             Fault::Storm { faults, for_us } if faulty => {
                 self.storm_gen += 1;
@@ -163,13 +161,12 @@ impl World {
                 self.ctx
                     .schedule(now + for_us, Ev::Fault(Fault::Calm(self.storm_gen)));
             }
-            Fault::Calm(generation) => {
-                if generation == self.storm_gen {
-                    self.ctx.net.faults = self.baseline;
-                    self.ctx.history.fault(now, "storm over");
-                }
+            Fault::Calm(generation) if generation == self.storm_gen => {
+                self.ctx.net.faults = self.baseline;
+                self.ctx.history.fault(now, "storm over");
             }
-            // A fault drawn for after the faulty phase: nothing.
+            // A fault drawn for after the faulty phase, or a heal or calm that a later fault
+            // superseded: nothing.
             _ => {}
         }
         Ok(())
@@ -178,28 +175,28 @@ impl World {
     /// A new partition, replacing the one in force (in gossip and in the network alike).
     fn partition(&mut self, split: Split) {
         let n = self.nodes.len() as u32;
-        let mut all: Vec<u32> = (0..n).collect();
-        all.shuffle(&mut self.ctx.rng);
+        // Node 0 stays on the larger side: the gossip simulator gives it no seeds, so a node 0
+        // cut off while the others restart would never hear of them again (real nodes have
+        // every other node as a seed).
+        let mut others: Vec<u32> = (1..n).collect();
+        others.shuffle(&mut self.ctx.rng);
         self.ctx.gossip.heal();
         self.ctx.net.heal();
         let what = match split {
-            Split::Halves => {
-                let side = &all[..(n / 2) as usize];
+            Split::Halves | Split::Isolate => {
+                let size = if split == Split::Halves { n / 2 } else { 1 };
+                let side = &others[..size as usize];
                 self.ctx.gossip.partition(side);
                 self.ctx.net.partition(side);
                 let names: Vec<String> = side.iter().map(|i| name(*i)).collect();
                 format!("partition {} from the rest", names.join(", "))
             }
-            Split::Isolate => {
-                let side = &all[..1];
-                self.ctx.gossip.partition(side);
-                self.ctx.net.partition(side);
-                format!("isolate {}", name(all[0]))
-            }
             Split::Link => {
-                self.ctx.gossip.cut(all[0], all[1]);
-                self.ctx.net.cut(all[0], all[1]);
-                format!("cut the link {} - {}", name(all[0]), name(all[1]))
+                let a = self.ctx.rng.random_range(0..n);
+                let b = (a + self.ctx.rng.random_range(1..n)) % n;
+                self.ctx.gossip.cut(a, b);
+                self.ctx.net.cut(a, b);
+                format!("cut the link {} - {}", name(a), name(b))
             }
         };
         self.partition_gen += 1;

@@ -17,14 +17,20 @@
 //! workload of writes, deletes, erasures and task submissions. After the faults everything
 //! heals, every node restarts, the cluster settles, and the checks run (see `check`).
 //!
+//! Left out: tombstone collection, overflowing push queues, clock skew beyond a few hundred
+//! milliseconds, cancel and requeue, idempotency keys, the event relay, escalation records and
+//! agent placement by roster (an agent's home is the rendezvous of its id over the live
+//! members). The task shell starts a stage at once rather than after the writes before it are
+//! acknowledged, and which shell it is, today's or the proposed one, is [`ShellModel`].
+//!
 //! Everything random is drawn from one generator seeded with the seed (gossip and every
 //! dispatcher get their seeds from it), and nothing reads a real clock, so a seed replays
 //! exactly: `swarm-chaos sim --seeds 1 --first-seed SEED`.
 //!
 //! Layout: `world` (the cluster, its event loop and phases), `faults` (the fault schedule and
 //! the workload), `node` (a node's disk and process: store and replication shell), `tasks` (the
-//! task shell), `net` (the network), `disk` (the simulated disk), `history` (what happened) and
-//! `check` (the invariants).
+//! task shell), `swarm` (the agents and workflows), `net` (the network), `disk` (the simulated
+//! disk), `history` (what happened) and `check` (the invariants).
 
 mod check;
 mod disk;
@@ -32,6 +38,7 @@ mod faults;
 mod history;
 mod net;
 mod node;
+mod swarm;
 mod tasks;
 mod world;
 
@@ -62,7 +69,7 @@ pub struct SimOptions {
     pub reorder: f64,
     /// Highest probability that a gossip packet is lost.
     pub gossip_loss: f64,
-    /// Probability that a stage fails (retryably) on its agent.
+    /// Probability that a stage fails on its agent (one failure in ten cannot be retried).
     pub stage_failure: f64,
     /// The task shell the nodes run around their dispatchers.
     pub shell: ShellModel,
@@ -98,9 +105,12 @@ pub enum ShellModel {
     /// deduplicates a submission only against what its own dispatcher holds (so a task whose
     /// hash moved to a member that came back runs twice).
     Current,
-    /// With the two changes this simulation proposes: no scan for orphans before the node has
-    /// caught up (as the gateway waits), and a submission is also deduplicated against an
-    /// unfinished task of the same hash in the owner's replica.
+    /// With the changes this simulation proposes: orphans are looked for only once the node
+    /// has caught up and has completed an anti-entropy round with every live peer since
+    /// membership last changed (so the stage results the dead owner's `w=2` peer holds are
+    /// here); an owner counts as gone only when gossip says it is down or has left, not when
+    /// it is merely missing from a view that is still forming; and a submission is also
+    /// deduplicated against an unfinished task of the same hash in the owner's replica.
     #[default]
     Fixed,
 }
@@ -189,14 +199,18 @@ pub fn run_seed(seed: u64, opts: &SimOptions) -> Result<SimOutcome, Error> {
         if let Some(reason) = &w.unsettled {
             msg.push_str(&format!("; never quiet after the heal: {reason}"));
         }
-        if let Some(at) = first.at_us {
-            let faults = w
-                .ctx
-                .history
-                .faults_between(at.saturating_sub(30_000_000), at + 30_000_000);
-            if !faults.is_empty() {
-                msg.push_str(&format!("; faults around it: {}", faults.join(", ")));
-            }
+        // The faults within half a minute of it, or all of them when it has no time.
+        let (from, to, label) = match first.at_us {
+            Some(at) => (
+                at.saturating_sub(30_000_000),
+                at + 30_000_000,
+                "faults around it",
+            ),
+            None => (0, u64::MAX, "faults"),
+        };
+        let faults = w.ctx.history.faults_between(from, to);
+        if !faults.is_empty() {
+            msg.push_str(&format!("; {label}: {}", faults.join(", ")));
         }
         return Err(sim_error(msg));
     }

@@ -34,7 +34,7 @@ pub(crate) const AE_EVERY_US: u64 = 5_000_000;
 /// A round whose peer says nothing for this long is given up.
 const ROUND_IDLE_US: u64 = 10_000_000;
 /// Catch-up before serving: alone this long, it serves as it is; it serves anyway after the limit.
-pub(crate) const CATCH_UP_ALONE_US: u64 = 2_000_000;
+const CATCH_UP_ALONE_US: u64 = 2_000_000;
 const CATCH_UP_LIMIT_US: u64 = 10_000_000;
 
 /// Node `i`'s name, as gossip and the stores know it.
@@ -51,6 +51,30 @@ pub(crate) fn index(name: &str) -> Option<u32> {
 /// messages in the order of the protocol's hash maps, which is not the same from run to run.)
 fn limits() -> Limits {
     Limits::default()
+}
+
+/// Every namespace the workload uses, with a record of this node's in each, from the first
+/// boot: an anti-entropy responder then never lacks two namespaces its initiator has, whose
+/// order the protocol takes from a hash map (so a round would not go the same way twice).
+fn mark_namespaces(storage: &Storage, node: &str, now_ms: u64) -> Result<(), String> {
+    let namespaces = [
+        super::faults::NOTES.0,
+        super::faults::PEOPLE.0,
+        swarm_actors::tasks::model::TASKS_NAMESPACE,
+    ];
+    for ns in namespaces {
+        let req = PutRequest {
+            value_json: "{}".into(),
+            ..PutRequest::default()
+        };
+        storage
+            .memory
+            .put(ns, &format!("_sim_{node}"), req, now_ms)
+            .map_err(|e| format!("{node} cannot mark {ns}: {e}"))?;
+    }
+    storage
+        .sync()
+        .map_err(|e| format!("{node} cannot sync: {e}"))
 }
 
 /// A node: its disk, and its process when one runs.
@@ -88,6 +112,9 @@ impl Node {
     pub(crate) fn boot(&mut self, ctx: &mut Ctx) -> Result<u64, String> {
         let storage = self.open_storage()?;
         self.boots += 1;
+        if self.boots == 1 {
+            mark_namespaces(&storage, &name(self.id), ctx.now_ms(self.id))?;
+        }
         let hook: RefusalHook = Arc::new(|_: &str, _: &str, _: &str| {});
         let local = Local {
             storage,
@@ -109,6 +136,7 @@ impl Node {
             next_ae_us: ctx.now_us + ctx.rng.random_range(0..AE_EVERY_US),
             last_live: BTreeSet::new(),
             synced: false,
+            synced_with: BTreeMap::new(),
             tasks,
         });
         Ok(self.boots)
@@ -177,6 +205,8 @@ pub(crate) struct Proc {
     last_live: BTreeSet<u32>,
     /// An anti-entropy round completed (either side) since start.
     synced: bool,
+    /// When a round with each peer last completed (either side).
+    synced_with: BTreeMap<u32, u64>,
     pub(crate) tasks: TaskShell,
 }
 
@@ -231,8 +261,9 @@ impl Proc {
         Ok(delta)
     }
 
-    /// Push `delta` to every live peer, acknowledged (`w=2`) when `then` waits for it. False
-    /// when no peer is alive (the shell's `NoReplica`).
+    /// Push `delta` to every live peer; with `ack` they acknowledge it once durable, and the
+    /// first reply (or none within [`W2_TIMEOUT_US`]) answers `then`. False when no peer is
+    /// alive (the shell's `NoReplica`).
     pub(crate) fn push(
         &mut self,
         ctx: &mut Ctx,
@@ -506,6 +537,7 @@ impl Proc {
                 if finished {
                     self.rounds.remove(&round);
                     self.synced = true;
+                    self.synced_with.insert(from, ctx.now_us);
                     if initiator {
                         ctx.counts.ae_rounds += 1;
                         ctx.counts.ae_entries += entries;
@@ -608,6 +640,25 @@ impl Proc {
             self.catch_up_tries += 1;
             self.start_round(ctx, p);
         }
+    }
+
+    /// Whether a round with each of `peers` completed at `since` or later; starts one with each
+    /// peer that has none (and none running).
+    pub(crate) fn synced_since(&mut self, ctx: &mut Ctx, peers: &[u32], since: u64) -> bool {
+        let behind: Vec<u32> = peers
+            .iter()
+            .copied()
+            .filter(|p| self.synced_with.get(p).is_none_or(|t| *t < since))
+            .collect();
+        for p in &behind {
+            self.start_round(ctx, *p);
+        }
+        behind.is_empty()
+    }
+
+    /// How long this process has run.
+    pub(crate) fn uptime(&self, now: u64) -> u64 {
+        now.saturating_sub(self.started_us)
     }
 
     /// How long gossip has shown this process no live peer (0 when it shows one).

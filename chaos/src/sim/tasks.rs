@@ -23,14 +23,15 @@ use std::rc::Rc;
 
 use rand::RngExt;
 use swarm_actors::tasks::dispatcher::{
-    Action, AgentProfile, Catalog, Dispatcher, Event, Limits, Refusal, RunStage, StageDef,
-    StageError, StageOutcome, StageSuccess,
+    Action, Dispatcher, Event, Refusal, RunStage, StageError, StageOutcome, StageSuccess,
 };
 use swarm_actors::tasks::model::TASKS_NAMESPACE;
-use swarm_actors::tasks::{Priority, StageRecord, TaskRecord, TaskStatus, rendezvous, task_hash};
+use swarm_actors::tasks::{StageRecord, TaskRecord, rendezvous};
+use swarm_membership::MemberState;
 
 use super::net::{Class, Msg};
 use super::node::{Proc, Then, name};
+use super::swarm::{AGENT_MAX_LOAD, agent_ids, catalog, limits, new_record, stage_names};
 use super::world::{Ctx, Ev, RemoteRun};
 use super::{Sabotage, ShellModel};
 
@@ -44,115 +45,11 @@ const SCAN_AFTER_CHANGE_FOR_US: u64 = 30_000_000;
 const CALL_TIMEOUT_US: u64 = 15_000_000;
 /// How long it takes to find a peer unreachable (a connection that fails, a stream that breaks).
 pub(crate) const UNREACHABLE_US: u64 = 1_000_000;
-/// Stages an agent runs at once on its home.
-const AGENT_MAX_LOAD: u32 = 2;
 /// How long a stage runs (µs).
 const STAGE_US: (u64, u64) = (200_000, 4_000_000);
-/// A stage that runs longer counts as failed.
-const STAGE_TIMEOUT_MS: u64 = 20_000;
-
-/// The workflows: name → stages (name, kind).
-const WORKFLOWS: [(&str, &[(&str, &str)]); 2] = [
-    (
-        "sparc",
-        &[("plan", "planner"), ("code", "coder"), ("review", "critic")],
-    ),
-    ("quick", &[("answer", "coder")]),
-];
-/// Agents: id, capabilities, kinds it runs.
-const AGENTS: [(&str, &str, &[&str]); 5] = [
-    ("a1", "planning", &["planner"]),
-    ("a2", "planning", &["planner", "coder"]),
-    ("a3", "rust", &["coder"]),
-    ("a4", "review", &["coder", "critic"]),
-    ("a5", "testing", &["critic"]),
-];
-
-/// The swarm every dispatcher knows.
-pub(crate) fn catalog() -> Catalog {
-    let workflows = WORKFLOWS
-        .iter()
-        .map(|(w, stages)| {
-            let defs = stages
-                .iter()
-                .map(|(s, kind)| StageDef {
-                    name: s.to_string(),
-                    kind: kind.to_string(),
-                    max_tokens: 256,
-                })
-                .collect();
-            (w.to_string(), defs)
-        })
-        .collect();
-    let mut kinds: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (id, _, runs) in AGENTS {
-        for k in runs {
-            kinds.entry(k.to_string()).or_default().push(id.to_string());
-        }
-    }
-    let agents = AGENTS
-        .iter()
-        .map(|(id, cap, _)| AgentProfile {
-            id: id.to_string(),
-            capabilities: vec![cap.to_string()],
-            specialization: cap.to_string(),
-            max_load: AGENT_MAX_LOAD,
-        })
-        .collect();
-    Catalog {
-        workflows,
-        kinds,
-        agents,
-        coordinator: "a1".into(),
-    }
-}
-
-/// The names of a workflow's stages.
-pub(crate) fn stage_names(workflow: &str) -> Vec<&'static str> {
-    WORKFLOWS
-        .iter()
-        .find(|(w, _)| *w == workflow)
-        .map(|(_, s)| s.iter().map(|(n, _)| *n).collect())
-        .unwrap_or_default()
-}
-
-/// Workflow names, for the workload.
-pub(crate) fn workflow_names() -> Vec<&'static str> {
-    WORKFLOWS.iter().map(|(w, _)| *w).collect()
-}
-
-/// A new task as the gateway builds it before the dispatcher takes it.
-pub(crate) fn new_record(id: String, objective: &str, workflow: &str, now_ms: u64) -> TaskRecord {
-    TaskRecord {
-        id,
-        hash: task_hash(objective, &serde_json::Value::Null),
-        objective: objective.to_string(),
-        task_definition: None,
-        priority: Priority::Normal,
-        workflow: workflow.to_string(),
-        context: serde_json::Value::Null,
-        capabilities: Vec::new(),
-        submitter: "client".into(),
-        idempotency_key: None,
-        created_ms: now_ms,
-        deadline_ms: now_ms + 3_600_000,
-        token_budget: 1_000_000,
-        tokens_used: 0,
-        status: TaskStatus::Pending,
-        epoch: 0,
-        owner: String::new(),
-        stages_total: 0,
-        stage: 0,
-        current: None,
-        failures: 0,
-        failed_agents: Vec::new(),
-        agents_involved: Vec::new(),
-        error: None,
-        started_ms: None,
-        finished_ms: None,
-        updated_ms: now_ms,
-    }
-}
+/// A member gossip does not know counts as gone once the process has been up this long (the
+/// fixed shell).
+const FORGOTTEN_AFTER_US: u64 = 30_000_000;
 
 /// Where the answer to a submission goes.
 #[derive(Debug, Clone)]
@@ -203,17 +100,12 @@ pub(crate) struct TaskShell {
 
 impl TaskShell {
     pub(crate) fn new(ctx: &mut Ctx, node: u32, boot: u64) -> Self {
-        let limits = Limits {
-            node: name(node),
-            queue_bound: 64,
-            concurrency: 3,
-            max_retries: 3,
-            retry_delay_ms: 1000,
-            stage_timeout_ms: STAGE_TIMEOUT_MS,
-            seed: ctx.rng.random::<u64>() ^ (u64::from(node) << 32) ^ boot,
-        };
+        let limits = limits(
+            node,
+            ctx.rng.random::<u64>() ^ (u64::from(node) << 32) ^ boot,
+        );
         let mut d = Dispatcher::new(limits, catalog());
-        let all: Vec<String> = AGENTS.iter().map(|(id, _, _)| id.to_string()).collect();
+        let all = agent_ids();
         // Every agent has a home while any node lives; nothing is queued yet.
         let _ = d.set_online(ctx.now_ms(node), &all);
         Self {
@@ -531,10 +423,7 @@ impl Proc {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         let now = ctx.now_ms(self.id);
-        loop {
-            let Ok(page) = store.list(TASKS_NAMESPACE, "task:", after.as_deref(), 500, now) else {
-                break;
-            };
+        while let Ok(page) = store.list(TASKS_NAMESPACE, "task:", after.as_deref(), 500, now) {
             let n = page.len();
             after = page.last().map(|i| i.key.clone());
             out.extend(
@@ -619,10 +508,17 @@ impl Proc {
         *load += 1;
         let took = ctx.rng.random_range(STAGE_US.0..STAGE_US.1);
         let result = if ctx.rng.random_bool(ctx.stage_failure) {
+            // One failure in ten cannot be retried: the task fails.
+            let retryable = ctx.rng.random_range(0..10) > 0;
             Err(StageError {
-                code: "agent_error".into(),
+                code: if retryable {
+                    "agent_error"
+                } else {
+                    "bad_output"
+                }
+                .into(),
                 message: "the agent failed".into(),
-                retryable: true,
+                retryable,
             })
         } else {
             Ok(StageSuccess {
@@ -728,12 +624,18 @@ impl Proc {
                 }
                 Some(t) => now - t >= SCAN_EVERY_US,
             };
-            // The fixed shell waits until the node has caught up (its replica is current) and
-            // gossip has joined (or shown it alone for the catch-up's time); today's scans
-            // from the first look.
-            let joined =
-                self.tasks.view.len() > 1 || self.alone_for(now) >= super::node::CATCH_UP_ALONE_US;
-            let ready = ctx.shell == ShellModel::Current || (self.serving && joined);
+            // The fixed shell scans once the node has caught up, and has completed a round
+            // with every live peer since membership last changed: the results the dead owner
+            // wrote are then here, from whichever peer acknowledged them. Today's scans from
+            // the first look.
+            let ready = match ctx.shell {
+                ShellModel::Current => true,
+                ShellModel::Fixed => {
+                    let peers = ctx.live_peers(self.id);
+                    let since = self.tasks.changed_us;
+                    self.serving && self.synced_since(ctx, &peers, since)
+                }
+            };
             if due && ready {
                 self.tasks.scanned_us = Some(now);
                 self.adopt_orphans(ctx);
@@ -755,7 +657,20 @@ impl Proc {
             if rec.status.is_finished() || self.tasks.d.task(&rec.id).is_some() {
                 continue;
             }
-            let owner_alive = rec.owner != me && live.contains(&rec.owner);
+            let owner_alive = rec.owner != me
+                && match ctx.shell {
+                    ShellModel::Current => live.contains(&rec.owner),
+                    // Gone only when gossip says so: a member missing from a view that is
+                    // still forming (a restart) is not dead; one gossip has forgotten (down
+                    // for minutes) is, once this process has been up a while.
+                    ShellModel::Fixed => match super::node::index(&rec.owner)
+                        .map(|o| ctx.gossip.state_seen(self.id, o))
+                    {
+                        Some(Some(MemberState::Down | MemberState::Left)) => false,
+                        Some(Some(_)) => true,
+                        Some(None) | None => self.uptime(ctx.now_us) < FORGOTTEN_AFTER_US,
+                    },
+                };
             // The sabotage: owners that live are not asked, their tasks taken anyway.
             let sabotage = ctx.sabotage == Some(Sabotage::AdoptFromLiveOwners);
             if owner_alive && !sabotage {

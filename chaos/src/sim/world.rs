@@ -625,7 +625,7 @@ impl World {
                 }
             }
         }
-        let mut first: Option<(BTreeMap<String, (u64, u64)>, Vec<String>)> = None;
+        let mut first: Option<Replica> = None;
         for node in &self.nodes {
             let p = node.proc.as_ref()?;
             let state = (digests(p.storage()), destroyed(p.storage()));
@@ -675,6 +675,9 @@ impl World {
         Ok(())
     }
 }
+
+/// What two replicas must agree on: every namespace's (root, count), the destroyed subjects.
+type Replica = (BTreeMap<String, (u64, u64)>, Vec<String>);
 
 /// Root and count of every namespace of a store.
 pub(crate) fn digests(s: &swarm_storage::Storage) -> BTreeMap<String, (u64, u64)> {
