@@ -54,6 +54,9 @@ const CMD_QUEUE: usize = 4096;
 const VIEW_EVERY: Duration = Duration::from_millis(250);
 /// How often unfinished tasks of dead owners are looked for, outside membership changes.
 const SCAN_EVERY: Duration = Duration::from_secs(10);
+/// How long after start a member missing from the view (neither alive nor declared gone) is
+/// taken for gone: by then gossip has joined and has heard of every member that is alive.
+const VIEW_FORMS_IN: Duration = Duration::from_secs(20);
 /// After a membership change, scan this often for a while (records of a dead owner may reach
 /// this node by anti-entropy after the change).
 const SCAN_AFTER_CHANGE: Duration = Duration::from_secs(1);
@@ -76,6 +79,11 @@ pub trait TaskPeers: Send + Sync {
     fn name(&self) -> &str;
     /// Live members, this node included: name, whether it hosts agents.
     fn live(&self) -> Vec<(String, bool)>;
+    /// Members gossip has declared `down` or `left` (not merely missing from a view that is
+    /// still forming).
+    fn gone(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Opens a tasks stream to `peer`.
     fn open(&self, peer: &str) -> BoxFuture<'_, Result<StreamPair, Error>>;
 }
@@ -113,6 +121,16 @@ impl TaskPeers for QuicTaskPeers {
         out.push((me, self.hosts_here));
         out.sort();
         out
+    }
+
+    fn gone(&self) -> Vec<String> {
+        self.membership
+            .view()
+            .members
+            .into_iter()
+            .filter(|m| matches!(m.state, MemberState::Down | MemberState::Left))
+            .map(|m| m.name)
+            .collect()
     }
 
     fn open(&self, peer: &str) -> BoxFuture<'_, Result<StreamPair, Error>> {
@@ -291,6 +309,7 @@ impl TaskService {
         let mut last_view = tokio::time::Instant::now() - VIEW_EVERY;
         let mut last_scan: Option<tokio::time::Instant> = None;
         let mut changed_at = tokio::time::Instant::now();
+        let started = tokio::time::Instant::now();
         loop {
             let wake = d
                 .next_wakeup()
@@ -327,7 +346,7 @@ impl TaskService {
                 };
                 if due {
                     last_scan = Some(tokio::time::Instant::now());
-                    self.adopt_orphans(&mut d, &view);
+                    self.adopt_orphans(&mut d, &view, started.elapsed());
                 }
             }
             let actions = d.tick(now_ms());
@@ -543,17 +562,23 @@ impl TaskService {
         self.execute(actions, None);
     }
 
-    /// Adopt the unfinished tasks whose owner is no longer alive and whose hash this node now
-    /// owns, and (at start) the unfinished ones this node owned before.
-    fn adopt_orphans(&self, d: &mut Dispatcher, view: &[(String, bool)]) {
+    /// Adopt the unfinished tasks whose owner is gone and whose hash this node now owns, and
+    /// (at start) the unfinished ones this node owned before. An owner is gone when gossip
+    /// says it is down or has left; one merely missing from the view counts only once the view
+    /// has had [`VIEW_FORMS_IN`] to form (a node just started sees itself alone, and adopting
+    /// then would run the live owners' tasks twice: the simulation of the chaos suite found it).
+    fn adopt_orphans(&self, d: &mut Dispatcher, view: &[(String, bool)], since_start: Duration) {
         let live: Vec<&str> = view.iter().map(|(n, _)| n.as_str()).collect();
+        let gone = self.s.peers.gone();
+        let formed = since_start >= VIEW_FORMS_IN;
         let mut adopted = 0usize;
         for rec in self.scan_tasks() {
             if rec.status.is_finished() || d.task(&rec.id).is_some() {
                 continue;
             }
-            let owner_alive = rec.owner != self.s.node && live.contains(&rec.owner.as_str());
-            if owner_alive {
+            let owner_gone = rec.owner != self.s.node
+                && (gone.contains(&rec.owner) || (formed && !live.contains(&rec.owner.as_str())));
+            if rec.owner != self.s.node && !owner_gone {
                 continue;
             }
             let mine = rec.owner == self.s.node

@@ -99,11 +99,14 @@ impl Default for SimOptions {
 /// Which task shell the simulated nodes run around their dispatchers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ShellModel {
-    /// What `swarm_actors::tasks::service` does today: it scans for orphaned tasks from its
-    /// first look at membership (a restarted node, before it has caught up and before gossip
-    /// has joined, sees itself alone and adopts every unfinished task of its replica), and
-    /// deduplicates a submission only against what its own dispatcher holds (so a task whose
-    /// hash moved to a member that came back runs twice).
+    /// What `swarm_actors::tasks::service` did when this simulation was written: it scanned
+    /// for orphaned tasks from its first look at membership (a restarted node, before it has
+    /// caught up and before gossip has joined, sees itself alone and adopts every unfinished
+    /// task of its replica), and deduplicates a submission only against what its own
+    /// dispatcher holds (so a task whose hash moved to a member that came back runs twice).
+    /// The service now takes an owner for gone only when gossip says `down` or `left` (or, 20 s
+    /// after start, when it is still missing from the view); it does not yet wait for an
+    /// anti-entropy round before scanning, nor deduplicate against its replica.
     Current,
     /// With the changes this simulation proposes: orphans are looked for only once the node
     /// has caught up and has completed an anti-entropy round with every live peer since
