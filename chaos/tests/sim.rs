@@ -9,7 +9,7 @@ use swarm_chaos::sim::{Sabotage, ShellModel, SimOptions, run_seed};
 
 /// Seeds in each half of the batch (two tests, so that two cores share it). A seed takes about
 /// a second in a debug build.
-const HALF: u64 = 24;
+const HALF: u64 = 20;
 
 /// The failures among `seeds`, one line each.
 fn failures(seeds: Range<u64>, opts: &SimOptions) -> Vec<String> {
