@@ -21,7 +21,7 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(name: &'static str, summary: String, mut violations: Vec<String>) -> Self {
+    pub(crate) fn new(name: &'static str, summary: String, mut violations: Vec<String>) -> Self {
         let n = violations.len();
         violations.truncate(50);
         if n > 50 {

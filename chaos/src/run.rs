@@ -223,12 +223,12 @@ pub fn run(opts: &RunOptions, scenario: Scenario, skipped: Vec<String>) -> Resul
         .map(|o| o.key.clone())
         .collect();
     let mut checks = Vec::new();
-    checks.push(Check::new_simple(
+    checks.push(Check::new(
         "faults_applied",
         format!("{} faults applied and undone", plan.len()),
         fault_errors,
     ));
-    checks.push(Check::new_simple(
+    checks.push(Check::new(
         "membership_converged",
         match membership_s {
             Some(s) => format!("every node saw every other alive {s:.1} s after the heal"),
@@ -276,7 +276,7 @@ pub fn run(opts: &RunOptions, scenario: Scenario, skipped: Vec<String>) -> Resul
     checks.push(success);
     checks.push(audit_chains(&clients));
     if false_deaths > 0 {
-        checks.push(Check::new_simple(
+        checks.push(Check::new(
             "no_false_member_death",
             format!("{false_deaths} nodes seen down with no fault to explain it"),
             vec![format!(
@@ -628,7 +628,7 @@ fn audit_chains(clients: &[Client]) -> Check {
             Err(e) => bad.push(format!("node-{}: {e}", i + 1)),
         }
     }
-    Check::new_simple(
+    Check::new(
         "audit_chains_verify",
         format!(
             "{entries} audit entries verified on {} nodes",
@@ -689,16 +689,6 @@ fn count_false_deaths(obs: &[Observation], plan: &[Planned]) -> u64 {
         }
     }
     seen.len() as u64
-}
-
-impl Check {
-    /// A check from its violations.
-    pub(crate) fn new_simple(name: &'static str, summary: String, violations: Vec<String>) -> Self {
-        let mut c = Check::failed(name, summary);
-        c.ok = violations.is_empty();
-        c.violations = violations;
-        c
-    }
 }
 
 /// Where a run writes by default: `chaos-out/<scenario>-<seed>`.
