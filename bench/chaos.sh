@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # The chaos suite's figures: every scenario of chaos/scenarios (the smoke one aside) at each
 # node count of NODES (default "3 5"), SEEDS seeds each (default 5, seeds 1..SEEDS), with release
-# builds; then one table of what BENCHMARKS.md reports. Root for the network faults.
+# builds (FIRST_SEED moves the first seed, to add seeds to an earlier run); then one table of
+# what BENCHMARKS.md reports, over every run folder there. Root for the network faults.
 # Each run's folder (report.json, history.jsonl, timeline.svg, the nodes' logs) stays under
-# target/chaos-figures/. Usage: [NODES="3 5"] [SEEDS=5] [SCENARIOS="kill-restart pause"] bench/chaos.sh
+# target/chaos-figures/. Usage: [NODES="3 5"] [SEEDS=5] [FIRST_SEED=1] [SCENARIOS="kill-restart pause"] bench/chaos.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 nodes=${NODES:-3 5}
 seeds=${SEEDS:-5}
+first=${FIRST_SEED:-1}
 scenarios=${SCENARIOS:-kill-restart partition-heal flaky-network pause rolling-restart}
 cargo build --release -q -p swarm-node -p swarm-chaos || exit 1
 out=target/chaos-figures
 mkdir -p "$out"
 for s in $scenarios; do
   for n in $nodes; do
-    for seed in $(seq 1 "$seeds"); do
+    for seed in $(seq "$first" $((first + seeds - 1))); do
       dir=$out/$s-$n-$seed
       target/release/swarm-chaos run --scenario "chaos/scenarios/$s.toml" --nodes "$n" \
         --seed "$seed" --out "$dir" >"$dir.log" 2>&1

@@ -396,7 +396,7 @@ pub fn tasks(
 }
 
 /// Gateway success on live nodes during faults: the share of requests, to nodes that were up
-/// and started while a fault was on, that got a clear answer.
+/// and started while a fault was on, that were served ([`Op::served`]).
 pub fn gateway_success(ops: &[Op], faults: &[Planned], min: f64) -> (Check, f64) {
     let during: Vec<&Op> = ops
         .iter()
@@ -407,18 +407,18 @@ pub fn gateway_success(ops: &[Op], faults: &[Planned], min: f64) -> (Check, f64)
             })
         })
         .collect();
-    let answered = during.iter().filter(|o| o.answered()).count();
+    let served = during.iter().filter(|o| o.served()).count();
     let share = if during.is_empty() {
         1.0
     } else {
-        answered as f64 / during.len() as f64
+        served as f64 / during.len() as f64
     };
     let bad = if share >= min {
         Vec::new()
     } else {
         during
             .iter()
-            .filter(|o| !o.answered())
+            .filter(|o| !o.served())
             .map(|o| {
                 format!(
                     "op {} to node-{} at {} ms: {}",
@@ -431,7 +431,7 @@ pub fn gateway_success(ops: &[Op], faults: &[Planned], min: f64) -> (Check, f64)
         Check::new(
             "gateway_success",
             format!(
-                "{answered} of {} requests to live nodes during faults answered ({:.2}%, bound {:.0}%)",
+                "{served} of {} requests to live nodes during faults served ({:.2}%, bound {:.0}%)",
                 during.len(),
                 share * 100.0,
                 min * 100.0
@@ -626,8 +626,21 @@ mod tests {
             delay_ms: 0,
             jitter_ms: 0,
         };
-        let (c, share) = gateway_success(&[a, b, dead], &[fault], 0.99);
+        let (c, share) = gateway_success(&[a.clone(), b, dead], std::slice::from_ref(&fault), 0.99);
         assert!(!c.ok);
         assert!((share - 0.5).abs() < 1e-9);
+
+        // A 5xx is a failure, but for the refusal of a w=2 write on a node cut off.
+        let mut timeout = a.clone();
+        timeout.status = Some(503);
+        timeout.code = "timeout".into();
+        let mut cut_off = timeout.clone();
+        cut_off.code = "no_replica".into();
+        cut_off.in_partition = true;
+        let mut refused = a.clone();
+        refused.status = Some(429);
+        refused.code = "queue_full".into();
+        let (_, share) = gateway_success(&[a, timeout, cut_off, refused], &[fault], 0.99);
+        assert!((share - 0.75).abs() < 1e-9, "{share}");
     }
 }

@@ -75,6 +75,9 @@ impl Cluster {
     /// `swarm init` for `scenario.nodes` nodes in `dir`, each moved to its own address, serving
     /// the tiny test model (written into `dir`) for chat completions.
     pub fn init(swarm: &Path, dir: &Path, scenario: &Scenario) -> Result<Self, Error> {
+        // Absolute: a node resolves relative paths of its config (the model's) from its folder.
+        let dir = &std::path::absolute(dir)
+            .map_err(|e| Error::io(format!("resolve {}", dir.display()), e))?;
         let n = scenario.nodes;
         let mut args: Vec<String> = [
             "init",

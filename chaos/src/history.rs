@@ -78,13 +78,18 @@ impl Op {
         matches!(self.status, Some(200..=299))
     }
 
-    /// Answered clearly: a success or a stated refusal. A dropped connection, a timeout or an
-    /// internal error is not.
-    pub fn answered(&self) -> bool {
+    /// Served: a success, a refusal of the request itself (4xx: bad input, a full queue, a
+    /// finished task), or the refusal a partition calls for (a `w=2` write with no peer to
+    /// acknowledge it, on a node cut off). Any other 5xx (a timeout, a model that is not
+    /// there, an internal error), a dropped connection or no answer is a failure.
+    pub fn served(&self) -> bool {
         match self.status {
+            Some(s) if s < 500 => true,
+            Some(_) => {
+                self.in_partition
+                    && matches!(self.code.as_str(), "no_replica" | "replication_timeout")
+            }
             None => false,
-            Some(500) => false,
-            Some(_) => self.code != "internal",
         }
     }
 }

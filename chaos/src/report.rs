@@ -166,7 +166,7 @@ fn per_second(ops: &[Op], nodes: u32, seconds: usize) -> Vec<Vec<(u32, u32, f64)
         }
         if op.acked() {
             out[n][sec].0 += 1;
-        } else if !op.answered() {
+        } else if !op.served() {
             out[n][sec].1 += 1;
         }
         lat[n][sec].push(op.end_ms - op.start_ms);
@@ -183,7 +183,7 @@ fn per_second(ops: &[Op], nodes: u32, seconds: usize) -> Vec<Vec<(u32, u32, f64)
     out
 }
 
-/// Three panels over the run's seconds: acknowledged ops/s, unanswered ops/s and p99 latency,
+/// Three panels over the run's seconds: acknowledged ops/s, failed ops/s and p99 latency,
 /// one line per node, with every fault as a shaded band.
 pub fn timeline(
     path: &Path,
@@ -204,7 +204,11 @@ pub fn timeline(
             ("sans-serif", 18),
         )?;
         let panels = root.split_evenly((3, 1));
-        let titles = ["acknowledged ops/s", "unanswered ops/s", "p99 latency (ms)"];
+        let titles = [
+            "acknowledged ops/s",
+            "failed ops/s (5xx, no answer)",
+            "p99 latency (ms)",
+        ];
         for (p, (area, title)) in panels.iter().zip(titles).enumerate() {
             let value = |t: &(u32, u32, f64)| match p {
                 0 => t.0 as f64,

@@ -94,6 +94,7 @@ pub fn run(opts: &RunOptions, scenario: Scenario, skipped: Vec<String>) -> Resul
             "the nodes did not all see each other alive within 30 s".into(),
         ));
     }
+    wait_models(&clients, Duration::from_secs(30))?;
     eprintln!(
         "swarm-chaos: {n} nodes up in {}; workload and faults for {:?}",
         cluster.dir.display(),
@@ -364,6 +365,36 @@ fn wait_membership(clients: &[Client], nodes: &[u32], within: Duration) -> Optio
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Every node answers a chat completion of the tiny model (it loads at start): chat calls that
+/// all fail would test nothing of inference.
+fn wait_models(clients: &[Client], within: Duration) -> Result<(), Error> {
+    let start = Instant::now();
+    let body = serde_json::json!({
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "ready?"}],
+        "max_tokens": 1,
+    });
+    for (i, c) in clients.iter().enumerate() {
+        loop {
+            let r = c.call("POST", "/v1/chat/completions", Some(&body));
+            if r.status() == Some(200) {
+                break;
+            }
+            if start.elapsed() >= within {
+                return Err(Error::Cluster(format!(
+                    "node-{} served no chat completion of the tiny model within {within:?}: {} {}",
+                    i + 1,
+                    r.status()
+                        .map_or("no answer".to_string(), |s| s.to_string()),
+                    r.code()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(())
 }
 
 fn member_states(c: &Client) -> BTreeMap<String, String> {

@@ -264,7 +264,7 @@ pub fn render_tasks(out: &mut String, node: &str, st: &TaskStats) {
             b.priority
         );
     }
-    let series: [(&str, &str, &str, u64); 8] = [
+    let series: [(&str, &str, &str, u64); 9] = [
         (
             "swarm_tasks_running",
             "gauge",
@@ -312,6 +312,12 @@ pub fn render_tasks(out: &mut String, node: &str, st: &TaskStats) {
             "counter",
             "Stages sent to another agent because theirs could not take them (not failures).",
             st.redispatched,
+        ),
+        (
+            "swarm_tasks_events_not_relayed_total",
+            "counter",
+            "Events of this node not relayed to its peers (past 512 per 100 ms, or the relay fell behind).",
+            st.events_not_relayed,
         ),
     ];
     for (name, kind, help, v) in series {

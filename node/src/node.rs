@@ -230,6 +230,7 @@ async fn start_tasks(
         events,
         peers: Arc::new(QuicTaskPeers {
             membership: membership.clone(),
+            replicator: replicator.clone(),
             hosts_here: cfg.agents.host,
         }),
         seed: rand::random(),
@@ -400,11 +401,15 @@ impl Node {
         // A node with seeds catches up with a peer before it serves (streams are already
         // dispatched, so rounds peers start towards it are served too), whatever its name: a
         // node that was down must not hand out, or take writes for, what the cluster deleted or
-        // erased meanwhile. With no live peer for two seconds (a cold start) it serves as it is.
-        if !cfg.gossip.seeds.is_empty()
-            && !replicator
-                .catch_up(Duration::from_secs(2), Duration::from_secs(10))
-                .await
+        // erased meanwhile. With no live peer for two seconds (a cold start) it serves as it is;
+        // a node without seeds, at once. The task service looks for orphaned tasks only after.
+        let alone = if cfg.gossip.seeds.is_empty() {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(2)
+        };
+        if !replicator.catch_up(alone, Duration::from_secs(10)).await
+            && !cfg.gossip.seeds.is_empty()
         {
             tracing::warn!("no anti-entropy round with a peer yet; serving local data as it is");
         }

@@ -43,7 +43,7 @@ pub use error::{Result, StorageError};
 pub use hlc::{Hlc, HlcClock};
 pub use memory::{
     DEFAULT_MAX_TAG_BYTES, DEFAULT_MAX_TAGS, ListPage, MemoryItem, MemoryLimits, MemoryStore,
-    Protection, PutRequest, StoredRecord, StoredValue, decode_record, validate_name,
+    Observer, Protection, PutRequest, StoredRecord, StoredValue, decode_record, validate_name,
 };
 pub use sled_engine::SledEngine;
 

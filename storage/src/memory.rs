@@ -2,14 +2,16 @@
 //!
 //! Every write goes through `commit`, under the stripe lock of its key, which also keeps the
 //! namespace's anti-entropy digest and record count in step. Replication (deltas, digests,
-//! tombstone collection, erasure across replicas) is in `memory/replica.rs`.
+//! tombstone collection, erasure across replicas) is in `memory/replica.rs`. An [`Observer`]
+//! of a namespace hears of every change `commit` makes through a write, a delete or a peer's
+//! delta.
 
 mod legacy;
 mod replica;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +28,37 @@ pub(crate) const MEMORY_TREE: &str = "memory";
 const LOCK_STRIPES: usize = 64;
 /// Most bytes of decrypted values the read cache holds.
 const READ_CACHE_BYTES: usize = 64 << 20;
+
+/// Told of every change of a record of one namespace made through a write, a delete or a peer's
+/// delta, in commit order per key: the key and its new value as JSON (`None`: deleted). It runs
+/// under the key's lock, so it must be quick and must not call the store. Expiries and
+/// erasures (which never touch values without a subject's key) are not reported.
+pub type Observer = Arc<dyn Fn(&str, Option<&str>) + Send + Sync>;
+
+/// The observers of each namespace (see [`MemoryStore::observe`]).
+#[derive(Default)]
+struct Observers(RwLock<Vec<(String, Observer)>>);
+
+impl std::fmt::Debug for Observers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.read().map(|v| v.len()).unwrap_or(0);
+        f.debug_tuple("Observers").field(&n).finish()
+    }
+}
+
+impl Observers {
+    fn watches(&self, ns: &str) -> bool {
+        let v = self.0.read().unwrap_or_else(|p| p.into_inner());
+        v.iter().any(|(n, _)| n == ns)
+    }
+
+    fn notify(&self, ns: &str, key: &str, value: Option<&str>) {
+        let v = self.0.read().unwrap_or_else(|p| p.into_inner());
+        for (_, f) in v.iter().filter(|(n, _)| n == ns) {
+            f(key, value);
+        }
+    }
+}
 
 /// What is stored for a live value: which key sealed it (a subject by its keyed id, never by
 /// name) and the sealed JSON.
@@ -171,6 +204,7 @@ pub struct MemoryStore {
     /// Per namespace: its digest and record count, built by one scan on first use.
     digests: Mutex<HashMap<String, NsSlot>>,
     cache: PlainCache<Plain>,
+    observers: Observers,
 }
 
 /// A namespace's digest; `None` until built.
@@ -214,7 +248,14 @@ impl MemoryStore {
                 READ_CACHE_BYTES,
             ),
             limits,
+            observers: Observers::default(),
         }
+    }
+
+    /// Tell `observer` of every later change of a record of `ns` (see [`Observer`]).
+    pub fn observe(&self, ns: &str, observer: Observer) {
+        let mut v = self.observers.0.write().unwrap_or_else(|p| p.into_inner());
+        v.push((ns.to_string(), observer));
     }
 
     /// Write a value. It is visible at once; call [`Engine::sync`] before acknowledging.
@@ -272,6 +313,7 @@ impl MemoryStore {
             None => rec,
         };
         self.commit(&slot, ns, key, &rkey, existing.as_ref(), Some(&merged))?;
+        self.observers.notify(ns, key, Some(&req.value_json));
         Ok(MemoryItem {
             namespace: ns.to_string(),
             key: key.to_string(),
@@ -328,6 +370,7 @@ impl MemoryStore {
         };
         let merged = cur.merge(&tomb);
         self.commit(&slot, ns, key, &rkey, Some(cur), Some(&merged))?;
+        self.observers.notify(ns, key, None);
         let delta = Delta {
             namespace: ns.to_string(),
             key: key.to_string(),

@@ -950,3 +950,67 @@ proptest! {
         let _ = decode_delta(&bytes);
     }
 }
+
+/// An observer of a namespace hears every change of it, from a write, a delete or a peer's
+/// delta, and nothing of other namespaces or of a delta that changes nothing.
+#[test]
+fn an_observer_hears_every_change_of_its_namespace() {
+    let (a, b) = (replica("a"), replica("b"));
+    type Heard = Vec<(String, Option<String>)>;
+    let heard: Arc<std::sync::Mutex<Heard>> = Arc::default();
+    let h = heard.clone();
+    b.memory.observe(
+        "tasks",
+        Arc::new(move |key: &str, value: Option<&str>| {
+            h.lock()
+                .expect("lock")
+                .push((key.to_string(), value.map(String::from)));
+        }),
+    );
+    let (_, d1) = a
+        .memory
+        .put_with_delta("tasks", "k", req("1", None, None), T0)
+        .expect("put");
+    assert_eq!(
+        b.memory.apply_delta(&d1, T0).expect("apply"),
+        ApplyOutcome::Applied
+    );
+    // The same delta again changes nothing, and is not reported.
+    assert_eq!(
+        b.memory.apply_delta(&d1, T0).expect("apply"),
+        ApplyOutcome::Stale
+    );
+    b.memory
+        .put("tasks", "k", req("2", None, None), T0 + 1)
+        .expect("put");
+    b.memory
+        .put("other", "k", req("3", None, None), T0 + 1)
+        .expect("put");
+    let (_, d2) = a
+        .memory
+        .put_with_delta("other", "j", req("4", None, None), T0 + 2)
+        .expect("put");
+    b.memory.apply_delta(&d2, T0 + 2).expect("apply");
+    assert!(b.memory.delete("tasks", "k", T0 + 3).expect("delete"));
+    let (_, d3) = a
+        .memory
+        .put_with_delta("tasks", "n", req("5", None, None), T0 + 4)
+        .expect("put");
+    b.memory.apply_delta(&d3, T0 + 4).expect("apply");
+    // A peer's tombstone over a live value is heard as a delete.
+    let tomb = a
+        .memory
+        .delete_with_delta("tasks", "n", T0 + 5)
+        .expect("delete")
+        .expect("a tombstone");
+    b.memory.apply_delta(&tomb, T0 + 5).expect("apply");
+    let got = heard.lock().expect("lock").clone();
+    let want = vec![
+        ("k".to_string(), Some("1".to_string())),
+        ("k".to_string(), Some("2".to_string())),
+        ("k".to_string(), None),
+        ("n".to_string(), Some("5".to_string())),
+        ("n".to_string(), None),
+    ];
+    assert_eq!(got, want);
+}

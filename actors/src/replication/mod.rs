@@ -20,7 +20,7 @@ pub mod protocol;
 pub mod transport;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -103,7 +103,12 @@ struct Shared {
     /// Deltas queued to peers and not yet written.
     queued: AtomicU64,
     last_sync: Mutex<HashMap<String, u64>>,
+    /// When the last completed round with each peer, started by either side, began (ms): a
+    /// round exchanges entries both ways, so what the peer held then is here.
+    exchanged: Mutex<HashMap<String, u64>>,
     syncing: Mutex<HashSet<String>>,
+    /// Set once [`Replicator::catch_up`] has returned.
+    caught_up: AtomicBool,
     /// Becomes true after the first completed anti-entropy round.
     first_sync: watch::Sender<bool>,
     stop: CancellationToken,
@@ -123,6 +128,13 @@ impl Shared {
                 _ = fut => {}
             }
         });
+    }
+
+    /// A round with `peer` that began at `started` completed.
+    fn exchanged_with(&self, peer: &str, started: u64) {
+        let mut m = lock(&self.exchanged);
+        let t = m.entry(peer.to_string()).or_insert(started);
+        *t = (*t).max(started);
     }
 
     fn resolve(&self, seq: u64, r: Result<String, String>) {
@@ -182,7 +194,9 @@ impl Replicator {
             waiters: Mutex::default(),
             queued: AtomicU64::new(0),
             last_sync: Mutex::default(),
+            exchanged: Mutex::default(),
             syncing: Mutex::default(),
+            caught_up: AtomicBool::new(false),
             first_sync: watch::channel(false).0,
             stop: CancellationToken::new(),
         });
@@ -212,6 +226,12 @@ impl Replicator {
     /// peer is alive for `alone` (a cold start, or the only node), or no round completes
     /// within `limit`, returns false: the node serves its local data as it is.
     pub async fn catch_up(&self, alone: Duration, limit: Duration) -> bool {
+        let caught = self.catch_up_inner(alone, limit).await;
+        self.shared.caught_up.store(true, Ordering::Release);
+        caught
+    }
+
+    async fn catch_up_inner(&self, alone: Duration, limit: Duration) -> bool {
         let start = tokio::time::Instant::now();
         loop {
             let peers = self.shared.peers.live_peers();
@@ -237,6 +257,30 @@ impl Replicator {
 
     pub fn stats(&self) -> &ReplStats {
         self.shared.stats()
+    }
+
+    /// Whether this node has caught up ([`Replicator::catch_up`] has returned) and has completed
+    /// a round with each of `peers` that began at or after `since_ms`, so that what they held
+    /// then is here. Starts a round with each peer that has not (one at a time per peer).
+    pub fn synced_since(&self, peers: &[String], since_ms: u64) -> bool {
+        if !self.shared.caught_up.load(Ordering::Acquire) {
+            return false;
+        }
+        let behind: Vec<String> = {
+            let exchanged = lock(&self.shared.exchanged);
+            peers
+                .iter()
+                .filter(|p| exchanged.get(*p).is_none_or(|t| *t < since_ms))
+                .cloned()
+                .collect()
+        };
+        for p in &behind {
+            if !lock(&self.shared.syncing).contains(p) {
+                let (s, p) = (self.shared.clone(), p.clone());
+                self.shared.spawn(async move { round_logged(&s, p).await });
+            }
+        }
+        behind.is_empty()
     }
 
     /// Deltas queued to peers and not yet written to their streams.
@@ -475,10 +519,12 @@ fn serve(shared: &Arc<Shared>, peer: String, kind: StreamKind, duplex: Duplex) {
         }
         StreamKind::AntiEntropy => {
             let span = tracing::debug_span!("anti_entropy", peer = %peer, role = "responder");
+            let started = now_ms();
             shared.spawn(
                 async move {
                     match round_as_responder(&s, &peer, duplex).await {
                         Ok(()) => {
+                            s.exchanged_with(&peer, started);
                             s.first_sync.send_replace(true);
                         }
                         Err(e) => tracing::debug!(error = %e, "anti-entropy round failed"),
@@ -621,6 +667,7 @@ async fn round_as_initiator(shared: &Arc<Shared>, peer: &str) -> Result<u64, Err
             stats.ae_rounds.fetch_add(1, Ordering::Relaxed);
             stats.ae_entries.fetch_add(*n, Ordering::Relaxed);
             lock(&shared.last_sync).insert(peer.to_string(), started);
+            shared.exchanged_with(peer, started);
             shared.first_sync.send_replace(true);
         }
         Err(_) => {

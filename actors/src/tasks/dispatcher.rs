@@ -882,6 +882,7 @@ impl Dispatcher {
             stale_results: c.stale_results,
             adopted: c.adopted,
             redispatched: c.redispatched,
+            events_not_relayed: 0,
         }
     }
 
@@ -1612,33 +1613,10 @@ mod tests {
 
     fn record(id: &str, objective: &str, priority: Priority, workflow: &str) -> TaskRecord {
         TaskRecord {
-            id: id.into(),
-            hash: task_hash(objective, &serde_json::Value::Null),
-            objective: objective.into(),
-            task_definition: None,
             priority,
-            workflow: workflow.into(),
-            context: serde_json::Value::Null,
-            capabilities: Vec::new(),
-            submitter: "alice".into(),
-            idempotency_key: None,
-            created_ms: 0,
             deadline_ms: 1_000_000_000,
             token_budget: 10_000,
-            tokens_used: 0,
-            status: TaskStatus::Pending,
-            epoch: 0,
-            owner: String::new(),
-            stages_total: 0,
-            stage: 0,
-            current: None,
-            failures: 0,
-            failed_agents: Vec::new(),
-            agents_involved: Vec::new(),
-            error: None,
-            started_ms: None,
-            finished_ms: None,
-            updated_ms: 0,
+            ..TaskRecord::new(id, objective, workflow, "alice", 0)
         }
     }
 

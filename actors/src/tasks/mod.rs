@@ -16,6 +16,7 @@ pub mod model;
 mod service;
 #[cfg(test)]
 mod service_tests;
+mod unfinished;
 pub mod wire;
 
 use serde::{Deserialize, Serialize};
@@ -174,6 +175,9 @@ pub struct TaskStats {
     /// Stages sent to another agent because theirs could not take them (at its load limit,
     /// moving, unreachable): not failures.
     pub redispatched: u64,
+    /// Events of this node not relayed to its peers (past a batch of 512 per 100 ms, or the
+    /// relay fell behind the event bus).
+    pub events_not_relayed: u64,
 }
 
 /// What the gateway calls. Reads are of this node's replica (task records replicate to

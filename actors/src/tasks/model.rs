@@ -178,6 +178,42 @@ pub struct TaskRecord {
 }
 
 impl TaskRecord {
+    /// A new pending task of `objective` (no context, normal priority) on `workflow`, submitted
+    /// by `submitter` at `now_ms`, before an owner takes it: epoch 0, no owner, no stage
+    /// counted, an hour to its deadline, a budget of 16,384 tokens. Callers set what differs.
+    pub fn new(id: &str, objective: &str, workflow: &str, submitter: &str, now_ms: u64) -> Self {
+        let context = serde_json::Value::Null;
+        Self {
+            id: id.to_string(),
+            hash: task_hash(objective, &context),
+            objective: objective.to_string(),
+            task_definition: None,
+            priority: Priority::Normal,
+            workflow: workflow.to_string(),
+            context,
+            capabilities: Vec::new(),
+            submitter: submitter.to_string(),
+            idempotency_key: None,
+            created_ms: now_ms,
+            deadline_ms: now_ms + 3_600_000,
+            token_budget: 16_384,
+            tokens_used: 0,
+            status: TaskStatus::Pending,
+            epoch: 0,
+            owner: String::new(),
+            stages_total: 0,
+            stage: 0,
+            current: None,
+            failures: 0,
+            failed_agents: Vec::new(),
+            agents_involved: Vec::new(),
+            error: None,
+            started_ms: None,
+            finished_ms: None,
+            updated_ms: now_ms,
+        }
+    }
+
     /// Completed stages / stages.
     pub fn progress(&self) -> f64 {
         if self.stages_total == 0 {

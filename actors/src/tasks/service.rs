@@ -2,10 +2,14 @@
 //!
 //! - **Ownership.** A task belongs to the rendezvous owner of its hash among the live members
 //!   when it is submitted; a submission arriving elsewhere is forwarded there (so every copy of
-//!   one hash meets the same dispatcher, which refuses to start it twice). It stays with that
-//!   owner while the owner lives. When membership says the owner died or left, the rendezvous
-//!   owner of its hash among the live members adopts it: the epoch goes up and it resumes from
-//!   its last recorded stage. A node also reconciles at start the unfinished tasks it owns.
+//!   one hash meets the same dispatcher, which refuses to start it twice, and the owner also
+//!   refuses a hash unfinished in its replica: a task another node took before the hash's
+//!   owner moved). It stays with that owner while the owner lives. When gossip says the owner
+//!   is down or has left, the rendezvous owner of its hash among the live members adopts it:
+//!   the epoch goes up and it resumes from its last recorded stage. A node also reconciles at
+//!   start the unfinished tasks it owns. Orphans are looked for only once this node has caught
+//!   up and exchanged an anti-entropy round with every live peer since membership changed, so
+//!   the stage results a gone owner recorded are here.
 //! - **Durability.** Every record the dispatcher changes is written through [`Memory`] with
 //!   `w=2`; a submission is answered once its record is durable here and on one peer (when one
 //!   is alive). Writes of one task are chained, so they land in the order decided.
@@ -38,6 +42,7 @@ use super::dispatcher::{
 use super::model::{
     StageRecord, TASKS_NAMESPACE, TaskRecord, TaskStatus, read_json, rendezvous, task_hash,
 };
+use super::unfinished::Unfinished;
 use super::wire::{Reply, Req, StageJob, Turn, WireError};
 use super::{
     AgentAnswer, AgentQuery, AgentView, EventBus, ListQuery, NewEvent, Priority, Submit, Submitted,
@@ -45,6 +50,7 @@ use super::{
 };
 use crate::agents::{AgentRecord, AgentRuntime, Host, place};
 use crate::inference::{BoxFuture, StreamPair};
+use crate::replication::Replicator;
 use crate::stream::{FrameReader, FrameWriter, StreamKind};
 use crate::{Caller, Error, Inference, Memory, StreamService};
 
@@ -65,6 +71,13 @@ const SCAN_AFTER_CHANGE_FOR: Duration = Duration::from_secs(30);
 const SCAN_MAX: usize = 100_000;
 /// How long a peer may take to answer a forwarded call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a submission's sender waits for the hash's owner before it takes the task itself
+/// (an owner killed or paused is not known dead for seconds; a client should not wait that
+/// long), and how old a forwarded submission may be when the owner reads it: an older one is
+/// refused, its sender has taken it or is about to. The difference leaves the owner 700 ms to
+/// make an accepted one durable and answer; past that, the task may run on both.
+const FORWARD_WAIT: Duration = Duration::from_millis(1500);
+const FORWARD_STALE: Duration = Duration::from_millis(800);
 /// Events relayed to peers in one batch, and how often.
 const RELAY_BATCH: usize = 512;
 const RELAY_EVERY: Duration = Duration::from_millis(100);
@@ -86,6 +99,13 @@ pub trait TaskPeers: Send + Sync {
     }
     /// Opens a tasks stream to `peer`.
     fn open(&self, peer: &str) -> BoxFuture<'_, Result<StreamPair, Error>>;
+    /// Whether this node has caught up, and has completed an anti-entropy round with each of
+    /// `peers` that began at or after `since_ms` (starting those it has not): the task records
+    /// and stage results a gone owner wrote are then here, from whichever peer acknowledged
+    /// them. Without replication (a node alone), true.
+    fn synced_since(&self, _peers: &[String], _since_ms: u64) -> bool {
+        true
+    }
 }
 
 /// QUIC through the membership service. `hosts_here` is this node's `agents.host`; peers say
@@ -93,6 +113,7 @@ pub trait TaskPeers: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct QuicTaskPeers {
     pub membership: Membership,
+    pub replicator: Replicator,
     pub hosts_here: bool,
 }
 
@@ -131,6 +152,10 @@ impl TaskPeers for QuicTaskPeers {
             .filter(|m| matches!(m.state, MemberState::Down | MemberState::Left))
             .map(|m| m.name)
             .collect()
+    }
+
+    fn synced_since(&self, peers: &[String], since_ms: u64) -> bool {
+        self.replicator.synced_since(peers, since_ms)
     }
 
     fn open(&self, peer: &str) -> BoxFuture<'_, Result<StreamPair, Error>> {
@@ -177,8 +202,15 @@ impl TaskPeers for AlonePeers {
 enum Cmd {
     Submit(Box<TaskRecord>, oneshot::Sender<Result<Submitted, Error>>),
     Outcome(Box<StageOutcome>),
-    Cancel(String, oneshot::Sender<Result<TaskRecord, Error>>),
-    Requeue(String, oneshot::Sender<Result<TaskRecord, Error>>),
+    Change(Change, String, oneshot::Sender<Result<TaskRecord, Error>>),
+}
+
+/// A change of a task made on its owner, answered with the record once it is durable.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    Cancel,
+    /// Of a dead letter.
+    Requeue,
 }
 
 /// The parts a task service is built from.
@@ -207,6 +239,8 @@ struct Shared {
     agents: Arc<AgentRuntime>,
     events: Arc<EventBus>,
     peers: Arc<dyn TaskPeers>,
+    /// The unfinished tasks of this replica.
+    unfinished: Arc<Unfinished>,
     cmd: mpsc::Sender<Cmd>,
     stats: Mutex<TaskStats>,
     /// Agent → home node.
@@ -218,6 +252,10 @@ struct Shared {
     write_seq: std::sync::atomic::AtomicU64,
     /// Stage results refused at the write (already recorded by another epoch).
     stale_writes: std::sync::atomic::AtomicU64,
+    /// Submissions answered with an unfinished task of this replica the dispatcher did not hold.
+    twins: std::sync::atomic::AtomicU64,
+    /// Events not relayed to peers.
+    not_relayed: std::sync::atomic::AtomicU64,
     stop: CancellationToken,
 }
 
@@ -261,6 +299,8 @@ impl TaskService {
         capabilities.sort();
         capabilities.dedup();
         let (tx, rx) = mpsc::channel(CMD_QUEUE);
+        let unfinished = Arc::new(Unfinished::default());
+        unfinished.watch(&p.memory.storage().memory);
         let s = Arc::new(Shared {
             node: p.node,
             workflows: p.tasks.effective_workflows(),
@@ -271,6 +311,7 @@ impl TaskService {
             agents: p.agents,
             events: p.events,
             peers: p.peers,
+            unfinished,
             cmd: tx,
             stats: Mutex::new(TaskStats::default()),
             placement: Mutex::new(BTreeMap::new()),
@@ -278,6 +319,8 @@ impl TaskService {
             writes: Mutex::new(HashMap::new()),
             write_seq: std::sync::atomic::AtomicU64::new(0),
             stale_writes: std::sync::atomic::AtomicU64::new(0),
+            twins: std::sync::atomic::AtomicU64::new(0),
+            not_relayed: std::sync::atomic::AtomicU64::new(0),
             stop: CancellationToken::new(),
         });
         let svc = Self { s };
@@ -305,10 +348,16 @@ impl TaskService {
 
     async fn run(self, mut d: Dispatcher, mut rx: mpsc::Receiver<Cmd>) {
         self.load_histories(&mut d);
+        // Every record once; the store's observer (registered before) tells of every change.
+        for rec in self.scan_tasks() {
+            self.s.unfinished.note_record(&rec);
+        }
         let mut view: Vec<(String, bool)> = Vec::new();
         let mut last_view = tokio::time::Instant::now() - VIEW_EVERY;
         let mut last_scan: Option<tokio::time::Instant> = None;
         let mut changed_at = tokio::time::Instant::now();
+        let mut changed_ms = now_ms();
+        let mut serving: Vec<String> = Vec::new();
         let started = tokio::time::Instant::now();
         loop {
             let wake = d
@@ -331,12 +380,18 @@ impl TaskService {
             if last_view.elapsed() >= VIEW_EVERY {
                 last_view = tokio::time::Instant::now();
                 let live = self.s.peers.live();
+                let now_serving = self.serving_nodes();
                 if live != view {
                     view = live;
                     changed_at = tokio::time::Instant::now();
+                    changed_ms = now_ms();
                     self.placed(&mut d, &view);
                     last_scan = None;
+                } else if now_serving != serving {
+                    // A model loaded or unloaded somewhere: agents that need one may move.
+                    self.placed(&mut d, &view);
                 }
+                serving = now_serving;
                 let due = match last_scan {
                     None => true,
                     Some(t) if changed_at.elapsed() < SCAN_AFTER_CHANGE_FOR => {
@@ -344,9 +399,20 @@ impl TaskService {
                     }
                     Some(t) => t.elapsed() >= SCAN_EVERY,
                 };
+                // Only once this node has caught up and exchanged a round with every live peer
+                // since the view changed: what a gone owner recorded is here by then (an adopter
+                // that lacked a stage result would run the stage again; the simulation of the
+                // chaos suite found it).
                 if due {
-                    last_scan = Some(tokio::time::Instant::now());
-                    self.adopt_orphans(&mut d, &view, started.elapsed());
+                    let peers: Vec<String> = view
+                        .iter()
+                        .filter(|(n, _)| *n != self.s.node)
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    if self.s.peers.synced_since(&peers, changed_ms) {
+                        last_scan = Some(tokio::time::Instant::now());
+                        self.adopt_orphans(&mut d, &view, started.elapsed());
+                    }
                 }
             }
             let actions = d.tick(now_ms());
@@ -358,25 +424,20 @@ impl TaskService {
     fn command(&self, d: &mut Dispatcher, cmd: Cmd) {
         let now = now_ms();
         match cmd {
-            Cmd::Submit(rec, reply) => match d.submit(now, (*rec).clone()) {
-                Ok(actions) => {
-                    self.execute(actions, Some(Ack::Submit(rec.id.clone(), reply, false)))
+            Cmd::Submit(rec, reply) => {
+                if let Some(task) = self.unfinished_twin(d, &rec) {
+                    self.s
+                        .twins
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let _ = reply.send(Ok(Submitted {
+                        task,
+                        deduplicated: true,
+                        replayed: false,
+                    }));
+                    return;
                 }
-                Err(Refusal::Duplicate { existing }) => {
-                    let task = d.task(&existing).cloned();
-                    let _ = reply.send(match task {
-                        Some(task) => Ok(Submitted {
-                            task,
-                            deduplicated: true,
-                            replayed: false,
-                        }),
-                        None => Err(Error::Unavailable("duplicate task vanished".into())),
-                    });
-                }
-                Err(r) => {
-                    let _ = reply.send(Err(refusal_error(&rec.id, r, &rec.capabilities)));
-                }
-            },
+                self.submit_to(d, now, rec, reply);
+            }
             Cmd::Outcome(o) => {
                 let (task, index, epoch) = (o.task.clone(), o.index, o.epoch);
                 match d.stage_finished(now, *o) {
@@ -387,18 +448,13 @@ impl TaskService {
                     Err(_) => {}
                 }
             }
-            Cmd::Cancel(id, reply) => {
+            Cmd::Change(change, id, reply) => {
                 self.hold(d, &id);
-                match d.cancel(now, &id) {
-                    Ok(actions) => self.execute(actions, Some(Ack::Record(id, reply))),
-                    Err(r) => {
-                        let _ = reply.send(Err(self.state_error(&id, r)));
-                    }
-                }
-            }
-            Cmd::Requeue(id, reply) => {
-                self.hold(d, &id);
-                match d.requeue(now, &id) {
+                let done = match change {
+                    Change::Cancel => d.cancel(now, &id),
+                    Change::Requeue => d.requeue(now, &id),
+                };
+                match done {
                     Ok(actions) => self.execute(actions, Some(Ack::Record(id, reply))),
                     Err(r) => {
                         let _ = reply.send(Err(self.state_error(&id, r)));
@@ -406,6 +462,49 @@ impl TaskService {
                 }
             }
         }
+    }
+
+    /// A submission this node owns, to its dispatcher (which refuses a hash it holds).
+    fn submit_to(
+        &self,
+        d: &mut Dispatcher,
+        now: u64,
+        rec: Box<TaskRecord>,
+        reply: oneshot::Sender<Result<Submitted, Error>>,
+    ) {
+        match d.submit(now, (*rec).clone()) {
+            Ok(actions) => self.execute(actions, Some(Ack::Submit(rec.id.clone(), reply, false))),
+            Err(Refusal::Duplicate { existing }) => {
+                let _ = reply.send(match d.task(&existing).cloned() {
+                    Some(task) => Ok(Submitted {
+                        task,
+                        deduplicated: true,
+                        replayed: false,
+                    }),
+                    None => Err(Error::Unavailable("duplicate task vanished".into())),
+                });
+            }
+            Err(r) => {
+                let _ = reply.send(Err(refusal_error(&rec.id, r, &rec.capabilities)));
+            }
+        }
+    }
+
+    /// A pending or running task of `rec`'s hash in this replica that this dispatcher does not
+    /// hold: another node accepted it, and the hash's owner has moved here since (a member
+    /// came back). The submission is that task.
+    fn unfinished_twin(&self, d: &Dispatcher, rec: &TaskRecord) -> Option<TaskRecord> {
+        for id in self.s.unfinished.with_hash(&rec.hash) {
+            if id == rec.id || d.task(&id).is_some() {
+                continue; // the dispatcher's own deduplication answers
+            }
+            match self.read_task(&id) {
+                Some(t) if t.status.is_active() => return Some(t),
+                Some(t) if !t.status.is_finished() => {} // dead-lettered: not running
+                _ => self.s.unfinished.forget(&id),
+            }
+        }
+        None
     }
 
     /// Make sure the dispatcher holds task `id` when its record is unfinished here (an
@@ -528,15 +627,24 @@ impl TaskService {
         });
     }
 
-    /// Membership changed: place the agents, tell the dispatcher which are online.
-    fn placed(&self, d: &mut Dispatcher, view: &[(String, bool)]) {
-        let serving: Vec<String> = self
+    /// The nodes that serve a model, sorted.
+    fn serving_nodes(&self) -> Vec<String> {
+        let mut nodes: Vec<String> = self
             .s
             .inference
             .models()
             .into_iter()
             .flat_map(|m| m.nodes)
             .collect();
+        nodes.sort();
+        nodes.dedup();
+        nodes
+    }
+
+    /// Membership or the nodes serving models changed: place the agents, tell the dispatcher
+    /// which are online.
+    fn placed(&self, d: &mut Dispatcher, view: &[(String, bool)]) {
+        let serving = self.serving_nodes();
         let hosts: Vec<Host> = view
             .iter()
             .map(|(name, hosts)| Host {
@@ -572,7 +680,22 @@ impl TaskService {
         let gone = self.s.peers.gone();
         let formed = since_start >= VIEW_FORMS_IN;
         let mut adopted = 0usize;
-        for rec in self.scan_tasks() {
+        // The index of unfinished tasks, unless it overflowed (then every record).
+        let candidates: Vec<TaskRecord> = if self.s.unfinished.is_full() {
+            self.scan_tasks()
+        } else {
+            let ids = self.s.unfinished.ids();
+            ids.iter()
+                .filter_map(|id| match self.read_task(id) {
+                    Some(rec) if !rec.status.is_finished() => Some(rec),
+                    _ => {
+                        self.s.unfinished.forget(id);
+                        None
+                    }
+                })
+                .collect()
+        };
+        for rec in candidates {
             if rec.status.is_finished() || d.task(&rec.id).is_some() {
                 continue;
             }
@@ -1276,6 +1399,11 @@ impl TaskService {
 
     /// Call `peer`'s task service with `req` and read its one reply.
     async fn call(&self, peer: &str, req: &Req) -> Result<Reply, Error> {
+        self.call_within(peer, req, CALL_TIMEOUT).await
+    }
+
+    /// [`Self::call`] with its own time limit.
+    async fn call_within(&self, peer: &str, req: &Req, limit: Duration) -> Result<Reply, Error> {
         let fut = async {
             let pair = self.s.peers.open(peer).await?;
             let mut w = FrameWriter::new(pair.send, peer);
@@ -1286,7 +1414,7 @@ impl TaskService {
                 .await?
                 .ok_or_else(|| Error::PeerGone(peer.to_string()))
         };
-        tokio::time::timeout(CALL_TIMEOUT, fut)
+        tokio::time::timeout(limit, fut)
             .await
             .map_err(|_| Error::RpcTimeout(peer.to_string()))?
     }
@@ -1303,7 +1431,7 @@ impl TaskService {
             .to_string()
     }
 
-    async fn change(&self, id: &str, req: Req, requeue: bool) -> Result<TaskRecord, Error> {
+    async fn change(&self, id: &str, req: Req, change: Change) -> Result<TaskRecord, Error> {
         let rec = self
             .read_task(id)
             .ok_or_else(|| Error::NotFound(format!("task {id}")))?;
@@ -1314,7 +1442,7 @@ impl TaskService {
                 _ => return Err(Error::BadReply(owner)),
             }
         }
-        self.local_change(id, requeue).await
+        self.local_change(id, change).await
     }
 
     // ---- the event relay ----
@@ -1338,11 +1466,18 @@ impl TaskService {
                                 node: e.node.clone(),
                                 data: e.data.clone(),
                             });
+                        } else {
+                            self.s
+                                .not_relayed
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                     }
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::debug!(missed = n, "event relay fell behind");
+                        self.s
+                            .not_relayed
+                            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                     }
                     Err(_) => return,
                 },
@@ -1382,16 +1517,23 @@ impl TaskService {
             }
         };
         let reply = match req {
-            Req::Submit(s) => {
-                Reply::Submitted(self.submit_here(s).await.map_err(|e| WireError::from(&e)))
+            Req::Submit { submit, sent_ms } => {
+                let age = now_ms().saturating_sub(sent_ms);
+                let r = if age > FORWARD_STALE.as_millis() as u64 {
+                    tracing::debug!(age_ms = age, "forwarded submission too old; refused");
+                    Err(Error::RpcTimeout(self.s.node.clone()))
+                } else {
+                    self.submit_here(submit).await
+                };
+                Reply::Submitted(r.map_err(|e| WireError::from(&e)))
             }
             Req::Cancel { id, .. } => Reply::Task(
-                self.local_change(&id, false)
+                self.local_change(&id, Change::Cancel)
                     .await
                     .map_err(|e| WireError::from(&e)),
             ),
             Req::Requeue { id, .. } => Reply::Task(
-                self.local_change(&id, true)
+                self.local_change(&id, Change::Requeue)
                     .await
                     .map_err(|e| WireError::from(&e)),
             ),
@@ -1422,16 +1564,11 @@ impl TaskService {
         let _ = w.get_mut().shutdown().await;
     }
 
-    async fn local_change(&self, id: &str, requeue: bool) -> Result<TaskRecord, Error> {
+    async fn local_change(&self, id: &str, change: Change) -> Result<TaskRecord, Error> {
         let (tx, rx) = oneshot::channel();
-        let cmd = if requeue {
-            Cmd::Requeue(id.to_string(), tx)
-        } else {
-            Cmd::Cancel(id.to_string(), tx)
-        };
         self.s
             .cmd
-            .send(cmd)
+            .send(Cmd::Change(change, id.to_string(), tx))
             .await
             .map_err(|_| Error::Unavailable("the dispatcher stopped".into()))?;
         rx.await
@@ -1505,7 +1642,16 @@ impl TaskApi for TaskService {
             if owner == self.s.node {
                 return self.submit_here(req).await;
             }
-            match self.call(&owner, &Req::Submit(req.clone())).await {
+            let fwd = Req::Submit {
+                submit: req.clone(),
+                sent_ms: now_ms(),
+            };
+            match self.call_within(&owner, &fwd, FORWARD_WAIT).await {
+                // The owner read it too late (it was paused or overloaded) and refused it.
+                Ok(Reply::Submitted(Err(w))) if w.code == "timeout" => {
+                    tracing::warn!(%owner, "owner answered too late; task taken here");
+                    self.submit_here(req).await
+                }
                 Ok(Reply::Submitted(r)) => r.map_err(Error::from),
                 Ok(_) => Err(Error::BadReply(owner)),
                 // The owner cannot be reached: take the task here rather than refuse it (it
@@ -1559,7 +1705,7 @@ impl TaskApi for TaskService {
             request_id: request_id.to_string(),
         };
         let id = id.to_string();
-        Box::pin(async move { self.change(&id, req, false).await })
+        Box::pin(async move { self.change(&id, req, Change::Cancel).await })
     }
 
     fn requeue(
@@ -1574,7 +1720,7 @@ impl TaskApi for TaskService {
             request_id: request_id.to_string(),
         };
         let id = id.to_string();
-        Box::pin(async move { self.change(&id, req, true).await })
+        Box::pin(async move { self.change(&id, req, Change::Requeue).await })
     }
 
     fn agents(&self) -> Vec<AgentView> {
@@ -1691,10 +1837,10 @@ impl TaskApi for TaskService {
 
     fn stats(&self) -> TaskStats {
         let mut st = lock(&self.s.stats).clone();
-        st.stale_results += self
-            .s
-            .stale_writes
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        st.stale_results += load(&self.s.stale_writes);
+        st.deduplicated += load(&self.s.twins);
+        st.events_not_relayed = load(&self.s.not_relayed);
         st
     }
 

@@ -1,24 +1,28 @@
 //! In-process tests of [`TaskService`] on one node (`AlonePeers`), its agents on a scripted
 //! fake model, over an in-memory store without a replicator: a SPARC task end to end,
 //! deduplication and idempotency, validation, retries into the dead-letter queue and back,
-//! cancellation, the token budget, and adoption of unfinished tasks at restart.
+//! cancellation, the token budget, and adoption of unfinished tasks at restart. A node that sees
+//! a second member (whose streams fail) shows deduplication against a task another node
+//! accepted, and orphans looked for only after a round with every live peer.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use swarm_config::{AgentsConfig, HumanDuration, SPARC_STAGES, SwarmFile, TasksConfig};
-use swarm_storage::Storage;
+use swarm_storage::{PutRequest, Storage};
 
 use super::events::EVENT_RING;
 use super::{
-    AlonePeers, EventBus, Submit, Submitted, TaskApi, TaskParts, TaskRecord, TaskService,
-    TaskStatus,
+    AlonePeers, EventBus, Submit, Submitted, TaskApi, TaskParts, TaskPeers, TaskRecord,
+    TaskService, TaskStatus, rendezvous, task_hash,
 };
 use crate::agents::runtime_tests::{
     Act, Deny, FakeModel, Recorder, agents_config, eventually, nth_event, storage,
 };
 use crate::agents::{AgentRuntime, Roster};
-use crate::inference::{FailureCode, FinishReason};
+use crate::inference::{BoxFuture, FailureCode, FinishReason, StreamPair};
+use crate::tasks::model::TASKS_NAMESPACE;
 use crate::{Error, Memory};
 
 /// A node "n1" alone: its task service, the fake model its agents call, its event bus.
@@ -46,6 +50,20 @@ fn tasks_config() -> TasksConfig {
 
 /// Start the node over `storage` and wait until its eight agents run.
 async fn start(storage: Storage, model: Arc<FakeModel>, tasks: TasksConfig) -> Node {
+    let alone = Arc::new(AlonePeers {
+        name: "n1".into(),
+        hosts_here: true,
+    });
+    start_with(storage, model, tasks, alone).await
+}
+
+/// [`start`], seeing the cluster through `peers`.
+async fn start_with(
+    storage: Storage,
+    model: Arc<FakeModel>,
+    tasks: TasksConfig,
+    peers: Arc<dyn TaskPeers>,
+) -> Node {
     let events = Arc::new(EventBus::new());
     let memory = Memory::new("n1", storage, None, Arc::new(Recorder::default()));
     let swarm = SwarmFile::preset().expect("preset");
@@ -69,10 +87,7 @@ async fn start(storage: Storage, model: Arc<FakeModel>, tasks: TasksConfig) -> N
         inference: model.clone(),
         agents,
         events: events.clone(),
-        peers: Arc::new(AlonePeers {
-            name: "n1".into(),
-            hosts_here: true,
-        }),
+        peers,
         seed: 7,
     });
     for a in &swarm.agents {
@@ -517,4 +532,138 @@ async fn a_restarted_node_adopts_its_unfinished_task_and_completes_it() {
         .collect();
     assert_eq!(epochs, [1, 1, 2, 2, 2, 2, 2], "resumed at the third stage");
     assert_eq!(after.calls(), 5, "only the stages left ran again");
+}
+
+/// "n1" with "n2" alive beside it (hosting no agents; streams to it fail), and whether n1
+/// has exchanged an anti-entropy round with it since the view changed.
+struct WithN2 {
+    synced: AtomicBool,
+}
+
+impl TaskPeers for WithN2 {
+    fn name(&self) -> &str {
+        "n1"
+    }
+
+    fn live(&self) -> Vec<(String, bool)> {
+        vec![("n1".into(), true), ("n2".into(), false)]
+    }
+
+    fn open(&self, peer: &str) -> BoxFuture<'_, Result<StreamPair, Error>> {
+        let peer = peer.to_string();
+        Box::pin(async move { Err(Error::NoSession(peer)) })
+    }
+
+    fn synced_since(&self, _peers: &[String], _since_ms: u64) -> bool {
+        self.synced.load(Ordering::SeqCst)
+    }
+}
+
+/// An objective whose hash n1 owns when n1 and n2 are alive.
+fn owned_by_n1(prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix} {i}"))
+        .find(|o| {
+            let h = task_hash(o, &serde_json::Value::Null);
+            rendezvous(&h, ["n1", "n2"]) == Some("n1")
+        })
+        .expect("some objective")
+}
+
+/// Store `rec` as replication would bring it.
+fn store_record(storage: &Storage, rec: &TaskRecord) {
+    let req = PutRequest {
+        value_json: serde_json::to_string(rec).expect("json"),
+        ..Default::default()
+    };
+    storage
+        .memory
+        .put(
+            TASKS_NAMESPACE,
+            &TaskRecord::key(&rec.id),
+            req,
+            rec.updated_ms,
+        )
+        .expect("put");
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The owner of a hash moved here (n2 accepted the task while n1 was away): a submission of
+/// the same objective is that task, found in this replica, not a second run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_is_deduplicated_against_a_task_another_node_accepted() {
+    let store = storage();
+    let peers = Arc::new(WithN2 {
+        synced: AtomicBool::new(true),
+    });
+    let n = start_with(
+        store.clone(),
+        FakeModel::new(Act::Hang),
+        tasks_config(),
+        peers,
+    )
+    .await;
+    let objective = owned_by_n1("summarise the incident");
+    let mut theirs = TaskRecord {
+        status: TaskStatus::InProgress,
+        epoch: 1,
+        owner: "n2".into(),
+        stages_total: 7,
+        ..TaskRecord::new("t-on-n2", &objective, "sparc", "alice", now_ms())
+    };
+    store_record(&store, &theirs);
+    let s = n.accepted(submit(&objective)).await;
+    assert!(s.deduplicated, "{s:?}");
+    assert_eq!(s.task.id, "t-on-n2");
+    assert_eq!(n.model.calls(), 0, "nothing ran here");
+
+    // Once it has finished, the same objective is a new task that runs here.
+    theirs.status = TaskStatus::Completed;
+    theirs.updated_ms = now_ms();
+    store_record(&store, &theirs);
+    let s = n.accepted(submit(&objective)).await;
+    assert!(!s.deduplicated);
+    assert_ne!(s.task.id, "t-on-n2");
+}
+
+/// A restarted node resumes its unfinished task only once it has exchanged a round with every
+/// live peer: before, its replica may lack what an adopter recorded meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_looked_for_only_after_a_round_with_every_live_peer() {
+    let store = storage();
+    let objective = owned_by_n1("rotate the keys");
+    let mine = TaskRecord {
+        status: TaskStatus::InProgress,
+        epoch: 1,
+        owner: "n1".into(),
+        stages_total: 7,
+        ..TaskRecord::new("t-mine", &objective, "sparc", "alice", now_ms())
+    };
+    store_record(&store, &mine);
+    let peers = Arc::new(WithN2 {
+        synced: AtomicBool::new(false),
+    });
+    let n = start_with(
+        store,
+        FakeModel::new(Act::STOP),
+        tasks_config(),
+        peers.clone(),
+    )
+    .await;
+    // The service looks at membership every 250 ms: a second is four looks, none adopting.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !n.kinds_of_events_about("t-mine")
+            .contains(&"task.adopted".to_string()),
+        "adopted before a round with n2"
+    );
+    assert_eq!(n.model.calls(), 0);
+    peers.synced.store(true, Ordering::SeqCst);
+    let done = n.reaches("t-mine", TaskStatus::Completed).await;
+    assert_eq!((done.epoch, done.owner.as_str()), (2, "n1"));
 }

@@ -50,8 +50,8 @@ pub struct Turn {
 /// What a stream opener asks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Req {
-    /// A submission for the owner of its hash.
-    Submit(Submit),
+    /// A submission for the owner of its hash, sent at `sent_ms` (the sender's wall clock).
+    Submit { submit: Submit, sent_ms: u64 },
     /// Cancel (on the task's owner).
     Cancel {
         id: String,

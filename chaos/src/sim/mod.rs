@@ -21,7 +21,10 @@
 //! milliseconds, cancel and requeue, idempotency keys, the event relay, escalation records and
 //! agent placement by roster (an agent's home is the rendezvous of its id over the live
 //! members). The task shell starts a stage at once rather than after the writes before it are
-//! acknowledged, and which shell it is, today's or the proposed one, is [`ShellModel`].
+//! acknowledged; otherwise it does what `swarm_actors::tasks::service` does: it looks for
+//! orphaned tasks only once it has caught up and exchanged an anti-entropy round with every
+//! live peer since membership last changed, takes an owner for gone only when gossip says so,
+//! and deduplicates a submission against the unfinished tasks of its replica.
 //!
 //! Everything random is drawn from one generator seeded with the seed (gossip and every
 //! dispatcher get their seeds from it), and nothing reads a real clock, so a seed replays
@@ -71,8 +74,6 @@ pub struct SimOptions {
     pub gossip_loss: f64,
     /// Probability that a stage fails on its agent (one failure in ten cannot be retried).
     pub stage_failure: f64,
-    /// The task shell the nodes run around their dispatchers.
-    pub shell: ShellModel,
     /// A deliberate bug, to show that the checks catch it; `None` for real runs.
     pub sabotage: Option<Sabotage>,
 }
@@ -90,32 +91,9 @@ impl Default for SimOptions {
             reorder: 0.1,
             gossip_loss: 0.03,
             stage_failure: 0.05,
-            shell: ShellModel::default(),
             sabotage: None,
         }
     }
-}
-
-/// Which task shell the simulated nodes run around their dispatchers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ShellModel {
-    /// What `swarm_actors::tasks::service` did when this simulation was written: it scanned
-    /// for orphaned tasks from its first look at membership (a restarted node, before it has
-    /// caught up and before gossip has joined, sees itself alone and adopts every unfinished
-    /// task of its replica), and deduplicates a submission only against what its own
-    /// dispatcher holds (so a task whose hash moved to a member that came back runs twice).
-    /// The service now takes an owner for gone only when gossip says `down` or `left` (or, 20 s
-    /// after start, when it is still missing from the view); it does not yet wait for an
-    /// anti-entropy round before scanning, nor deduplicate against its replica.
-    Current,
-    /// With the changes this simulation proposes: orphans are looked for only once the node
-    /// has caught up and has completed an anti-entropy round with every live peer since
-    /// membership last changed (so the stage results the dead owner's `w=2` peer holds are
-    /// here); an owner counts as gone only when gossip says it is down or has left, not when
-    /// it is merely missing from a view that is still forming; and a submission is also
-    /// deduplicated against an unfinished task of the same hash in the owner's replica.
-    #[default]
-    Fixed,
 }
 
 /// A deliberate bug for the tests of the checks.
@@ -125,6 +103,12 @@ pub enum Sabotage {
     LoseAckedWrite,
     /// Nodes adopt unfinished tasks whose owner is alive, so tasks run on two owners at once.
     AdoptFromLiveOwners,
+    /// The task shell as the service had it before this simulation: it looks for orphans from
+    /// its first look at membership (a restarted node, not caught up, sees itself alone and
+    /// adopts the unfinished tasks of live owners), and deduplicates a submission only against
+    /// what its own dispatcher holds (a task whose hash moved to a member that came back runs
+    /// again).
+    EarlyOrphanScan,
 }
 
 /// What a clean run did.

@@ -33,8 +33,13 @@ pub(crate) enum Msg {
     },
     /// The stream of round `round` broke.
     AeReset { round: u64 },
-    /// A submission forwarded to the owner of its hash; `call` names the answer.
-    Submit { call: u64, rec: Box<TaskRecord> },
+    /// A submission forwarded to the owner of its hash at `sent_ms` (the sender's clock);
+    /// `call` names the answer.
+    Submit {
+        call: u64,
+        rec: Box<TaskRecord>,
+        sent_ms: u64,
+    },
     /// The owner's answer: (task id, deduplicated), or the refusal's code.
     Submitted {
         call: u64,

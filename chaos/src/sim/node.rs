@@ -412,13 +412,18 @@ impl Proc {
                     ctx.counts.ae_failed += 1;
                 }
             }
-            Msg::Submit { call, rec } => {
+            Msg::Submit { call, rec, sent_ms } => {
                 let reply = super::tasks::Reply::Peer {
                     node: env.from,
                     boot: env.from_boot,
                     call,
                 };
-                self.submit_here(ctx, *rec, reply);
+                // Read too late (its sender takes it itself): refused.
+                if ctx.now_ms(self.id).saturating_sub(sent_ms) > super::tasks::FORWARD_STALE_MS {
+                    self.answer(ctx, reply, Err("timeout".into()));
+                } else {
+                    self.submit_here(ctx, *rec, reply);
+                }
             }
             Msg::Submitted { call, answer } => self.on_submitted(ctx, call, answer),
             Msg::RunStage { run, stage } => self.host_stage(ctx, run, *stage),

@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use swarm_actors::tasks::TaskRecord;
 use swarm_actors::tasks::dispatcher::{AgentProfile, Catalog, Limits, StageDef};
-use swarm_actors::tasks::{Priority, TaskRecord, TaskStatus, task_hash};
 
 use super::node::name;
 
@@ -86,33 +86,8 @@ pub(crate) fn workflow_names() -> Vec<&'static str> {
 /// A new task as the gateway builds it before the dispatcher takes it.
 pub(crate) fn new_record(id: String, objective: &str, workflow: &str, now_ms: u64) -> TaskRecord {
     TaskRecord {
-        id,
-        hash: task_hash(objective, &serde_json::Value::Null),
-        objective: objective.to_string(),
-        task_definition: None,
-        priority: Priority::Normal,
-        workflow: workflow.to_string(),
-        context: serde_json::Value::Null,
-        capabilities: Vec::new(),
-        submitter: "client".into(),
-        idempotency_key: None,
-        created_ms: now_ms,
-        deadline_ms: now_ms + 3_600_000,
         token_budget: 1_000_000,
-        tokens_used: 0,
-        status: TaskStatus::Pending,
-        epoch: 0,
-        owner: String::new(),
-        stages_total: 0,
-        stage: 0,
-        current: None,
-        failures: 0,
-        failed_agents: Vec::new(),
-        agents_involved: Vec::new(),
-        error: None,
-        started_ms: None,
-        finished_ms: None,
-        updated_ms: now_ms,
+        ..TaskRecord::new(&id, objective, workflow, "client", now_ms)
     }
 }
 

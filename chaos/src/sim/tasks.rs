@@ -3,7 +3,8 @@
 //!
 //! - **Submission.** The owner of a task is the rendezvous owner of its hash among the members
 //!   this node's gossip calls live; a submission made elsewhere is forwarded there, and taken
-//!   here when the owner does not answer ([`CALL_TIMEOUT_US`]) or cannot be reached. It is
+//!   here when the owner does not answer ([`CALL_TIMEOUT_US`]), refuses it as read too late
+//!   ([`FORWARD_STALE_MS`]), or cannot be reached. It is
 //!   answered once the task's record is durable here and on one peer (`w=2`; alone, here).
 //! - **Records.** Every record the dispatcher persists, and every stage result, is a write to
 //!   the node's replicated store in `_sys_tasks` (consecutive records of a task collapse to the
@@ -29,11 +30,11 @@ use swarm_actors::tasks::model::TASKS_NAMESPACE;
 use swarm_actors::tasks::{StageRecord, TaskRecord, rendezvous};
 use swarm_membership::MemberState;
 
+use super::Sabotage;
 use super::net::{Class, Msg};
 use super::node::{Proc, Then, name};
 use super::swarm::{AGENT_MAX_LOAD, agent_ids, catalog, limits, new_record, stage_names};
 use super::world::{Ctx, Ev, RemoteRun};
-use super::{Sabotage, ShellModel};
 
 /// How often the shell looks at membership (and ticks the dispatcher at the latest).
 pub(crate) const VIEW_EVERY_US: u64 = 250_000;
@@ -42,7 +43,9 @@ const SCAN_EVERY_US: u64 = 10_000_000;
 const SCAN_AFTER_CHANGE_US: u64 = 1_000_000;
 const SCAN_AFTER_CHANGE_FOR_US: u64 = 30_000_000;
 /// How long a forwarded submission waits for the owner's answer.
-const CALL_TIMEOUT_US: u64 = 15_000_000;
+const CALL_TIMEOUT_US: u64 = 1_500_000;
+/// How old a forwarded submission may be when its owner reads it.
+pub(crate) const FORWARD_STALE_MS: u64 = 800;
 /// How long it takes to find a peer unreachable (a connection that fails, a stream that breaks).
 pub(crate) const UNREACHABLE_US: u64 = 1_000_000;
 /// How long a stage runs (µs).
@@ -167,6 +170,7 @@ impl Proc {
                 Msg::Submit {
                     call,
                     rec: Box::new(rec),
+                    sent_ms: ctx.now_ms(self.id),
                 },
             );
             ctx.send(env, Class::Datagram);
@@ -203,7 +207,7 @@ impl Proc {
             .iter()
             .find(|t| t.hash == rec.hash && t.id != id && t.status.is_active())
             .map(|t| t.id.clone());
-        if ctx.shell == ShellModel::Fixed
+        if !early_scan(ctx)
             && let Some(active) = in_replica.clone()
         {
             // Unfinished elsewhere (its hash's owner moved since): the same task.
@@ -251,6 +255,14 @@ impl Proc {
         call: u64,
         answer: Result<(String, bool), String>,
     ) {
+        if matches!(&answer, Err(code) if code == "timeout") {
+            // Refused as read too late: taken here now.
+            if let Some(c) = self.tasks.calls.get_mut(&call) {
+                c.deadline_us = ctx.now_us;
+            }
+            self.expire_calls(ctx);
+            return;
+        }
         if let Some(c) = self.tasks.calls.remove(&call)
             && let Some(s) = ctx.history.submissions.get_mut(c.submission)
         {
@@ -624,17 +636,13 @@ impl Proc {
                 }
                 Some(t) => now - t >= SCAN_EVERY_US,
             };
-            // The fixed shell scans once the node has caught up, and has completed a round
-            // with every live peer since membership last changed: the results the dead owner
-            // wrote are then here, from whichever peer acknowledged them. Today's scans from
-            // the first look.
-            let ready = match ctx.shell {
-                ShellModel::Current => true,
-                ShellModel::Fixed => {
-                    let peers = ctx.live_peers(self.id);
-                    let since = self.tasks.changed_us;
-                    self.serving && self.synced_since(ctx, &peers, since)
-                }
+            // Once the node has caught up, and has completed a round with every live peer
+            // since membership last changed: the results the dead owner wrote are then here,
+            // from whichever peer acknowledged them.
+            let ready = early_scan(ctx) || {
+                let peers = ctx.live_peers(self.id);
+                let since = self.tasks.changed_us;
+                self.serving && self.synced_since(ctx, &peers, since)
             };
             if due && ready {
                 self.tasks.scanned_us = Some(now);
@@ -657,19 +665,19 @@ impl Proc {
             if rec.status.is_finished() || self.tasks.d.task(&rec.id).is_some() {
                 continue;
             }
+            // Gone only when gossip says so: a member missing from a view that is still
+            // forming (a restart) is not dead; one gossip has forgotten (down for minutes) is,
+            // once this process has been up a while.
             let owner_alive = rec.owner != me
-                && match ctx.shell {
-                    ShellModel::Current => live.contains(&rec.owner),
-                    // Gone only when gossip says so: a member missing from a view that is
-                    // still forming (a restart) is not dead; one gossip has forgotten (down
-                    // for minutes) is, once this process has been up a while.
-                    ShellModel::Fixed => match super::node::index(&rec.owner)
-                        .map(|o| ctx.gossip.state_seen(self.id, o))
+                && if early_scan(ctx) {
+                    live.contains(&rec.owner)
+                } else {
+                    match super::node::index(&rec.owner).map(|o| ctx.gossip.state_seen(self.id, o))
                     {
                         Some(Some(MemberState::Down | MemberState::Left)) => false,
                         Some(Some(_)) => true,
                         Some(None) | None => self.uptime(ctx.now_us) < FORGOTTEN_AFTER_US,
-                    },
+                    }
                 };
             // The sabotage: owners that live are not asked, their tasks taken anyway.
             let sabotage = ctx.sabotage == Some(Sabotage::AdoptFromLiveOwners);
@@ -729,6 +737,11 @@ impl Proc {
 }
 
 /// The answer of a home that cannot be reached.
+/// Whether the shell is sabotaged into the service's old ways ([`Sabotage::EarlyOrphanScan`]).
+fn early_scan(ctx: &Ctx) -> bool {
+    ctx.sabotage == Some(Sabotage::EarlyOrphanScan)
+}
+
 pub(crate) fn unreachable(stage: &RunStage, owner: &str) -> StageOutcome {
     StageOutcome {
         task: stage.task.clone(),

@@ -23,7 +23,7 @@ use super::history::History;
 use super::net::{Class, Envelope, Faults, Msg, Net};
 use super::node::{Node, index, name};
 use super::tasks::{UNREACHABLE_US, VIEW_EVERY_US, unreachable};
-use super::{Sabotage, ShellModel, SimOptions};
+use super::{Sabotage, SimOptions};
 
 /// Wall-clock milliseconds at virtual time zero.
 pub(crate) const BASE_MS: u64 = 1_700_000_000_000;
@@ -139,7 +139,6 @@ pub(crate) struct Ctx {
     pub(crate) counts: Counts,
     pub(crate) stage_failure: f64,
     pub(crate) sabotage: Option<Sabotage>,
-    pub(crate) shell: ShellModel,
     queue: BinaryHeap<Scheduled>,
     seq: u64,
     next_id: u64,
@@ -316,7 +315,6 @@ impl World {
             counts: Counts::default(),
             stage_failure: opts.stage_failure.clamp(0.0, 1.0),
             sabotage: opts.sabotage,
-            shell: opts.shell,
             queue: BinaryHeap::new(),
             seq: 0,
             next_id: 0,

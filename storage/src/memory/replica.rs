@@ -109,6 +109,11 @@ impl MemoryStore {
                 (merged, keep)
             }
         };
+        // What an observer of the namespace hears: the new logical value.
+        let report = self
+            .observers
+            .watches(ns)
+            .then(|| merged.value.as_ref().map(|v| v.value_json.clone()));
         let value = match (merged.value, keep) {
             (None, _) => None,
             (Some(_), Some(stored)) => Some(stored),
@@ -147,6 +152,9 @@ impl MemoryStore {
             value,
         };
         self.commit(&slot, ns, key, &rkey, existing.as_ref(), Some(&rec))?;
+        if let Some(value) = report {
+            self.observers.notify(ns, key, value.as_deref());
+        }
         self.clock.observe(d.version.hlc, now_ms)?;
         Ok(ApplyOutcome::Applied)
     }

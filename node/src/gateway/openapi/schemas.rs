@@ -509,6 +509,9 @@ pub(in crate::gateway) struct TaskStats {
     adopted: u64,
     /// Stages sent to another agent because theirs could not take them (not failures).
     redispatched: u64,
+    /// Events of this node not relayed to its peers (past 512 per 100 ms, or the relay fell
+    /// behind the event bus).
+    events_not_relayed: u64,
 }
 
 /// Backlog of one priority (`swarm_actors::tasks::Backlog`).

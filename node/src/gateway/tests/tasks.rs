@@ -15,7 +15,7 @@ use swarm_actors::Error;
 use swarm_actors::inference::BoxFuture;
 use swarm_actors::tasks::events::SUBSCRIBER_BUFFER;
 use swarm_actors::tasks::{
-    AgentAnswer, AgentQuery, AgentView, Backlog, EventBus, ListQuery, NewEvent, Priority, Running,
+    AgentAnswer, AgentQuery, AgentView, Backlog, EventBus, ListQuery, NewEvent, Running,
     StageRecord, Submit, Submitted, TaskApi, TaskFailure, TaskRecord, TaskStats, TaskStatus,
 };
 use swarm_config::{LimitsConfig, SwarmFile};
@@ -43,33 +43,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn record(id: &str, submitter: &str, objective: &str, status: TaskStatus) -> TaskRecord {
     TaskRecord {
-        id: id.into(),
         hash: format!("hash-of-{objective}"),
-        objective: objective.into(),
-        task_definition: None,
-        priority: Priority::Normal,
-        workflow: "sparc".into(),
-        context: Value::Null,
-        capabilities: Vec::new(),
-        submitter: submitter.into(),
-        idempotency_key: None,
-        created_ms: 1_000,
-        deadline_ms: 3_601_000,
-        token_budget: 16_384,
-        tokens_used: 0,
         status,
         epoch: 1,
         owner: "n1".into(),
         stages_total: 7,
-        stage: 0,
-        current: None,
-        failures: 0,
-        failed_agents: Vec::new(),
-        agents_involved: Vec::new(),
-        error: None,
-        started_ms: None,
-        finished_ms: None,
-        updated_ms: 1_000,
+        ..TaskRecord::new(id, objective, "sparc", submitter, 1_000)
     }
 }
 
