@@ -1616,7 +1616,7 @@ mod tests {
             priority,
             deadline_ms: 1_000_000_000,
             token_budget: 10_000,
-            ..TaskRecord::new(id, objective, workflow, "alice", 0)
+            ..TaskRecord::new(id, objective, serde_json::Value::Null, workflow, "alice", 0)
         }
     }
 

@@ -178,11 +178,18 @@ pub struct TaskRecord {
 }
 
 impl TaskRecord {
-    /// A new pending task of `objective` (no context, normal priority) on `workflow`, submitted
-    /// by `submitter` at `now_ms`, before an owner takes it: epoch 0, no owner, no stage
-    /// counted, an hour to its deadline, a budget of 16,384 tokens. Callers set what differs.
-    pub fn new(id: &str, objective: &str, workflow: &str, submitter: &str, now_ms: u64) -> Self {
-        let context = serde_json::Value::Null;
+    /// A new pending task of `objective` with `context` (its hash computed from both, normal
+    /// priority) on `workflow`, submitted by `submitter` at `now_ms`, before an owner takes it:
+    /// epoch 0, no owner, no stage counted, an hour to its deadline, a budget of 16,384 tokens.
+    /// Callers set what differs.
+    pub fn new(
+        id: &str,
+        objective: &str,
+        context: serde_json::Value,
+        workflow: &str,
+        submitter: &str,
+        now_ms: u64,
+    ) -> Self {
         Self {
             id: id.to_string(),
             hash: task_hash(objective, &context),

@@ -39,9 +39,7 @@ use super::dispatcher::{
     Action, Catalog, Dispatcher, Event as DEvent, Limits, Refusal, RunStage, StageError,
     StageOutcome,
 };
-use super::model::{
-    StageRecord, TASKS_NAMESPACE, TaskRecord, TaskStatus, read_json, rendezvous, task_hash,
-};
+use super::model::{StageRecord, TASKS_NAMESPACE, TaskRecord, TaskStatus, read_json, rendezvous};
 use super::unfinished::Unfinished;
 use super::wire::{Reply, Req, StageJob, Turn, WireError};
 use super::{
@@ -385,11 +383,11 @@ impl TaskService {
                     view = live;
                     changed_at = tokio::time::Instant::now();
                     changed_ms = now_ms();
-                    self.placed(&mut d, &view);
+                    self.placed(&mut d, &view, &now_serving);
                     last_scan = None;
                 } else if now_serving != serving {
                     // A model loaded or unloaded somewhere: agents that need one may move.
-                    self.placed(&mut d, &view);
+                    self.placed(&mut d, &view, &now_serving);
                 }
                 serving = now_serving;
                 let due = match last_scan {
@@ -641,10 +639,9 @@ impl TaskService {
         nodes
     }
 
-    /// Membership or the nodes serving models changed: place the agents, tell the dispatcher
-    /// which are online.
-    fn placed(&self, d: &mut Dispatcher, view: &[(String, bool)]) {
-        let serving = self.serving_nodes();
+    /// Membership or the nodes serving models (`serving`) changed: place the agents, tell the
+    /// dispatcher which are online.
+    fn placed(&self, d: &mut Dispatcher, view: &[(String, bool)], serving: &[String]) {
         let hosts: Vec<Host> = view
             .iter()
             .map(|(name, hosts)| Host {
@@ -1338,33 +1335,16 @@ impl TaskService {
             hex::encode(b)
         };
         Ok(TaskRecord {
-            hash: task_hash(objective, &context),
-            id,
-            objective: objective.to_string(),
             task_definition: req.task_definition.clone(),
             priority,
-            workflow,
-            context,
             capabilities: req.capabilities.clone(),
-            submitter: req.submitter.clone(),
             idempotency_key: req.idempotency_key.clone(),
-            created_ms: now,
             deadline_ms: now + deadline_s * 1000,
             token_budget: budget,
-            tokens_used: 0,
-            status: TaskStatus::Pending,
             epoch: 1,
             owner: self.s.node.clone(),
             stages_total: w.stages.len() as u32,
-            stage: 0,
-            current: None,
-            failures: 0,
-            failed_agents: Vec::new(),
-            agents_involved: Vec::new(),
-            error: None,
-            started_ms: None,
-            finished_ms: None,
-            updated_ms: now,
+            ..TaskRecord::new(&id, objective, context, &workflow, &req.submitter, now)
         })
     }
 

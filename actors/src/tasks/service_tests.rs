@@ -570,6 +570,24 @@ fn owned_by_n1(prefix: &str) -> String {
         .expect("some objective")
 }
 
+/// Task `id` of `objective`, running on `owner` at epoch 1 (a SPARC task of alice's).
+fn running_on(owner: &str, id: &str, objective: &str) -> TaskRecord {
+    TaskRecord {
+        status: TaskStatus::InProgress,
+        epoch: 1,
+        owner: owner.into(),
+        stages_total: 7,
+        ..TaskRecord::new(
+            id,
+            objective,
+            serde_json::Value::Null,
+            "sparc",
+            "alice",
+            now_ms(),
+        )
+    }
+}
+
 /// Store `rec` as replication would bring it.
 fn store_record(storage: &Storage, rec: &TaskRecord) {
     let req = PutRequest {
@@ -609,13 +627,7 @@ async fn a_submission_is_deduplicated_against_a_task_another_node_accepted() {
     )
     .await;
     let objective = owned_by_n1("summarise the incident");
-    let mut theirs = TaskRecord {
-        status: TaskStatus::InProgress,
-        epoch: 1,
-        owner: "n2".into(),
-        stages_total: 7,
-        ..TaskRecord::new("t-on-n2", &objective, "sparc", "alice", now_ms())
-    };
+    let mut theirs = running_on("n2", "t-on-n2", &objective);
     store_record(&store, &theirs);
     let s = n.accepted(submit(&objective)).await;
     assert!(s.deduplicated, "{s:?}");
@@ -637,13 +649,7 @@ async fn a_submission_is_deduplicated_against_a_task_another_node_accepted() {
 async fn orphans_are_looked_for_only_after_a_round_with_every_live_peer() {
     let store = storage();
     let objective = owned_by_n1("rotate the keys");
-    let mine = TaskRecord {
-        status: TaskStatus::InProgress,
-        epoch: 1,
-        owner: "n1".into(),
-        stages_total: 7,
-        ..TaskRecord::new("t-mine", &objective, "sparc", "alice", now_ms())
-    };
+    let mine = running_on("n1", "t-mine", &objective);
     store_record(&store, &mine);
     let peers = Arc::new(WithN2 {
         synced: AtomicBool::new(false),

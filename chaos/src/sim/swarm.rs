@@ -87,7 +87,14 @@ pub(crate) fn workflow_names() -> Vec<&'static str> {
 pub(crate) fn new_record(id: String, objective: &str, workflow: &str, now_ms: u64) -> TaskRecord {
     TaskRecord {
         token_budget: 1_000_000,
-        ..TaskRecord::new(&id, objective, workflow, "client", now_ms)
+        ..TaskRecord::new(
+            &id,
+            objective,
+            serde_json::Value::Null,
+            workflow,
+            "client",
+            now_ms,
+        )
     }
 }
 

@@ -48,7 +48,7 @@ fn record(id: &str, submitter: &str, objective: &str, status: TaskStatus) -> Tas
         epoch: 1,
         owner: "n1".into(),
         stages_total: 7,
-        ..TaskRecord::new(id, objective, "sparc", submitter, 1_000)
+        ..TaskRecord::new(id, objective, Value::Null, "sparc", submitter, 1_000)
     }
 }
 
