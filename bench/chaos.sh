@@ -14,9 +14,10 @@ scenarios=${SCENARIOS:-kill-restart partition-heal flaky-network pause rolling-r
 cargo build --release -q -p swarm-node -p swarm-chaos || exit 1
 out=target/chaos-figures
 mkdir -p "$out"
-for s in $scenarios; do
-  for n in $nodes; do
-    for seed in $(seq "$first" $((first + seeds - 1))); do
+# Seed by seed, so that a run cut short still has every scenario and size for its first seeds.
+for seed in $(seq "$first" $((first + seeds - 1))); do
+  for s in $scenarios; do
+    for n in $nodes; do
       dir=$out/$s-$n-$seed
       target/release/swarm-chaos run --scenario "chaos/scenarios/$s.toml" --nodes "$n" \
         --seed "$seed" --out "$dir" >"$dir.log" 2>&1

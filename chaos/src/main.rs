@@ -112,16 +112,20 @@ fn main() -> ExitCode {
         Cmd::Sim { seeds, first_seed } => {
             let start = Instant::now();
             let opts = sim::SimOptions::default();
-            let mut failed = 0u64;
+            let (mut failed, mut rerun) = (0u64, 0u64);
             for seed in first_seed..first_seed.saturating_add(seeds) {
-                if let Err(e) = sim::run_seed(seed, &opts) {
-                    println!("{e}");
-                    failed += 1;
+                match sim::run_seed(seed, &opts) {
+                    Ok(o) => rerun += o.stages_rerun,
+                    Err(e) => {
+                        println!("{e}");
+                        failed += 1;
+                    }
                 }
             }
             let secs = start.elapsed().as_secs_f64();
             println!(
-                "{seeds} seeds from {first_seed}: {} clean, {failed} failed, {:.1} s ({:.0} seeds/min)",
+                "{seeds} seeds from {first_seed}: {} clean, {failed} failed, {:.1} s ({:.0} seeds/min); \
+                 {rerun} stages ran again after their only result was lost with its node",
                 seeds - failed,
                 secs,
                 seeds as f64 * 60.0 / secs.max(1e-9)

@@ -791,14 +791,20 @@ impl Gossip {
                         claimed: asker.name,
                     });
                 }
-                if self.left || *m.id() != self.me || m.state() != State::Suspect {
+                if self.left || m.id().name != self.me.name || m.state() != State::Suspect {
                     return Ok(());
                 }
                 // Refute (foca raises our incarnation), then tell the asker straight away: the
-                // announce carries our new incarnation, which clears its suspicion.
-                self.foca
-                    .apply_many(std::iter::once(m), true, &mut self.rt)
-                    .map_err(|e| MembershipError::Foca(e.to_string()))?;
+                // announce carries our new incarnation, which clears its suspicion. A former
+                // identity of ours (before a rejoin) is not refuted but replaced: the announce
+                // carries the identity that wins its address. (A member that rejoined dropped
+                // its suspicion timers, so without this it would suspect our old identity
+                // forever.)
+                if *m.id() == self.me {
+                    self.foca
+                        .apply_many(std::iter::once(m), true, &mut self.rt)
+                        .map_err(|e| MembershipError::Foca(e.to_string()))?;
+                }
                 self.foca
                     .announce(asker, &mut self.rt)
                     .map_err(|e| MembershipError::Foca(e.to_string()))
@@ -1471,6 +1477,37 @@ mod tests {
         let header =
             Codec::<NodeId>::decode_header(&mut PostcardCodec, &data[1..]).expect("header");
         assert!(header.src_incarnation > 0, "{header:?}");
+    }
+
+    #[test]
+    fn a_former_identity_suspected_is_answered_with_the_current_one() {
+        let mut a = node(1);
+        let b = node(2);
+        // A peer that rejoined dropped its suspicion timers: it still suspects a's identity
+        // from before a's own rejoin.
+        let old = NodeId {
+            incarnation: a.identity().incarnation.saturating_sub(1),
+            ..a.identity().clone()
+        };
+        let current = a.identity().clone();
+        let m = foca::Member::new(old, Default::default(), State::Suspect);
+        let body = postcard::to_stdvec(&(b.identity(), &m)).expect("enc");
+        a.take_output();
+        a.handle_frame("node-2", &framed(FRAME_SUSPECT, &body))
+            .expect("answered");
+        let out = a.take_output();
+        let (_, data) = out
+            .iter()
+            .find(|(to, d)| to.name == "node-2" && d[0] == FRAME_FOCA)
+            .expect("an announce to node-2");
+        let header =
+            Codec::<NodeId>::decode_header(&mut PostcardCodec, &data[1..]).expect("header");
+        assert_eq!(
+            header.src, current,
+            "the announce carries the current identity"
+        );
+        // Not refuted: a's own incarnation in gossip did not move for an old identity.
+        assert_eq!(header.src_incarnation, 0, "{header:?}");
     }
 
     proptest! {

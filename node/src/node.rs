@@ -21,6 +21,9 @@ use crate::inference::Inference;
 use crate::jwt::{self, Verifier};
 use crate::policy::Policy;
 
+/// How long a leaving node tries to complete a round with a peer before it goes anyway.
+const HAND_OFF_LIMIT: Duration = Duration::from_secs(5);
+
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -85,12 +88,10 @@ impl NodeHandle {
         self.state.stop.notified().await;
     }
 
-    /// Leave the cluster gracefully (peers see `left`), then shut down.
+    /// Leave the cluster gracefully: stop taking work, hand what only this node holds to a
+    /// peer (an anti-entropy round), announce the leave (peers see `left`), then shut down.
     pub async fn leave_and_shutdown(self) -> Result<(), NodeError> {
-        if let Err(e) = self.membership.leave().await {
-            tracing::warn!(error = %e, "graceful leave failed");
-        }
-        self.shutdown().await
+        self.stop(true).await
     }
 
     /// Reread the node config: announce to new seeds. Other changes need a restart.
@@ -103,13 +104,35 @@ impl NodeHandle {
         Ok(())
     }
 
-    /// Stop accepting requests, finish those in flight, flush the store.
+    /// Stop accepting requests, finish those in flight, flush the store (peers find this node
+    /// down, not left).
     pub async fn shutdown(self) -> Result<(), NodeError> {
+        self.stop(false).await
+    }
+
+    async fn stop(self, leave: bool) -> Result<(), NodeError> {
         let _ = self.shutdown.send(true);
         match self.server.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "gateway stopped with an error"),
             Err(e) => tracing::warn!(error = %e, "gateway task failed"),
+        }
+        // No task changes past this point: its writes are all in the store.
+        self.tasks.shutdown();
+        if leave {
+            // A write no peer acknowledged (a stage result under loss) would leave with this
+            // node, and the node adopting its tasks would run that stage again.
+            if let Some(r) = &self.replicator
+                && !r.hand_off(HAND_OFF_LIMIT).await
+            {
+                tracing::warn!(
+                    limit = ?HAND_OFF_LIMIT,
+                    "leaving without a round with a peer: writes only this node holds wait for its return"
+                );
+            }
+            if let Err(e) = self.membership.leave().await {
+                tracing::warn!(error = %e, "graceful leave failed");
+            }
         }
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || {
@@ -118,7 +141,6 @@ impl NodeHandle {
         })
         .await
         .map_err(|e| StorageError::Engine(e.to_string()))??;
-        self.tasks.shutdown();
         if let Some(r) = &self.replicator {
             r.shutdown().await;
         }

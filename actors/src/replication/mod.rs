@@ -235,14 +235,9 @@ impl Replicator {
         let start = tokio::time::Instant::now();
         loop {
             let peers = self.shared.peers.live_peers();
-            for p in &peers {
-                match self.sync_with(p).await {
-                    Ok(n) => {
-                        tracing::info!(peer = %p, entries = n, "caught up with a peer before serving");
-                        return true;
-                    }
-                    Err(e) => tracing::debug!(peer = %p, error = %e, "catch-up round failed"),
-                }
+            if let Some((p, n)) = self.round_with_any(&peers).await {
+                tracing::info!(peer = %p, entries = n, "caught up with a peer before serving");
+                return true;
             }
             if *self.shared.first_sync.borrow() {
                 return true;
@@ -253,6 +248,44 @@ impl Replicator {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Before a graceful leave: run rounds with live peers until one completes, so that what
+    /// only this node holds (a write no peer acknowledged, under loss or a cut) is on a peer
+    /// when it goes, where the node that adopts its work finds it. False when no peer is
+    /// alive, or none completes a round within `limit`.
+    pub async fn hand_off(&self, limit: Duration) -> bool {
+        let since = now_ms();
+        let rounds = async {
+            loop {
+                let peers = self.shared.peers.live_peers();
+                if peers.is_empty() {
+                    return false;
+                }
+                if let Some((p, n)) = self.round_with_any(&peers).await {
+                    tracing::info!(peer = %p, entries = n, "handed off to a peer before leaving");
+                    return true;
+                }
+                // A round a peer started (or one of ours already running) counts as well.
+                if lock(&self.shared.exchanged).values().any(|t| *t >= since) {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::time::timeout(limit, rounds).await.unwrap_or(false)
+    }
+
+    /// A round with each of `peers` in turn until one completes: that peer and the entries
+    /// exchanged.
+    async fn round_with_any(&self, peers: &[String]) -> Option<(String, u64)> {
+        for p in peers {
+            match self.sync_with(p).await {
+                Ok(n) => return Some((p.clone(), n)),
+                Err(e) => tracing::debug!(peer = %p, error = %e, "round failed"),
+            }
+        }
+        None
     }
 
     pub fn stats(&self) -> &ReplStats {
@@ -601,6 +634,18 @@ async fn round_logged(shared: &Arc<Shared>, peer: String) {
     }
 }
 
+/// A round running as initiator with `peer`; dropping it frees the peer for the next one.
+struct Syncing<'a> {
+    shared: &'a Shared,
+    peer: &'a str,
+}
+
+impl Drop for Syncing<'_> {
+    fn drop(&mut self) {
+        lock(&self.shared.syncing).remove(self.peer);
+    }
+}
+
 /// Run a blocking step of the protocol off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
     tokio::task::spawn_blocking(f)
@@ -628,15 +673,18 @@ impl RoundIo<'_> {
         Ok(())
     }
 
-    async fn recv(&mut self) -> Result<Ae, Error> {
-        let stream = |message: &str| Error::Stream {
+    fn broken(&self, message: &str) -> Error {
+        Error::Stream {
             peer: self.peer.to_string(),
             message: message.to_string(),
-        };
+        }
+    }
+
+    async fn recv(&mut self) -> Result<Ae, Error> {
         let bytes = tokio::time::timeout(ROUND_IDLE, self.duplex.rx.next())
             .await
-            .map_err(|_| stream("no message within the round's idle limit"))??
-            .ok_or_else(|| stream("stream ended mid-round"))?;
+            .map_err(|_| self.broken("no message within the round's idle limit"))??
+            .ok_or_else(|| self.broken("stream ended mid-round"))?;
         self.shared
             .stats()
             .ae_bytes_received
@@ -645,6 +693,16 @@ impl RoundIo<'_> {
             peer: self.peer.to_string(),
             message,
         })
+    }
+
+    /// Wait for the peer to end its side of the stream (nothing more may come).
+    async fn end(&mut self) -> Result<(), Error> {
+        match tokio::time::timeout(ROUND_IDLE, self.duplex.rx.next()).await {
+            Ok(Ok(None)) => Ok(()),
+            Ok(Ok(Some(_))) => Err(self.broken("a frame after the end of the round")),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(self.broken("the peer did not end the round within its idle limit")),
+        }
     }
 }
 
@@ -656,11 +714,12 @@ async fn round_as_initiator(shared: &Arc<Shared>, peer: &str) -> Result<u64, Err
             message: "a round with this peer is already running".into(),
         });
     }
+    // The peer is free again however the round ends, a caller giving up on it included.
+    let _syncing = Syncing { shared, peer };
     let started = now_ms();
     let r = initiate(shared, peer)
         .instrument(tracing::debug_span!("anti_entropy", %peer, role = "initiator"))
         .await;
-    lock(&shared.syncing).remove(peer);
     let stats = shared.stats();
     match &r {
         Ok(n) => {
@@ -689,6 +748,9 @@ async fn initiate(shared: &Arc<Shared>, peer: &str) -> Result<u64, Error> {
     io.send_all(&step).await?;
     let round = drive(&mut io, round).await?;
     io.duplex.tx.finish();
+    // The responder ends its side once it has applied the last entries: only then is what this
+    // node holds on the peer (a leaving node's hand-off counts on it).
+    io.end().await?;
     Ok(round.entries)
 }
 
@@ -716,6 +778,7 @@ async fn round_as_responder(shared: &Arc<Shared>, peer: &str, duplex: Duplex) ->
         duplex,
     };
     drive(&mut io, Responder::new(peer, shared.limits)).await?;
+    io.duplex.tx.finish();
     Ok(())
 }
 

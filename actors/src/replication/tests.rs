@@ -33,9 +33,19 @@ fn cfg() -> ReplicationConfig {
 
 /// Start `name` on `net` with `store`, serving the streams peers open to it.
 fn start(net: &MemNet, name: &str, store: Storage, limits: Limits) -> Node {
+    start_with(net, name, store, limits, cfg())
+}
+
+fn start_with(
+    net: &MemNet,
+    name: &str,
+    store: Storage,
+    limits: Limits,
+    cfg: ReplicationConfig,
+) -> Node {
     let (peers, mut incoming) = net.join(name);
     let hook: RefusalHook = Arc::new(|_: &str, _: &str, _: &str| {});
-    let repl = Replicator::with_limits(store.clone(), Arc::new(peers), cfg(), hook, limits);
+    let repl = Replicator::with_limits(store.clone(), Arc::new(peers), cfg, hook, limits);
     let serve = repl.clone();
     tokio::spawn(async move {
         while let Some(s) = incoming.recv().await {
@@ -248,4 +258,39 @@ async fn a_lone_node_serves_after_the_alone_limit() {
             .await
     );
     a.repl.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_node_hands_what_only_it_holds_to_a_peer() {
+    let net = MemNet::new(11);
+    // No periodic round would carry the write in the test's time: only the hand-off does.
+    let slow = ReplicationConfig {
+        anti_entropy_every: HumanDuration(Duration::from_secs(3600)),
+        ..cfg()
+    };
+    let a = start_with(&net, "a", storage("a"), Limits::default(), slow.clone());
+    let b = start_with(&net, "b", storage("b"), Limits::default(), slow);
+    // Written on a, never pushed (as if every push had been lost).
+    put(&a, "ns", "only-on-a", "1");
+    let held_by_b = |b: &Node| {
+        b.storage
+            .memory
+            .get("ns", "only-on-a", now_ms())
+            .expect("get")
+            .is_some()
+    };
+    assert!(!held_by_b(&b));
+    // Cut off, the hand-off gives up at its limit.
+    net.partition(&["a"], &["b"]);
+    assert!(!a.repl.hand_off(Duration::from_millis(300)).await);
+    net.heal();
+    assert!(a.repl.hand_off(Duration::from_secs(5)).await);
+    assert!(held_by_b(&b), "the hand-off did not carry the write");
+    for n in [&a, &b] {
+        n.repl.shutdown().await;
+    }
+    // Alone, there is no one to hand off to.
+    let c = start(&MemNet::new(12), "c", storage("c"), Limits::default());
+    assert!(!c.repl.hand_off(Duration::from_secs(5)).await);
+    c.repl.shutdown().await;
 }

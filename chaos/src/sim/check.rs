@@ -373,9 +373,13 @@ fn twice(h: &History, out: &mut Vec<Violation>) {
             .push(w);
     }
     for ((task, index), ws) in writes {
-        // Every write after the first must be excused: inside a partition, or of a task that
-        // was held twice inside one.
-        let excused = h.excused_tasks.contains(task) || ws[1..].iter().all(|w| w.disturbed);
+        // Every write after the first must be excused: inside a partition, of a task that was
+        // held twice inside one, or made when no live node held an earlier result (its only
+        // copies were lost with the nodes that wrote them, never acknowledged by a peer).
+        let excused = h.excused_tasks.contains(task)
+            || ws[1..]
+                .iter()
+                .all(|w| w.disturbed || !w.earlier_on_a_live_node);
         if ws.len() < 2 || excused {
             continue;
         }
@@ -498,18 +502,23 @@ mod tests {
     }
 
     #[test]
-    fn a_stage_written_twice_is_excused_only_inside_a_partition() {
+    fn a_stage_written_twice_is_excused_only_inside_a_partition_or_when_its_copy_was_lost() {
         let mut h = history();
         for (node, epoch) in [(0, 1), (1, 2)] {
             h.stage_writes.push(StageWrite {
                 task: "t1".into(),
                 index: 0,
+                stage: "specification".into(),
                 epoch,
                 node,
                 at_us: epoch * 1000,
                 disturbed: false,
+                earlier_on_a_live_node: false,
             });
         }
+        // The first result's only copy was gone: run again, at least once.
+        assert_eq!(check(&h, &settled()), Vec::new());
+        h.stage_writes[1].earlier_on_a_live_node = true;
         assert_eq!(invariants(&check(&h, &settled())), ["stage recorded twice"]);
         h.twice(
             "task t1".into(),

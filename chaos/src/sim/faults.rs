@@ -116,8 +116,16 @@ impl World {
         let faulty = now < self.chaos_end_us;
         match f {
             Fault::Crash { down_us } | Fault::Leave { down_us } if faulty => {
-                let up: Vec<u32> = (0..self.nodes.len() as u32)
-                    .filter(|i| self.ctx.up(*i).is_some())
+                // Up and not already leaving.
+                let up: Vec<u32> = self
+                    .nodes
+                    .iter()
+                    .filter(|n| {
+                        n.proc
+                            .as_ref()
+                            .is_some_and(|p| p.leaving_since_us.is_none())
+                    })
+                    .map(|n| n.id)
                     .collect();
                 // Node 0 is never stopped: the gossip simulator restarts a member by announcing
                 // it to member 0, so a restarted member 0 would know nobody.

@@ -62,12 +62,18 @@ impl Submission {
 pub(crate) struct StageWrite {
     pub(crate) task: String,
     pub(crate) index: u32,
+    /// The stage's name (its result's key).
+    pub(crate) stage: String,
     pub(crate) epoch: u64,
     pub(crate) node: u32,
     pub(crate) at_us: u64,
     /// Written inside a partition or its aftermath (a replica there may lack an earlier
     /// result written on the other side).
     pub(crate) disturbed: bool,
+    /// An earlier result of the stage was on a live node when this one was written. When it
+    /// was not (every copy was on nodes that had crashed or left, its replication never
+    /// acknowledged), the stage ran again as the `w=2` promise allows: at least once.
+    pub(crate) earlier_on_a_live_node: bool,
 }
 
 /// Work held twice at one moment, as first seen.

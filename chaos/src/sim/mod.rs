@@ -136,6 +136,9 @@ pub struct SimOutcome {
     pub stale_results: u64,
     /// Work held twice inside a partition (fenced, not errors).
     pub excused_twice: u64,
+    /// Stages run again outside a partition because no live node held their earlier result
+    /// (it was only on a node that crashed or left before any peer acknowledged it).
+    pub stages_rerun: u64,
     pub faults: u64,
     pub crashes: u64,
     pub partitions: u64,
@@ -245,6 +248,16 @@ fn outcome(seed: u64, w: &world::World, snapshot: &[check::NodeView]) -> SimOutc
         adoptions: c.adoptions,
         stale_results: c.stale_results,
         excused_twice: h.twice.iter().filter(|t| t.excused).count() as u64,
+        stages_rerun: h
+            .stage_writes
+            .iter()
+            .filter(|w| !w.disturbed && !w.earlier_on_a_live_node)
+            .filter(|w| {
+                h.stage_writes
+                    .iter()
+                    .any(|e| (&e.task, e.index) == (&w.task, w.index) && e.at_us < w.at_us)
+            })
+            .count() as u64,
         faults: c.crashes + c.leaves + c.partitions + c.storms,
         crashes: c.crashes,
         partitions: c.partitions,

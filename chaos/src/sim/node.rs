@@ -36,6 +36,8 @@ const ROUND_IDLE_US: u64 = 10_000_000;
 /// Catch-up before serving: alone this long, it serves as it is; it serves anyway after the limit.
 const CATCH_UP_ALONE_US: u64 = 2_000_000;
 const CATCH_UP_LIMIT_US: u64 = 10_000_000;
+/// How long a leaving process tries to complete a round with a peer before it goes anyway.
+pub(crate) const HAND_OFF_LIMIT_US: u64 = 5_000_000;
 
 /// Node `i`'s name, as gossip and the stores know it.
 pub(crate) fn name(i: u32) -> String {
@@ -137,6 +139,7 @@ impl Node {
             last_live: BTreeSet::new(),
             synced: false,
             synced_with: BTreeMap::new(),
+            leaving_since_us: None,
             tasks,
         });
         Ok(self.boots)
@@ -185,7 +188,12 @@ struct Round {
     /// The peer's process, once it has answered (the initiator's first message goes to any).
     peer_boot: Option<u64>,
     side: Side,
+    /// When it began here: what it carries is what both sides held then.
+    started_us: u64,
     last_us: u64,
+    /// The initiator sent its last message (the entries it exchanged): it waits for the
+    /// responder to end its side, as the replicator waits for the stream's end.
+    ending: Option<u64>,
 }
 
 /// The process running on a node now.
@@ -205,8 +213,10 @@ pub(crate) struct Proc {
     last_live: BTreeSet<u32>,
     /// An anti-entropy round completed (either side) since start.
     synced: bool,
-    /// When a round with each peer last completed (either side).
+    /// When the latest round completed with each peer (either side) began.
     synced_with: BTreeMap<u32, u64>,
+    /// Leaving gracefully since then: handing off to a peer, its task service stopped.
+    pub(crate) leaving_since_us: Option<u64>,
     pub(crate) tasks: TaskShell,
 }
 
@@ -400,6 +410,13 @@ impl Proc {
 
     /// A message for this process.
     pub(crate) fn receive(&mut self, ctx: &mut Ctx, env: Envelope) {
+        let tasks = matches!(
+            env.msg,
+            Msg::Submit { .. } | Msg::Submitted { .. } | Msg::RunStage { .. } | Msg::StageResult(_)
+        );
+        if tasks && self.leaving_since_us.is_some() {
+            return; // its task service has stopped
+        }
         match env.msg {
             Msg::Push(batch) => self.on_push(ctx, env.from, env.from_boot, batch),
             Msg::Ae {
@@ -470,7 +487,9 @@ impl Proc {
                         peer,
                         peer_boot: None,
                         side: Side::Initiator(Box::new(round)),
+                        started_us: ctx.now_us,
                         last_us: ctx.now_us,
+                        ending: None,
                     },
                 );
                 self.send_ae(ctx, id, step.send);
@@ -515,7 +534,9 @@ impl Proc {
                     peer: from,
                     peer_boot: Some(from_boot),
                     side,
+                    started_us: ctx.now_us,
                     last_us: ctx.now_us,
+                    ending: None,
                 },
             );
         }
@@ -523,8 +544,21 @@ impl Proc {
         let Some(r) = self.rounds.get_mut(&round) else {
             return;
         };
+        if let Some(entries) = r.ending {
+            // The responder ended its side: it has applied everything this round sent.
+            if !to_responder && matches!(msg, Ae::Done) {
+                let started = r.started_us;
+                self.rounds.remove(&round);
+                self.round_done(from, started);
+                ctx.counts.ae_rounds += 1;
+                ctx.counts.ae_entries += entries;
+                ctx.net.close(round);
+            }
+            return;
+        }
         r.peer_boot.get_or_insert(from_boot);
         r.last_us = ctx.now_us;
+        let started = r.started_us;
         let (result, finished, entries) = match &mut r.side {
             Side::Initiator(i) => {
                 let s = i.on_message(&self.local, msg, now_ms);
@@ -539,16 +573,23 @@ impl Proc {
         match result {
             Ok(step) => {
                 self.send_ae(ctx, round, step.send);
-                if finished {
-                    self.rounds.remove(&round);
-                    self.synced = true;
-                    self.synced_with.insert(from, ctx.now_us);
-                    if initiator {
-                        ctx.counts.ae_rounds += 1;
-                        ctx.counts.ae_entries += entries;
-                    } else {
-                        ctx.net.close(round);
+                if finished && initiator {
+                    // Done until the responder ends its side of the stream.
+                    if let Some(r) = self.rounds.get_mut(&round) {
+                        r.ending = Some(entries);
                     }
+                } else if finished {
+                    self.rounds.remove(&round);
+                    self.round_done(from, started);
+                    let end = Msg::Ae {
+                        round,
+                        to_responder: false,
+                        msg: Ae::Done,
+                    };
+                    ctx.send(
+                        self.envelope(from, Some(from_boot), end),
+                        Class::Stream(round),
+                    );
                 }
             }
             Err(_) => {
@@ -567,6 +608,13 @@ impl Proc {
                 ctx.deliver_all(resets);
             }
         }
+    }
+
+    /// A round with `peer` that began at `started` completed (either side).
+    fn round_done(&mut self, peer: u32, started: u64) {
+        self.synced = true;
+        let t = self.synced_with.entry(peer).or_insert(started);
+        *t = (*t).max(started);
     }
 
     // ---- time ----
@@ -616,10 +664,31 @@ impl Proc {
                 self.start_round(ctx, p);
             }
         }
+        if self.leaving_since_us.is_some() {
+            self.round_with_next(ctx, &live);
+            return;
+        }
         if !self.serving {
             self.catch_up(ctx, &live);
         }
         self.task_tick(ctx, look);
+    }
+
+    /// A graceful leave begins: no more client operations, the task service stops (nothing
+    /// held, nothing run), and rounds with live peers start, so that a write no peer
+    /// acknowledged goes with a peer rather than with this process (the node's hand-off).
+    pub(crate) fn begin_leave(&mut self, ctx: &mut Ctx) {
+        self.serving = false;
+        self.leaving_since_us = Some(ctx.now_us);
+        self.tasks = TaskShell::new(ctx, self.id, self.boot);
+        let live: BTreeSet<u32> = ctx.live_peers(self.id).into_iter().collect();
+        self.round_with_next(ctx, &live);
+    }
+
+    /// Whether a round with a peer (either side) that began after the leave has completed.
+    pub(crate) fn handed_off(&self) -> bool {
+        self.leaving_since_us
+            .is_some_and(|since| self.synced_with.values().any(|t| *t >= since))
     }
 
     /// Before serving: a completed round with a peer, or alone long enough, or the limit.
@@ -635,20 +704,26 @@ impl Proc {
             }
             return;
         }
+        self.round_with_next(ctx, live);
+    }
+
+    /// A round with the next live peer in turn, unless one this process started still runs.
+    fn round_with_next(&mut self, ctx: &mut Ctx, live: &BTreeSet<u32>) {
         let initiating = self
             .rounds
             .values()
             .any(|r| matches!(r.side, Side::Initiator(_)));
-        if !initiating {
-            let peers: Vec<u32> = live.iter().copied().collect();
-            let p = peers[self.catch_up_tries % peers.len()];
-            self.catch_up_tries += 1;
-            self.start_round(ctx, p);
+        if initiating || live.is_empty() {
+            return;
         }
+        let peers: Vec<u32> = live.iter().copied().collect();
+        let p = peers[self.catch_up_tries % peers.len()];
+        self.catch_up_tries += 1;
+        self.start_round(ctx, p);
     }
 
-    /// Whether a round with each of `peers` completed at `since` or later; starts one with each
-    /// peer that has none (and none running).
+    /// Whether a round with each of `peers` that began at `since` or later has completed;
+    /// starts one with each peer that has none (and none running).
     pub(crate) fn synced_since(&mut self, ctx: &mut Ctx, peers: &[u32], since: u64) -> bool {
         let behind: Vec<u32> = peers
             .iter()

@@ -385,10 +385,13 @@ impl Proc {
         ctx.history.stage_writes.push(super::history::StageWrite {
             task: st.task.clone(),
             index: st.index,
+            stage: st.stage.clone(),
             epoch: st.epoch,
             node: self.id,
             at_us: ctx.now_us,
             disturbed: ctx.disturbed(),
+            // Judged by the world once this event is over (it sees every node).
+            earlier_on_a_live_node: false,
         });
         Ok(())
     }
@@ -736,12 +739,12 @@ impl Proc {
     }
 }
 
-/// The answer of a home that cannot be reached.
 /// Whether the shell is sabotaged into the service's old ways ([`Sabotage::EarlyOrphanScan`]).
 fn early_scan(ctx: &Ctx) -> bool {
     ctx.sabotage == Some(Sabotage::EarlyOrphanScan)
 }
 
+/// The answer of a home that cannot be reached.
 pub(crate) fn unreachable(stage: &RunStage, owner: &str) -> StageOutcome {
     StageOutcome {
         task: stage.task.clone(),

@@ -15,13 +15,14 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+use swarm_actors::tasks::StageRecord;
 use swarm_actors::tasks::dispatcher::{RunStage, StageError, StageOutcome, StageSuccess};
 use swarm_membership::sim::{Sim, SimConfig};
 use swarm_membership::{GossipSettings, MemberState};
 
 use super::history::History;
 use super::net::{Class, Envelope, Faults, Msg, Net};
-use super::node::{Node, index, name};
+use super::node::{HAND_OFF_LIMIT_US, Node, index, name};
 use super::tasks::{UNREACHABLE_US, VIEW_EVERY_US, unreachable};
 use super::{Sabotage, SimOptions};
 
@@ -276,6 +277,8 @@ pub(crate) struct World {
     /// Why the cluster never went quiet while settling (`None`: it did).
     pub(crate) unsettled: Option<String>,
     pub(crate) settled_after_us: u64,
+    /// Stage writes of the history judged so far ([`Self::judge_stage_writes`]).
+    stage_writes_judged: usize,
 }
 
 impl World {
@@ -343,6 +346,7 @@ impl World {
             last_false_downs: 0,
             unsettled: None,
             settled_after_us: 0,
+            stage_writes_judged: 0,
         })
     }
 
@@ -392,9 +396,40 @@ impl World {
             let tag = item.ev.tag();
             self.ctx.mix(at ^ (tag << 56));
             self.handle(item.ev)?;
+            self.judge_stage_writes();
         }
         self.advance(end);
         Ok(())
+    }
+
+    /// For each stage result written during the last event that is not its stage's first:
+    /// whether a live node other than its writer held an earlier one (its own push has not
+    /// left yet, so what they hold is older).
+    fn judge_stage_writes(&mut self) {
+        let writes = &self.ctx.history.stage_writes;
+        let held: Vec<(usize, bool)> = (self.stage_writes_judged..writes.len())
+            .filter_map(|k| {
+                let w = &writes[k];
+                writes[..k]
+                    .iter()
+                    .any(|e| (e.task.as_str(), e.index) == (w.task.as_str(), w.index))
+                    .then_some((k, w))
+            })
+            .map(|(k, w)| {
+                let key = StageRecord::key(&w.task, &w.stage);
+                let held = self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.id != w.node)
+                    .filter_map(|n| n.proc.as_ref())
+                    .any(|p| p.read::<StageRecord>(&self.ctx, &key).is_some());
+                (k, held)
+            })
+            .collect();
+        self.stage_writes_judged = writes.len();
+        for (k, h) in held {
+            self.ctx.history.stage_writes[k].earlier_on_a_live_node = h;
+        }
     }
 
     /// Run gossip up to `to` and move the clock there.
@@ -493,6 +528,7 @@ impl World {
                 p.tick(&mut self.ctx, look);
             }
         }
+        self.end_leaves();
         if look {
             self.look_for_twice();
         }
@@ -559,13 +595,16 @@ impl World {
         );
     }
 
+    /// A graceful leave begins: the process stops taking work and hands off to a peer; it
+    /// leaves gossip and stops once a round with a peer completes ([`Self::end_leaves`]).
     pub(crate) fn leave(&mut self, i: u32) {
-        let Some(node) = self.nodes.get_mut(i as usize) else {
+        let Some(p) = self.nodes.get_mut(i as usize).and_then(|n| n.proc.as_mut()) else {
             return;
         };
-        self.ctx.gossip.leave(i);
-        node.stop();
-        self.ctx.boots[i as usize] = None;
+        if p.leaving_since_us.is_some() {
+            return;
+        }
+        p.begin_leave(&mut self.ctx);
         self.ctx.abandon_runs(|r, _| r.home == i || r.owner == i);
         self.ctx.counts.leaves += 1;
         self.ctx
@@ -573,7 +612,55 @@ impl World {
             .fault(self.ctx.now_us, format!("leave {}", name(i)));
     }
 
+    /// The leaves whose hand-off is over (a round with a peer, no peer left, or the limit).
+    fn end_leaves(&mut self) {
+        let now = self.ctx.now_us;
+        let done: Vec<(u32, bool)> = self
+            .nodes
+            .iter()
+            .filter_map(|n| {
+                let p = n.proc.as_ref()?;
+                let since = p.leaving_since_us?;
+                let handed = p.handed_off();
+                let over = handed
+                    || self.ctx.live_peers(n.id).is_empty()
+                    || now.saturating_sub(since) >= HAND_OFF_LIMIT_US;
+                over.then_some((n.id, handed))
+            })
+            .collect();
+        for (i, handed) in done {
+            self.end_leave(i, handed);
+        }
+    }
+
+    /// The leaving process announces it to gossip and stops.
+    fn end_leave(&mut self, i: u32, handed: bool) {
+        let Some(node) = self.nodes.get_mut(i as usize) else {
+            return;
+        };
+        self.ctx.gossip.leave(i);
+        node.stop();
+        self.ctx.boots[i as usize] = None;
+        self.ctx.abandon_runs(|r, _| r.home == i || r.owner == i);
+        let how = if handed { "handed off" } else { "no hand-off" };
+        self.ctx
+            .history
+            .fault(self.ctx.now_us, format!("{} left ({how})", name(i)));
+    }
+
     pub(crate) fn restart(&mut self, i: u32) -> Result<(), String> {
+        let leaving = self
+            .nodes
+            .get(i as usize)
+            .and_then(|n| n.proc.as_ref())
+            .is_some_and(|p| p.leaving_since_us.is_some());
+        if leaving {
+            let handed = self.nodes[i as usize]
+                .proc
+                .as_ref()
+                .is_some_and(|p| p.handed_off());
+            self.end_leave(i, handed);
+        }
         let Some(node) = self.nodes.get_mut(i as usize) else {
             return Ok(());
         };
