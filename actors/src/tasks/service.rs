@@ -76,6 +76,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// make an accepted one durable and answer; past that, the task may run on both.
 const FORWARD_WAIT: Duration = Duration::from_millis(1500);
 const FORWARD_STALE: Duration = Duration::from_millis(800);
+/// A submission is answered this much before the gateway's response target, so the answer is
+/// the service's, not the gateway's timeout.
+const SUBMIT_MARGIN: Duration = Duration::from_millis(100);
 /// Events relayed to peers in one batch, and how often.
 const RELAY_BATCH: usize = 512;
 const RELAY_EVERY: Duration = Duration::from_millis(100);
@@ -239,6 +242,9 @@ struct Shared {
     peers: Arc<dyn TaskPeers>,
     /// The unfinished tasks of this replica.
     unfinished: Arc<Unfinished>,
+    /// How long a submission may take to be answered ([`SUBMIT_MARGIN`] under the gateway's
+    /// response target for orchestration).
+    submit_budget: Duration,
     cmd: mpsc::Sender<Cmd>,
     stats: Mutex<TaskStats>,
     /// Agent → home node.
@@ -297,6 +303,8 @@ impl TaskService {
         capabilities.sort();
         capabilities.dedup();
         let (tx, rx) = mpsc::channel(CMD_QUEUE);
+        let target = p.swarm.performance.response_targets.orchestration.0;
+        let submit_budget = target.saturating_sub(SUBMIT_MARGIN).max(target / 2);
         let unfinished = Arc::new(Unfinished::default());
         unfinished.watch(&p.memory.storage().memory);
         let s = Arc::new(Shared {
@@ -310,6 +318,7 @@ impl TaskService {
             events: p.events,
             peers: p.peers,
             unfinished,
+            submit_budget,
             cmd: tx,
             stats: Mutex::new(TaskStats::default()),
             placement: Mutex::new(BTreeMap::new()),
@@ -1348,6 +1357,47 @@ impl TaskService {
         })
     }
 
+    /// Validate, then route to the owner of the task's hash (or take it here).
+    async fn submit_routed(&self, req: Submit) -> Result<Submitted, Error> {
+        // Shape first, here, so a bad request costs no forwarding.
+        let rec = self.validate(&req)?;
+        if let Some(k) = &req.idempotency_key
+            && let Some(task) = self.replay(&req.submitter, k)
+        {
+            return Ok(Submitted {
+                task,
+                deduplicated: false,
+                replayed: true,
+            });
+        }
+        let live = self.s.peers.live();
+        let owner = rendezvous(&rec.hash, live.iter().map(|(n, _)| n.as_str()))
+            .unwrap_or(self.s.node.as_str())
+            .to_string();
+        if owner == self.s.node {
+            return self.submit_here(req).await;
+        }
+        let fwd = Req::Submit {
+            submit: req.clone(),
+            sent_ms: now_ms(),
+        };
+        match self.call_within(&owner, &fwd, FORWARD_WAIT).await {
+            // The owner read it too late (it was paused or overloaded) and refused it.
+            Ok(Reply::Submitted(Err(w))) if w.code == "timeout" => {
+                tracing::warn!(%owner, "owner answered too late; task taken here");
+                self.submit_here(req).await
+            }
+            Ok(Reply::Submitted(r)) => r.map_err(Error::from),
+            Ok(_) => Err(Error::BadReply(owner)),
+            // The owner cannot be reached: take the task here rather than refuse it (it
+            // is durable and runs; only deduplication against that owner is lost).
+            Err(e) => {
+                tracing::warn!(%owner, error = %e, "owner unreachable; task taken here");
+                self.submit_here(req).await
+            }
+        }
+    }
+
     /// Submit on this node as the owner.
     async fn submit_here(&self, req: Submit) -> Result<Submitted, Error> {
         let rec = self.validate(&req)?;
@@ -1604,43 +1654,14 @@ impl StreamService for TaskService {
 impl TaskApi for TaskService {
     fn submit(&self, req: Submit) -> BoxFuture<'_, Result<Submitted, Error>> {
         Box::pin(async move {
-            // Shape first, here, so a bad request costs no forwarding.
-            let rec = self.validate(&req)?;
-            if let Some(k) = &req.idempotency_key
-                && let Some(task) = self.replay(&req.submitter, k)
-            {
-                return Ok(Submitted {
-                    task,
-                    deduplicated: false,
-                    replayed: true,
-                });
-            }
-            let live = self.s.peers.live();
-            let owner = rendezvous(&rec.hash, live.iter().map(|(n, _)| n.as_str()))
-                .unwrap_or(self.s.node.as_str())
-                .to_string();
-            if owner == self.s.node {
-                return self.submit_here(req).await;
-            }
-            let fwd = Req::Submit {
-                submit: req.clone(),
-                sent_ms: now_ms(),
-            };
-            match self.call_within(&owner, &fwd, FORWARD_WAIT).await {
-                // The owner read it too late (it was paused or overloaded) and refused it.
-                Ok(Reply::Submitted(Err(w))) if w.code == "timeout" => {
-                    tracing::warn!(%owner, "owner answered too late; task taken here");
-                    self.submit_here(req).await
-                }
-                Ok(Reply::Submitted(r)) => r.map_err(Error::from),
-                Ok(_) => Err(Error::BadReply(owner)),
-                // The owner cannot be reached: take the task here rather than refuse it (it
-                // is durable and runs; only deduplication against that owner is lost).
-                Err(e) => {
-                    tracing::warn!(%owner, error = %e, "owner unreachable; task taken here");
-                    self.submit_here(req).await
-                }
-            }
+            // Answered within the gateway's response target. Past it, the answer is the one a
+            // write no peer confirmed in time gets (`replication_timeout`: a node cut off, its
+            // forward and then its own `w=2` write waiting on peers that cannot answer); where
+            // the task was accepted it is written and runs, and a retry is answered with it.
+            let budget = self.s.submit_budget;
+            tokio::time::timeout(budget, self.submit_routed(req))
+                .await
+                .unwrap_or_else(|_| Err(Error::NotReplicated(Box::new(Error::Timeout(budget)))))
         })
     }
 

@@ -64,9 +64,20 @@ async fn start_with(
     tasks: TasksConfig,
     peers: Arc<dyn TaskPeers>,
 ) -> Node {
+    let swarm = SwarmFile::preset().expect("preset");
+    start_swarm(storage, model, tasks, peers, swarm).await
+}
+
+/// [`start_with`] a swarm file of the test's own.
+async fn start_swarm(
+    storage: Storage,
+    model: Arc<FakeModel>,
+    tasks: TasksConfig,
+    peers: Arc<dyn TaskPeers>,
+    swarm: SwarmFile,
+) -> Node {
     let events = Arc::new(EventBus::new());
     let memory = Memory::new("n1", storage, None, Arc::new(Recorder::default()));
-    let swarm = SwarmFile::preset().expect("preset");
     let cfg: AgentsConfig = agents_config();
     let agents = AgentRuntime::start(
         "n1",
@@ -559,15 +570,58 @@ impl TaskPeers for WithN2 {
     }
 }
 
-/// An objective whose hash n1 owns when n1 and n2 are alive.
-fn owned_by_n1(prefix: &str) -> String {
+/// An objective whose hash `node` owns when n1 and n2 are alive.
+fn owned_by(node: &str, prefix: &str) -> String {
     (0..)
         .map(|i| format!("{prefix} {i}"))
         .find(|o| {
             let h = task_hash(o, &serde_json::Value::Null);
-            rendezvous(&h, ["n1", "n2"]) == Some("n1")
+            rendezvous(&h, ["n1", "n2"]) == Some(node)
         })
         .expect("some objective")
+}
+
+/// "n1" with "n2" alive in its view but cut off: a stream to it never opens.
+struct CutOffN2;
+
+impl TaskPeers for CutOffN2 {
+    fn name(&self) -> &str {
+        "n1"
+    }
+
+    fn live(&self) -> Vec<(String, bool)> {
+        vec![("n1".into(), true), ("n2".into(), false)]
+    }
+
+    fn open(&self, _peer: &str) -> BoxFuture<'_, Result<StreamPair, Error>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// A node cut off from the owner of a submission's hash answers it within the gateway's
+/// response target, with the refusal a write no peer confirmed gets, not the gateway's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_whose_owner_is_cut_off_is_answered_within_the_response_target() {
+    let mut swarm = SwarmFile::preset().expect("preset");
+    // Under the 1.5 s the forward waits for its owner.
+    swarm.performance.response_targets.orchestration = HumanDuration(Duration::from_millis(800));
+    let n = start_swarm(
+        storage(),
+        FakeModel::new(Act::Hang),
+        tasks_config(),
+        Arc::new(CutOffN2),
+        swarm,
+    )
+    .await;
+    let started = Instant::now();
+    let e = n
+        .svc
+        .submit(submit(&owned_by("n2", "rebuild the index")))
+        .await
+        .expect_err("not confirmed");
+    let took = started.elapsed();
+    assert_eq!(e.kind(), "replication_timeout", "{e}");
+    assert!(took < Duration::from_millis(800), "answered after {took:?}");
 }
 
 /// Task `id` of `objective`, running on `owner` at epoch 1 (a SPARC task of alice's).
@@ -626,7 +680,7 @@ async fn a_submission_is_deduplicated_against_a_task_another_node_accepted() {
         peers,
     )
     .await;
-    let objective = owned_by_n1("summarise the incident");
+    let objective = owned_by("n1", "summarise the incident");
     let mut theirs = running_on("n2", "t-on-n2", &objective);
     store_record(&store, &theirs);
     let s = n.accepted(submit(&objective)).await;
@@ -648,7 +702,7 @@ async fn a_submission_is_deduplicated_against_a_task_another_node_accepted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphans_are_looked_for_only_after_a_round_with_every_live_peer() {
     let store = storage();
-    let objective = owned_by_n1("rotate the keys");
+    let objective = owned_by("n1", "rotate the keys");
     let mine = running_on("n1", "t-mine", &objective);
     store_record(&store, &mine);
     let peers = Arc::new(WithN2 {
