@@ -117,7 +117,7 @@ impl NodeHandle {
             Ok(Err(e)) => tracing::warn!(error = %e, "gateway stopped with an error"),
             Err(e) => tracing::warn!(error = %e, "gateway task failed"),
         }
-        // No task changes past this point: its writes are all in the store.
+        // The task service decides nothing more (writes already in flight finish on their own).
         self.tasks.shutdown();
         if leave {
             // A write no peer acknowledged (a stage result under loss) would leave with this
@@ -127,7 +127,8 @@ impl NodeHandle {
             {
                 tracing::warn!(
                     limit = ?HAND_OFF_LIMIT,
-                    "leaving without a round with a peer: writes only this node holds wait for its return"
+                    "no anti-entropy round with a peer before leaving (none alive, or none \
+                     answered in time): writes only this node holds wait for its return"
                 );
             }
             if let Err(e) = self.membership.leave().await {
