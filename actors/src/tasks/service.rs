@@ -1226,13 +1226,19 @@ impl TaskService {
         format!("idem:{}", &hex::encode(h.finalize())[..32])
     }
 
-    fn replay(&self, submitter: &str, key: &str) -> Option<TaskRecord> {
+    /// The answer to a submission whose idempotency key named a task already.
+    fn replay(&self, req: &Submit) -> Option<Submitted> {
+        let key = req.idempotency_key.as_deref()?;
         let id: String = read_json(
             &self.s.memory,
             TASKS_NAMESPACE,
-            &Self::idempotency_key(submitter, key),
+            &Self::idempotency_key(&req.submitter, key),
         )?;
-        self.read_task(&id)
+        Some(Submitted {
+            task: self.read_task(&id)?,
+            deduplicated: false,
+            replayed: true,
+        })
     }
 
     async fn remember_idempotency(&self, submitter: &str, key: &str, id: &str) {
@@ -1361,14 +1367,8 @@ impl TaskService {
     async fn submit_routed(&self, req: Submit) -> Result<Submitted, Error> {
         // Shape first, here, so a bad request costs no forwarding.
         let rec = self.validate(&req)?;
-        if let Some(k) = &req.idempotency_key
-            && let Some(task) = self.replay(&req.submitter, k)
-        {
-            return Ok(Submitted {
-                task,
-                deduplicated: false,
-                replayed: true,
-            });
+        if let Some(replayed) = self.replay(&req) {
+            return Ok(replayed);
         }
         let live = self.s.peers.live();
         let owner = rendezvous(&rec.hash, live.iter().map(|(n, _)| n.as_str()))
@@ -1401,14 +1401,8 @@ impl TaskService {
     /// Submit on this node as the owner.
     async fn submit_here(&self, req: Submit) -> Result<Submitted, Error> {
         let rec = self.validate(&req)?;
-        if let Some(k) = &req.idempotency_key
-            && let Some(task) = self.replay(&req.submitter, k)
-        {
-            return Ok(Submitted {
-                task,
-                deduplicated: false,
-                replayed: true,
-            });
+        if let Some(replayed) = self.replay(&req) {
+            return Ok(replayed);
         }
         let (tx, rx) = oneshot::channel();
         self.s
