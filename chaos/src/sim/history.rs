@@ -70,10 +70,11 @@ pub(crate) struct StageWrite {
     /// Written inside a partition or its aftermath (a replica there may lack an earlier
     /// result written on the other side).
     pub(crate) disturbed: bool,
-    /// An earlier result of the stage was on a live node when this one was written. When it
-    /// was not (every copy was on nodes that had crashed or left, its replication never
-    /// acknowledged), the stage ran again as the `w=2` promise allows: at least once.
-    pub(crate) earlier_on_a_live_node: bool,
+    /// `None` for a stage's first result. For a later one: whether an earlier result was on a
+    /// live node when this one was written. When it was not (every copy was on nodes that had
+    /// crashed or left, its replication never acknowledged), the stage ran again as the `w=2`
+    /// promise allows: at least once.
+    pub(crate) earlier_on_a_live_node: Option<bool>,
 }
 
 /// Work held twice at one moment, as first seen.

@@ -251,12 +251,7 @@ fn outcome(seed: u64, w: &world::World, snapshot: &[check::NodeView]) -> SimOutc
         stages_rerun: h
             .stage_writes
             .iter()
-            .filter(|w| !w.disturbed && !w.earlier_on_a_live_node)
-            .filter(|w| {
-                h.stage_writes
-                    .iter()
-                    .any(|e| (&e.task, e.index) == (&w.task, w.index) && e.at_us < w.at_us)
-            })
+            .filter(|w| !w.disturbed && w.earlier_on_a_live_node == Some(false))
             .count() as u64,
         faults: c.crashes + c.leaves + c.partitions + c.storms,
         crashes: c.crashes,

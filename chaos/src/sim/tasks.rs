@@ -391,7 +391,7 @@ impl Proc {
             at_us: ctx.now_us,
             disturbed: ctx.disturbed(),
             // Judged by the world once this event is over (it sees every node).
-            earlier_on_a_live_node: false,
+            earlier_on_a_live_node: None,
         });
         Ok(())
     }

@@ -428,7 +428,7 @@ impl World {
             .collect();
         self.stage_writes_judged = writes.len();
         for (k, h) in held {
-            self.ctx.history.stage_writes[k].earlier_on_a_live_node = h;
+            self.ctx.history.stage_writes[k].earlier_on_a_live_node = Some(h);
         }
     }
 
@@ -649,16 +649,14 @@ impl World {
     }
 
     pub(crate) fn restart(&mut self, i: u32) -> Result<(), String> {
+        // A node still handing off goes now, to come back.
         let leaving = self
             .nodes
             .get(i as usize)
             .and_then(|n| n.proc.as_ref())
-            .is_some_and(|p| p.leaving_since_us.is_some());
-        if leaving {
-            let handed = self.nodes[i as usize]
-                .proc
-                .as_ref()
-                .is_some_and(|p| p.handed_off());
+            .filter(|p| p.leaving_since_us.is_some())
+            .map(|p| p.handed_off());
+        if let Some(handed) = leaving {
             self.end_leave(i, handed);
         }
         let Some(node) = self.nodes.get_mut(i as usize) else {
