@@ -346,13 +346,12 @@ pub fn tasks(
     for (objective, twins) in by_objective {
         for pair in twins.windows(2) {
             let (a, b) = (pair[0], pair[1]);
-            let a_end = a
-                .task
-                .as_ref()
-                .and_then(|id| ends.get(id))
-                .and_then(|t| t.finished_ms)
-                .unwrap_or(u64::MAX);
-            if b.start_ms >= a_end {
+            let end = |op: &Op| op.task.as_ref().and_then(|id| ends.get(id));
+            let a_end = end(a).and_then(|t| t.finished_ms).unwrap_or(u64::MAX);
+            // The second was accepted when its record was made (it may have been sent before
+            // the first finished, and read after).
+            let b_accepted = end(b).map_or(b.start_ms, |t| t.created_ms.max(b.start_ms));
+            if b_accepted >= a_end {
                 continue; // the first had finished: a new task, rightly
             }
             let in_partition = a.in_partition
@@ -591,6 +590,24 @@ mod tests {
         assert!(!twice.ok);
         assert!(!dup.ok, "t2 was accepted while t1 ran");
         assert_eq!(fenced, 0);
+
+        // Sent while t1 ran, accepted (its record made) once t1 had finished: a new task.
+        let mut t3 = op(3, OpKind::Task, "obj", None, 202);
+        t3.task = Some("t3".into());
+        t3.start_ms = 990;
+        let late = |created_ms| TaskEnd {
+            task: "t3".into(),
+            created_ms,
+            ..end("t3", "completed", 1)
+        };
+        for (created_ms, twin) in [(1_010, false), (995, true)] {
+            let ends = BTreeMap::from([
+                ("t1".to_string(), end("t1", "completed", 1)),
+                ("t3".to_string(), late(created_ms)),
+            ]);
+            let (_, _, dup, _, _) = tasks(&[t1.clone(), t3.clone()], &ends, &[]);
+            assert_eq!(dup.ok, !twin, "t3 created at {created_ms}");
+        }
     }
 
     #[test]

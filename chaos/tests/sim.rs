@@ -114,3 +114,19 @@ fn the_task_services_old_orphan_scan_is_caught() {
         None => panic!("no seed of the batch caught the old task shell"),
     }
 }
+
+/// The old submission fallback (a node whose owner does not answer takes the task itself) ran
+/// one objective twice when two nodes could not reach its owner; a batch of seeds must show it.
+#[test]
+fn the_old_submission_fallback_is_caught() {
+    let opts = SimOptions {
+        sabotage: Some(Sabotage::FallbackHere),
+        ..SimOptions::default()
+    };
+    let caught = (0..4 * HALF).find_map(|seed| run_seed(seed, &opts).err());
+    match caught {
+        Some(e @ Error::Sim(_)) => assert!(e.to_string().contains("twice"), "{e}"),
+        Some(e) => panic!("failed outside the checks: {e}"),
+        None => panic!("no seed of the batch caught the old fallback"),
+    }
+}

@@ -7,6 +7,7 @@
 //! - `service`: the IO shell: [`TaskService`] owns a dispatcher, persists what it decides
 //!   through [`crate::Memory`], forwards submissions to the owner of their hash, runs stages
 //!   on the agents' home nodes and adopts the tasks of owners that died.
+//! - `stall`: whether this node is back from a stall and holds off task ownership.
 //!
 //! [`TaskApi`] is what the gateway calls.
 
@@ -16,6 +17,7 @@ pub mod model;
 mod service;
 #[cfg(test)]
 mod service_tests;
+mod stall;
 mod unfinished;
 pub mod wire;
 

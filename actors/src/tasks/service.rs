@@ -40,6 +40,7 @@ use super::dispatcher::{
     StageOutcome,
 };
 use super::model::{StageRecord, TASKS_NAMESPACE, TaskRecord, TaskStatus, read_json, rendezvous};
+use super::stall::{BEAT_EVERY, Stall};
 use super::unfinished::Unfinished;
 use super::wire::{Reply, Req, StageJob, Turn, WireError};
 use super::{
@@ -69,11 +70,13 @@ const SCAN_AFTER_CHANGE_FOR: Duration = Duration::from_secs(30);
 const SCAN_MAX: usize = 100_000;
 /// How long a peer may take to answer a forwarded call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long a submission's sender waits for the hash's owner before it takes the task itself
-/// (an owner killed or paused is not known dead for seconds; a client should not wait that
-/// long), and how old a forwarded submission may be when the owner reads it: an older one is
-/// refused, its sender has taken it or is about to. The difference leaves the owner 700 ms to
-/// make an accepted one durable and answer; past that, the task may run on both.
+/// How long a submission's sender waits for the hash's owner before it passes it over for the
+/// next choice (an owner killed or paused is not known dead for seconds; a client should not
+/// wait that long), and how old a forwarded submission may be when the owner reads it: an
+/// older one is refused, its sender has passed it on or is about to. The difference leaves the
+/// owner 700 ms to make an accepted one durable and answer; past that, the task may run on
+/// both. A forward to the next choice waits what is left of the budget, and tells its reader
+/// to refuse it past the same share of that wait.
 const FORWARD_WAIT: Duration = Duration::from_millis(1500);
 const FORWARD_STALE: Duration = Duration::from_millis(800);
 /// A submission is answered this much before the gateway's response target, so the answer is
@@ -260,6 +263,8 @@ struct Shared {
     twins: std::sync::atomic::AtomicU64,
     /// Events not relayed to peers.
     not_relayed: std::sync::atomic::AtomicU64,
+    /// Whether this node is back from a stall and holds off ownership.
+    stall: Mutex<Stall>,
     stop: CancellationToken,
 }
 
@@ -328,13 +333,40 @@ impl TaskService {
             stale_writes: std::sync::atomic::AtomicU64::new(0),
             twins: std::sync::atomic::AtomicU64::new(0),
             not_relayed: std::sync::atomic::AtomicU64::new(0),
+            stall: Mutex::new(Stall::new(std::time::Instant::now())),
             stop: CancellationToken::new(),
         });
         let svc = Self { s };
         let dispatcher = Dispatcher::new(limits, catalog);
         tokio::spawn(svc.clone().run(dispatcher, rx));
         tokio::spawn(svc.clone().relay());
+        tokio::spawn(svc.clone().beat());
         svc
+    }
+
+    /// The heartbeat that finds stalls ([`Stall`]).
+    async fn beat(self) {
+        let mut tick = tokio::time::interval(BEAT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.s.stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            lock(&self.s.stall).beat(std::time::Instant::now());
+        }
+    }
+
+    /// Whether this node holds off task ownership now (back from a stall).
+    fn holding_off(&self) -> bool {
+        lock(&self.s.stall).holding(std::time::Instant::now())
+    }
+
+    /// Act as if this node had just come back from a stall.
+    #[cfg(test)]
+    pub(super) fn stalled_now(&self) {
+        let late = std::time::Instant::now() + super::stall::STALL_AFTER * 2;
+        lock(&self.s.stall).beat(late);
     }
 
     /// Stop the loop, the relay and every stage this node runs.
@@ -1363,37 +1395,88 @@ impl TaskService {
         })
     }
 
-    /// Validate, then route to the owner of the task's hash (or take it here).
+    /// Validate, then route to the owner of the task's hash among the live members (or take
+    /// it here). An owner that does not answer in time, or refuses it as read too late, is
+    /// passed over for the next choice (the owner among the live members less that one):
+    /// every node that cannot reach the owner picks the same one, which is also where the
+    /// owner's tasks go should it be dead, so their submissions are deduplicated there. When
+    /// that one does not answer either, the submission is refused (`timeout`, 503); a retry is
+    /// deduplicated against whatever either accepted. A node back from a stall routes as if
+    /// it were not a member ([`Stall`]).
     async fn submit_routed(&self, req: Submit) -> Result<Submitted, Error> {
         // Shape first, here, so a bad request costs no forwarding.
         let rec = self.validate(&req)?;
         if let Some(replayed) = self.replay(&req) {
             return Ok(replayed);
         }
-        let live = self.s.peers.live();
-        let owner = rendezvous(&rec.hash, live.iter().map(|(n, _)| n.as_str()))
-            .unwrap_or(self.s.node.as_str())
-            .to_string();
-        if owner == self.s.node {
-            return self.submit_here(req).await;
+        let began = std::time::Instant::now();
+        let mut candidates: Vec<String> = self.s.peers.live().into_iter().map(|(n, _)| n).collect();
+        if self.holding_off() && candidates.iter().any(|n| *n != self.s.node) {
+            candidates.retain(|n| *n != self.s.node);
         }
+        let mut passed_over = Vec::new();
+        while passed_over.len() < 2 {
+            let Some(owner) = rendezvous(&rec.hash, candidates.iter().map(String::as_str)) else {
+                break;
+            };
+            let owner = owner.to_string();
+            if owner == self.s.node {
+                return self.submit_here(req).await;
+            }
+            // The first choice waits [`FORWARD_WAIT`] at most, and leaves a quarter of the
+            // budget for the next; the next waits what is left.
+            let left = self
+                .s
+                .submit_budget
+                .saturating_sub(began.elapsed())
+                .saturating_sub(SUBMIT_MARGIN);
+            let wait = if passed_over.is_empty() {
+                FORWARD_WAIT.min(left.mul_f64(0.75))
+            } else {
+                left
+            };
+            match self.forward(&owner, &req, wait).await {
+                Some(answer) => return answer,
+                None => {
+                    candidates.retain(|n| *n != owner);
+                    passed_over.push(owner);
+                }
+            }
+        }
+        match passed_over.pop() {
+            Some(last) => Err(Error::RpcTimeout(last)),
+            // Alone (this node holding off, no other member): nobody else can own it.
+            None => self.submit_here(req).await,
+        }
+    }
+
+    /// Forward a submission to `owner` and wait at most `wait` for its answer: `None` when it
+    /// did not answer in time, could not be reached, or refused it as read too late (it is
+    /// told to refuse it past a share of `wait` that leaves it time to make an accepted one
+    /// durable and answer).
+    async fn forward(
+        &self,
+        owner: &str,
+        req: &Submit,
+        wait: Duration,
+    ) -> Option<Result<Submitted, Error>> {
+        let stale = wait.mul_f64(FORWARD_STALE.as_secs_f64() / FORWARD_WAIT.as_secs_f64());
         let fwd = Req::Submit {
             submit: req.clone(),
             sent_ms: now_ms(),
+            stale_ms: Some(stale.as_millis() as u64),
         };
-        match self.call_within(&owner, &fwd, FORWARD_WAIT).await {
-            // The owner read it too late (it was paused or overloaded) and refused it.
+        match self.call_within(owner, &fwd, wait).await {
+            // It read it too late (it was paused, overloaded or back from a stall).
             Ok(Reply::Submitted(Err(w))) if w.code == "timeout" => {
-                tracing::warn!(%owner, "owner answered too late; task taken here");
-                self.submit_here(req).await
+                tracing::warn!(%owner, "owner refused the submission as read too late");
+                None
             }
-            Ok(Reply::Submitted(r)) => r.map_err(Error::from),
-            Ok(_) => Err(Error::BadReply(owner)),
-            // The owner cannot be reached: take the task here rather than refuse it (it
-            // is durable and runs; only deduplication against that owner is lost).
+            Ok(Reply::Submitted(r)) => Some(r.map_err(Error::from)),
+            Ok(_) => Some(Err(Error::BadReply(owner.to_string()))),
             Err(e) => {
-                tracing::warn!(%owner, error = %e, "owner unreachable; task taken here");
-                self.submit_here(req).await
+                tracing::warn!(%owner, error = %e, "owner did not answer the submission");
+                None
             }
         }
     }
@@ -1541,10 +1624,20 @@ impl TaskService {
             }
         };
         let reply = match req {
-            Req::Submit { submit, sent_ms } => {
+            Req::Submit {
+                submit,
+                sent_ms,
+                stale_ms,
+            } => {
                 let age = now_ms().saturating_sub(sent_ms);
-                let r = if age > FORWARD_STALE.as_millis() as u64 {
-                    tracing::debug!(age_ms = age, "forwarded submission too old; refused");
+                let stale = stale_ms
+                    .unwrap_or(u64::MAX)
+                    .min(FORWARD_STALE.as_millis() as u64);
+                let r = if age > stale || self.holding_off() {
+                    tracing::debug!(
+                        age_ms = age,
+                        "forwarded submission refused: too old, or back from a stall"
+                    );
                     Err(Error::RpcTimeout(self.s.node.clone()))
                 } else {
                     self.submit_here(submit).await

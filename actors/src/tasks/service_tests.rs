@@ -3,9 +3,12 @@
 //! deduplication and idempotency, validation, retries into the dead-letter queue and back,
 //! cancellation, the token budget, and adoption of unfinished tasks at restart. A node that sees
 //! a second member (whose streams fail) shows deduplication against a task another node
-//! accepted, and orphans looked for only after a round with every live peer.
+//! accepted, and orphans looked for only after a round with every live peer. A node that sees
+//! members cut off or answering (a scripted peer service) shows where submissions are routed:
+//! the next choice when the owner does not answer, and away from itself after a stall.
 
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -13,8 +16,9 @@ use swarm_config::{AgentsConfig, HumanDuration, SPARC_STAGES, SwarmFile, TasksCo
 use swarm_storage::{PutRequest, Storage};
 
 use super::events::EVENT_RING;
+use super::wire::{Reply, Req};
 use super::{
-    AlonePeers, EventBus, Submit, Submitted, TaskApi, TaskParts, TaskPeers, TaskRecord,
+    AlonePeers, EventBus, ListQuery, Submit, Submitted, TaskApi, TaskParts, TaskPeers, TaskRecord,
     TaskService, TaskStatus, rendezvous, task_hash,
 };
 use crate::agents::runtime_tests::{
@@ -22,6 +26,7 @@ use crate::agents::runtime_tests::{
 };
 use crate::agents::{AgentRuntime, Roster};
 use crate::inference::{BoxFuture, FailureCode, FinishReason, StreamPair};
+use crate::stream::{FrameReader, FrameWriter};
 use crate::tasks::model::TASKS_NAMESPACE;
 use crate::{Error, Memory};
 
@@ -581,47 +586,219 @@ fn owned_by(node: &str, prefix: &str) -> String {
         .expect("some objective")
 }
 
-/// "n1" with "n2" alive in its view but cut off: a stream to it never opens.
-struct CutOffN2;
+/// "n1" with other members alive in its view. A stream to a member in `answering` is
+/// answered as that member's task service accepting the submission as a task of its own
+/// (`t-on-<member>`); to any other member a stream never opens (cut off). Keeps what each
+/// member was sent.
+struct Reaching {
+    members: Vec<&'static str>,
+    answering: Vec<&'static str>,
+    sent: Arc<Mutex<Vec<(String, Req)>>>,
+}
 
-impl TaskPeers for CutOffN2 {
+impl Reaching {
+    fn new(members: &[&'static str], answering: &[&'static str]) -> Arc<Self> {
+        Arc::new(Self {
+            members: members.to_vec(),
+            answering: answering.to_vec(),
+            sent: Arc::default(),
+        })
+    }
+
+    fn sent(&self) -> Vec<(String, Req)> {
+        self.sent.lock().expect("sent").clone()
+    }
+}
+
+impl TaskPeers for Reaching {
     fn name(&self) -> &str {
         "n1"
     }
 
     fn live(&self) -> Vec<(String, bool)> {
-        vec![("n1".into(), true), ("n2".into(), false)]
+        self.members
+            .iter()
+            .map(|m| (m.to_string(), *m == "n1"))
+            .collect()
     }
 
-    fn open(&self, _peer: &str) -> BoxFuture<'_, Result<StreamPair, Error>> {
-        Box::pin(std::future::pending())
+    fn open(&self, peer: &str) -> BoxFuture<'_, Result<StreamPair, Error>> {
+        if !self.answering.contains(&peer) {
+            return Box::pin(std::future::pending());
+        }
+        let (here, there) = tokio::io::duplex(1 << 16);
+        let (read, write) = tokio::io::split(here);
+        let (peer, sent) = (peer.to_string(), self.sent.clone());
+        tokio::spawn(async move {
+            let (r, w) = tokio::io::split(there);
+            let mut r = FrameReader::new(r, "n1");
+            let mut w = FrameWriter::new(w, "n1");
+            let Ok(Some(req)) = r.next_json::<Req>().await else {
+                return;
+            };
+            let reply = match &req {
+                Req::Submit { submit, .. } => Reply::Submitted(Ok(Submitted {
+                    task: running_on(&peer, &format!("t-on-{peer}"), &submit.objective),
+                    deduplicated: false,
+                    replayed: false,
+                })),
+                _ => return,
+            };
+            sent.lock().expect("sent").push((peer, req));
+            let _ = w.send_json(&reply).await;
+        });
+        Box::pin(async move {
+            Ok(StreamPair {
+                send: Box::new(write),
+                recv: Box::new(read),
+            })
+        })
     }
 }
 
-/// A node cut off from the owner of a submission's hash answers it within the gateway's
-/// response target, with the refusal a write no peer confirmed gets, not the gateway's timeout.
+/// An objective whose hash `first` owns among `members`, and `then` among them less `first`.
+fn owned_then(first: &str, then: &str, members: &[&str], prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix} {i}"))
+        .find(|o| {
+            let h = task_hash(o, &serde_json::Value::Null);
+            let rest: Vec<&str> = members.iter().copied().filter(|m| *m != first).collect();
+            rendezvous(&h, members.iter().copied()) == Some(first)
+                && rendezvous(&h, rest) == Some(then)
+        })
+        .expect("some objective")
+}
+
+/// The staleness a forwarded submission carried.
+fn stale_ms(req: &Req) -> Option<u64> {
+    match req {
+        Req::Submit { stale_ms, .. } => *stale_ms,
+        _ => None,
+    }
+}
+
+/// A submission whose owner does not answer goes to the next choice (the owner among the
+/// members less that one), the node every other sender that cannot reach the owner picks, not
+/// to the node it arrived at; it is told to refuse it once its sender has given up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_submission_whose_owner_is_cut_off_is_answered_within_the_response_target() {
+async fn a_submission_whose_owner_does_not_answer_goes_to_the_next_choice() {
+    let members = ["n1", "n2", "n3"];
+    let peers = Reaching::new(&members, &["n3"]);
+    let n = start_with(
+        storage(),
+        FakeModel::new(Act::Hang),
+        tasks_config(),
+        peers.clone(),
+    )
+    .await;
+    let started = Instant::now();
+    let s = n
+        .accepted(submit(&owned_then(
+            "n2",
+            "n3",
+            &members,
+            "rebuild the index",
+        )))
+        .await;
+    let took = started.elapsed();
+    assert_eq!(s.task.id, "t-on-n3", "{s:?}");
+    let sent = peers.sent();
+    assert_eq!(sent.len(), 1);
+    let stale = stale_ms(&sent[0].1).expect("a staleness");
+    let target = SwarmFile::preset()
+        .expect("preset")
+        .performance
+        .response_targets
+        .orchestration
+        .0;
+    assert!(
+        Duration::from_millis(stale) < target / 2,
+        "stale after {stale} ms"
+    );
+    assert!(took < target, "answered after {took:?}");
+    assert_eq!(n.model.calls(), 0, "nothing ran here");
+}
+
+/// When neither the owner nor the next choice answers, the submission is refused (a retry is
+/// deduplicated against what either accepted), not taken where it arrived, and it is answered
+/// within the gateway's response target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_neither_owner_answers_is_refused_within_the_response_target() {
     let mut swarm = SwarmFile::preset().expect("preset");
     // Under the 1.5 s the forward waits for its owner.
     swarm.performance.response_targets.orchestration = HumanDuration(Duration::from_millis(800));
+    let members = ["n1", "n2", "n3"];
     let n = start_swarm(
         storage(),
         FakeModel::new(Act::Hang),
         tasks_config(),
-        Arc::new(CutOffN2),
+        Reaching::new(&members, &[]),
         swarm,
     )
     .await;
     let started = Instant::now();
     let e = n
         .svc
-        .submit(submit(&owned_by("n2", "rebuild the index")))
+        .submit(submit(&owned_then(
+            "n2",
+            "n3",
+            &members,
+            "rebuild the index",
+        )))
         .await
-        .expect_err("not confirmed");
+        .expect_err("nobody answered");
     let took = started.elapsed();
-    assert_eq!(e.kind(), "replication_timeout", "{e}");
+    assert_eq!(e.kind(), "timeout", "{e}");
     assert!(took < Duration::from_millis(800), "answered after {took:?}");
+    let here = n.svc.list(ListQuery {
+        submitter: None,
+        status: None,
+        limit: 10,
+    });
+    assert_eq!(here.expect("list").len(), 0, "taken here");
+}
+
+/// In a cluster of two, the next choice after a cut-off owner is this node: it takes the task,
+/// within the response target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_peer_cut_off_a_submission_it_owns_is_taken_here() {
+    let mut swarm = SwarmFile::preset().expect("preset");
+    swarm.performance.response_targets.orchestration = HumanDuration(Duration::from_millis(800));
+    let n = start_swarm(
+        storage(),
+        FakeModel::new(Act::Hang),
+        tasks_config(),
+        Reaching::new(&["n1", "n2"], &[]),
+        swarm,
+    )
+    .await;
+    let started = Instant::now();
+    let s = n
+        .accepted(submit(&owned_by("n2", "rebuild the index")))
+        .await;
+    assert!(!s.deduplicated);
+    assert_eq!(s.task.owner, "n1");
+    assert!(started.elapsed() < Duration::from_millis(800));
+}
+
+/// A node back from a stall takes no ownership while its view refreshes: a submission it owns
+/// by its own (stale) view goes where the others, which took it for dead, send it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_from_a_stall_routes_as_if_it_were_not_a_member() {
+    let members = ["n1", "n2", "n3"];
+    let peers = Reaching::new(&members, &["n3"]);
+    let n = start_with(
+        storage(),
+        FakeModel::new(Act::Hang),
+        tasks_config(),
+        peers.clone(),
+    )
+    .await;
+    let objective = owned_then("n1", "n3", &members, "rotate the keys");
+    n.svc.stalled_now();
+    let s = n.accepted(submit(&objective)).await;
+    assert_eq!(s.task.id, "t-on-n3", "{s:?}");
+    assert_eq!(n.model.calls(), 0, "nothing ran here");
 }
 
 /// Task `id` of `objective`, running on `owner` at epoch 1 (a SPARC task of alice's).

@@ -50,8 +50,15 @@ pub struct Turn {
 /// What a stream opener asks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Req {
-    /// A submission for the owner of its hash, sent at `sent_ms` (the sender's wall clock).
-    Submit { submit: Submit, sent_ms: u64 },
+    /// A submission for the owner of its hash, sent at `sent_ms` (the sender's wall clock),
+    /// to be refused when read more than `stale_ms` later (the sender has given up on it by
+    /// then; absent: the owner's default).
+    Submit {
+        submit: Submit,
+        sent_ms: u64,
+        #[serde(default)]
+        stale_ms: Option<u64>,
+    },
     /// Cancel (on the task's owner).
     Cancel {
         id: String,

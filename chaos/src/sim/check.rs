@@ -14,10 +14,10 @@
 //! 8. **stage recorded twice**: a stage's result was written more than once outside a
 //!    partition (its aftermath, or gossip wrongly declaring a member down, count as inside).
 //! 9. **ran twice**: a task held by two dispatchers, or two tasks of one hash active, at once,
-//!    outside a partition; two tasks of a hash are also excused when one came from the
-//!    submission fallback (the owner did not answer) or from replication lag (the owner that
-//!    accepted the later one did not hold the earlier one in its replica yet). Excused cases
-//!    are counted in the outcome.
+//!    outside a partition; two tasks of a hash are also excused when they come from
+//!    replication lag (the owner that accepted the later one did not hold the earlier one in
+//!    its replica yet), never from the submission fallback (every sender that cannot reach
+//!    an owner routes to the same next choice). Excused cases are counted in the outcome.
 //! 10. **fencing**: a stage result recorded under another epoch than the one it ran under.
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -42,8 +42,8 @@ pub(crate) struct Submission {
     /// The task it created or was deduplicated against, with `deduplicated`; `Err` with the
     /// refusal's code; `None` while it waits.
     pub(crate) answer: Option<Result<(String, bool), String>>,
-    /// The owner could not be reached and the task was taken where it was submitted, as this
-    /// task (the shell's documented fallback: deduplication against that owner is lost).
+    /// The owner did not answer and the next choice (the owner among the live members less
+    /// that one) accepted it as this task.
     pub(crate) fallback: Option<String>,
 }
 
@@ -159,6 +159,14 @@ impl History {
         self.accepted.insert(task.to_string(), (at_us, blind));
     }
 
+    /// Task `task` was accepted by a node that is not its hash's owner by any view (the old
+    /// fallback): a duplicate it makes is not one of replication lag.
+    pub(crate) fn accepted_as_non_owner(&mut self, task: &str) {
+        if let Some((_, blind)) = self.accepted.get_mut(task) {
+            *blind = false;
+        }
+    }
+
     /// Of tasks of one hash active at once, the one accepted last was accepted blind: the
     /// duplicate comes from replication lag at an ownership change, which no owner could see.
     pub(crate) fn lagged(&self, tasks: &[String]) -> bool {
@@ -169,7 +177,7 @@ impl History {
             .is_some_and(|(_, blind)| *blind)
     }
 
-    /// Tasks taken through the submission fallback.
+    /// Tasks accepted by the next choice after their owner did not answer.
     pub(crate) fn fallback_tasks(&self) -> BTreeSet<&str> {
         self.submissions
             .iter()

@@ -109,6 +109,10 @@ pub enum Sabotage {
     /// what its own dispatcher holds (a task whose hash moved to a member that came back runs
     /// again).
     EarlyOrphanScan,
+    /// The submission fallback as the service had it before the chaos figures: a node whose
+    /// owner does not answer takes the task itself, so two nodes that cannot reach one owner
+    /// each accept the same objective.
+    FallbackHere,
 }
 
 /// What a clean run did.
@@ -126,7 +130,7 @@ pub struct SimOutcome {
     pub tasks_submitted: u64,
     /// Submissions answered with an active task of the same hash.
     pub tasks_deduplicated: u64,
-    /// Submissions taken where they were made because the owner did not answer.
+    /// Submissions accepted by the next choice because the owner did not answer.
     pub tasks_fallback: u64,
     pub tasks_completed: u64,
     pub tasks_dead_lettered: u64,

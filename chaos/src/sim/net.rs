@@ -39,6 +39,8 @@ pub(crate) enum Msg {
         call: u64,
         rec: Box<TaskRecord>,
         sent_ms: u64,
+        /// Refused when read this much later.
+        stale_ms: u64,
     },
     /// The owner's answer: (task id, deduplicated), or the refusal's code.
     Submitted {

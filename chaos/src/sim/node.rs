@@ -429,14 +429,20 @@ impl Proc {
                     ctx.counts.ae_failed += 1;
                 }
             }
-            Msg::Submit { call, rec, sent_ms } => {
+            Msg::Submit {
+                call,
+                rec,
+                sent_ms,
+                stale_ms,
+            } => {
                 let reply = super::tasks::Reply::Peer {
                     node: env.from,
                     boot: env.from_boot,
                     call,
                 };
-                // Read too late (its sender takes it itself): refused.
-                if ctx.now_ms(self.id).saturating_sub(sent_ms) > super::tasks::FORWARD_STALE_MS {
+                // Read too late (its sender has passed it on): refused.
+                let stale = stale_ms.min(super::tasks::FORWARD_STALE_MS);
+                if ctx.now_ms(self.id).saturating_sub(sent_ms) > stale {
                     self.answer(ctx, reply, Err("timeout".into()));
                 } else {
                     self.submit_here(ctx, *rec, reply);

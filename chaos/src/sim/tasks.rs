@@ -3,8 +3,9 @@
 //!
 //! - **Submission.** The owner of a task is the rendezvous owner of its hash among the members
 //!   this node's gossip calls live; a submission made elsewhere is forwarded there, and taken
-//!   here when the owner does not answer ([`CALL_TIMEOUT_US`]), refuses it as read too late
-//!   ([`FORWARD_STALE_MS`]), or cannot be reached. It is
+//!   to the next choice (the owner among the live members less that one) when the owner does
+//!   not answer ([`CALL_TIMEOUT_US`]), refuses it as read too late ([`FORWARD_STALE_MS`]), or
+//!   cannot be reached; refused when that one does not answer either. It is
 //!   answered once the task's record is durable here and on one peer (`w=2`; alone, here).
 //! - **Records.** Every record the dispatcher persists, and every stage result, is a write to
 //!   the node's replicated store in `_sys_tasks` (consecutive records of a task collapse to the
@@ -42,10 +43,15 @@ pub(crate) const VIEW_EVERY_US: u64 = 250_000;
 const SCAN_EVERY_US: u64 = 10_000_000;
 const SCAN_AFTER_CHANGE_US: u64 = 1_000_000;
 const SCAN_AFTER_CHANGE_FOR_US: u64 = 30_000_000;
-/// How long a forwarded submission waits for the owner's answer.
+/// How long a forwarded submission waits for the owner's answer at most.
 const CALL_TIMEOUT_US: u64 = 1_500_000;
-/// How old a forwarded submission may be when its owner reads it.
+/// How old a forwarded submission may be when its owner reads it, at most (a forward that
+/// waits less tells its reader to refuse it sooner, in proportion).
 pub(crate) const FORWARD_STALE_MS: u64 = 800;
+/// How long a submission may take to be answered (the preset's orchestration target), and
+/// the margin routing leaves under it.
+const SUBMIT_BUDGET_US: u64 = 1_900_000;
+const SUBMIT_MARGIN_US: u64 = 100_000;
 /// How long it takes to find a peer unreachable (a connection that fails, a stream that breaks).
 pub(crate) const UNREACHABLE_US: u64 = 1_000_000;
 /// How long a stage runs (µs).
@@ -76,6 +82,11 @@ struct Call {
     submission: usize,
     objective: String,
     workflow: String,
+    owner: String,
+    /// When the client submitted it.
+    began_us: u64,
+    /// Sent to the next choice (its first owner did not answer).
+    next_choice: bool,
     deadline_us: u64,
 }
 
@@ -146,24 +157,57 @@ impl Proc {
             answer: None,
             fallback: None,
         });
+        self.route_submission(ctx, i, objective, workflow, ctx.now_us, None);
+    }
+
+    /// Route submission `i` to the owner of its hash among the live members, less the one
+    /// passed over (that did not answer): forwarded there, or taken here.
+    fn route_submission(
+        &mut self,
+        ctx: &mut Ctx,
+        i: usize,
+        objective: &str,
+        workflow: &str,
+        began_us: u64,
+        passed_over: Option<String>,
+    ) {
         let id = ctx.next_task_id();
-        let rec = new_record(id, objective, workflow, ctx.now_ms(self.id));
-        let view = ctx.view(self.id);
+        let rec = new_record(id.clone(), objective, workflow, ctx.now_ms(self.id));
         let me = name(self.id);
+        let view: Vec<String> = ctx
+            .view(self.id)
+            .into_iter()
+            .filter(|n| Some(n) != passed_over.as_ref())
+            .collect();
         let owner = rendezvous(&rec.hash, view.iter().map(String::as_str))
             .unwrap_or(me.as_str())
             .to_string();
-        if owner == me {
+        let here =
+            owner == me || (passed_over.is_some() && ctx.sabotage == Some(Sabotage::FallbackHere));
+        let index = super::node::index(&owner).filter(|_| !here);
+        let Some(o) = index else {
+            if passed_over.is_some()
+                && let Some(s) = ctx.history.submissions.get_mut(i)
+            {
+                s.fallback = Some(id.clone());
+            }
             self.submit_here(ctx, rec, Reply::Client(i));
+            if owner != me {
+                ctx.history.accepted_as_non_owner(&id);
+            }
             return;
-        }
-        let Some(o) = super::node::index(&owner) else {
-            self.submit_here(ctx, rec, Reply::Client(i));
-            return;
+        };
+        // The first choice waits [`CALL_TIMEOUT_US`] at most and leaves a quarter of the
+        // budget for the next; the next waits what is left.
+        let left = (SUBMIT_BUDGET_US - SUBMIT_MARGIN_US).saturating_sub(ctx.now_us - began_us);
+        let wait = if passed_over.is_none() {
+            CALL_TIMEOUT_US.min(left * 3 / 4)
+        } else {
+            left
         };
         let call = ctx.next_id();
         let reachable = ctx.up(o).is_some() && ctx.net.reachable(self.id, o);
-        let wait = if reachable {
+        if reachable {
             let env = self.envelope_to(
                 o,
                 None,
@@ -171,12 +215,15 @@ impl Proc {
                     call,
                     rec: Box::new(rec),
                     sent_ms: ctx.now_ms(self.id),
+                    stale_ms: wait / 1000 * FORWARD_STALE_MS / (CALL_TIMEOUT_US / 1000),
                 },
             );
             ctx.send(env, Class::Datagram);
-            CALL_TIMEOUT_US
+        }
+        let wait = if reachable {
+            wait
         } else {
-            UNREACHABLE_US
+            wait.min(UNREACHABLE_US)
         };
         self.tasks.calls.insert(
             call,
@@ -184,6 +231,9 @@ impl Proc {
                 submission: i,
                 objective: objective.to_string(),
                 workflow: workflow.to_string(),
+                owner,
+                began_us,
+                next_choice: passed_over.is_some(),
                 deadline_us: ctx.now_us + wait,
             },
         );
@@ -256,7 +306,7 @@ impl Proc {
         answer: Result<(String, bool), String>,
     ) {
         if matches!(&answer, Err(code) if code == "timeout") {
-            // Refused as read too late: taken here now.
+            // Refused as read too late: passed over now.
             if let Some(c) = self.tasks.calls.get_mut(&call) {
                 c.deadline_us = ctx.now_us;
             }
@@ -266,12 +316,17 @@ impl Proc {
         if let Some(c) = self.tasks.calls.remove(&call)
             && let Some(s) = ctx.history.submissions.get_mut(c.submission)
         {
+            if c.next_choice
+                && let Ok((task, false)) = &answer
+            {
+                s.fallback = Some(task.clone());
+            }
             s.answer.get_or_insert(answer);
         }
     }
 
-    /// Forwarded submissions nobody answered: taken here (a new task id, as the shell's
-    /// fallback validates the request again).
+    /// Forwarded submissions their owner did not answer: sent to the next choice (the owner
+    /// among the live members less that one), or refused when that was the next choice.
     fn expire_calls(&mut self, ctx: &mut Ctx) {
         let now = ctx.now_us;
         let late: Vec<u64> = self
@@ -285,12 +340,21 @@ impl Proc {
             let Some(c) = self.tasks.calls.remove(&id) else {
                 continue;
             };
-            let task = ctx.next_task_id();
-            if let Some(s) = ctx.history.submissions.get_mut(c.submission) {
-                s.fallback = Some(task.clone());
+            if c.next_choice {
+                if let Some(s) = ctx.history.submissions.get_mut(c.submission) {
+                    s.answer.get_or_insert(Err("timeout".into()));
+                }
+                continue;
             }
-            let rec = new_record(task, &c.objective, &c.workflow, ctx.now_ms(self.id));
-            self.submit_here(ctx, rec, Reply::Client(c.submission));
+            let (objective, workflow) = (c.objective, c.workflow);
+            self.route_submission(
+                ctx,
+                c.submission,
+                &objective,
+                &workflow,
+                c.began_us,
+                Some(c.owner),
+            );
         }
     }
 

@@ -538,9 +538,9 @@ impl World {
 
     /// Work held twice right now: one task by two dispatchers, or two tasks of one hash active
     /// at once. Each is judged when first seen, and excused when it comes from a partition (or
-    /// its aftermath, or gossip declaring a live member down), from the submission fallback,
-    /// or (two tasks of a hash) from replication lag: the later one was accepted by an owner
-    /// whose replica did not hold the earlier one yet.
+    /// its aftermath, or gossip declaring a live member down), from the submission fallback
+    /// (one task held twice), or (two tasks of a hash) from replication lag: the later one was
+    /// accepted by an owner whose replica did not hold the earlier one yet.
     fn look_for_twice(&mut self) {
         let mut holders: BTreeMap<String, Vec<u32>> = BTreeMap::new();
         let mut by_hash: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -568,11 +568,10 @@ impl World {
                 hash.get(..12).unwrap_or(&hash),
                 tasks.join(", ")
             );
-            let excused = disturbed
-                || h.lagged(&tasks)
-                || tasks
-                    .iter()
-                    .any(|t| fallback.contains(t) || h.excused_tasks.contains(t));
+            // Not excused by the fallback: every node that cannot reach an owner routes to
+            // the same next choice, which deduplicates.
+            let excused =
+                disturbed || h.lagged(&tasks) || tasks.iter().any(|t| h.excused_tasks.contains(t));
             h.twice(format!("hash {tasks:?}"), what, tasks, now, excused);
         }
     }
