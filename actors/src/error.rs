@@ -61,6 +61,11 @@ pub enum Error {
     RpcTimeout(String),
     #[error("{0} went away during the call")]
     PeerGone(String),
+    /// Neither the owner of a task's hash nor the next choice answered a forwarded submission
+    /// in time (a node cut off from both). Not accepted here; a retry is deduplicated against
+    /// whatever either may have accepted.
+    #[error("neither {first} nor {next}, the owners of this task's hash, answered in time")]
+    OwnerUnreachable { first: String, next: String },
     #[error("{0} answered with the wrong reply")]
     BadReply(String),
 
@@ -133,6 +138,7 @@ impl Error {
             Error::NoSession(_) => "no_session",
             Error::NoRouter(_) => "no_router",
             Error::PeerGone(_) => "peer_gone",
+            Error::OwnerUnreachable { .. } => "owner_unreachable",
             Error::BadReply(_) => "bad_reply",
             Error::Invalid { .. } => "invalid_request",
             Error::QueueFull { .. } => "queue_full",

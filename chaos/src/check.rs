@@ -647,17 +647,22 @@ mod tests {
         assert!(!c.ok);
         assert!((share - 0.5).abs() < 1e-9);
 
-        // A 5xx is a failure, but for the refusal of a w=2 write on a node cut off.
+        // A 5xx is a failure, but for the refusals a partition calls for on a node cut off.
         let mut timeout = a.clone();
         timeout.status = Some(503);
         timeout.code = "timeout".into();
         let mut cut_off = timeout.clone();
         cut_off.code = "no_replica".into();
         cut_off.in_partition = true;
+        let mut no_owner = cut_off.clone();
+        no_owner.code = "owner_unreachable".into();
+        let mut no_owner_outside = no_owner.clone();
+        no_owner_outside.in_partition = false;
         let mut refused = a.clone();
         refused.status = Some(429);
         refused.code = "queue_full".into();
-        let (_, share) = gateway_success(&[a, timeout, cut_off, refused], &[fault], 0.99);
-        assert!((share - 0.75).abs() < 1e-9, "{share}");
+        let ops = [a, timeout, cut_off, no_owner, no_owner_outside, refused];
+        let (_, share) = gateway_success(&ops, &[fault], 0.99);
+        assert!((share - 4.0 / 6.0).abs() < 1e-9, "{share}");
     }
 }

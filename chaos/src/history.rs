@@ -79,15 +79,19 @@ impl Op {
     }
 
     /// Served: a success, a refusal of the request itself (4xx: bad input, a full queue, a
-    /// finished task), or the refusal a partition calls for (a `w=2` write with no peer to
-    /// acknowledge it, on a node cut off). Any other 5xx (a timeout, a model that is not
-    /// there, an internal error), a dropped connection or no answer is a failure.
+    /// finished task), or the refusal a partition calls for on a node cut off (a `w=2` write
+    /// with no peer to acknowledge it; a task submission neither owner of its hash answered).
+    /// Any other 5xx (a timeout, a model that is not there, an internal error), a dropped
+    /// connection or no answer is a failure.
     pub fn served(&self) -> bool {
         match self.status {
             Some(s) if s < 500 => true,
             Some(_) => {
                 self.in_partition
-                    && matches!(self.code.as_str(), "no_replica" | "replication_timeout")
+                    && matches!(
+                        self.code.as_str(),
+                        "no_replica" | "replication_timeout" | "owner_unreachable"
+                    )
             }
             None => false,
         }

@@ -282,7 +282,8 @@ impl AppError {
             | E::NoSession(_)
             | E::NoRouter(_)
             | E::RpcTimeout(_)
-            | E::PeerGone(_) => AppError::Upstream {
+            | E::PeerGone(_)
+            | E::OwnerUnreachable { .. } => AppError::Upstream {
                 code: e.kind(),
                 message: e.to_string(),
             },
@@ -421,6 +422,13 @@ mod tests {
                 (503, "unavailable", None),
             ),
             (Error::RpcTimeout("node-2".into()), (503, "timeout", None)),
+            (
+                Error::OwnerUnreachable {
+                    first: "node-2".into(),
+                    next: "node-3".into(),
+                },
+                (503, "owner_unreachable", None),
+            ),
             (
                 Error::Timeout(Duration::from_secs(1)),
                 (503, "replication_timeout", None),

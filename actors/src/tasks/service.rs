@@ -1400,8 +1400,8 @@ impl TaskService {
     /// passed over for the next choice (the owner among the live members less that one):
     /// every node that cannot reach the owner picks the same one, which is also where the
     /// owner's tasks go should it be dead, so their submissions are deduplicated there. When
-    /// that one does not answer either, the submission is refused (`timeout`, 503); a retry is
-    /// deduplicated against whatever either accepted. A node back from a stall routes as if
+    /// that one does not answer either, the submission is refused (`owner_unreachable`, 503:
+    /// a node cut off from both); a retry is deduplicated against whatever either accepted. A node back from a stall routes as if
     /// it were not a member ([`Stall`]).
     async fn submit_routed(&self, req: Submit) -> Result<Submitted, Error> {
         // Shape first, here, so a bad request costs no forwarding.
@@ -1443,10 +1443,10 @@ impl TaskService {
                 }
             }
         }
-        match passed_over.pop() {
-            Some(last) => Err(Error::RpcTimeout(last)),
+        match <[String; 2]>::try_from(passed_over) {
+            Ok([first, next]) => Err(Error::OwnerUnreachable { first, next }),
             // Alone (this node holding off, no other member): nobody else can own it.
-            None => self.submit_here(req).await,
+            Err(_) => self.submit_here(req).await,
         }
     }
 

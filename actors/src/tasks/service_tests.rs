@@ -748,7 +748,7 @@ async fn a_submission_neither_owner_answers_is_refused_within_the_response_targe
         .await
         .expect_err("nobody answered");
     let took = started.elapsed();
-    assert_eq!(e.kind(), "timeout", "{e}");
+    assert_eq!(e.kind(), "owner_unreachable", "{e}");
     assert!(took < Duration::from_millis(800), "answered after {took:?}");
     let here = n.svc.list(ListQuery {
         submitter: None,
