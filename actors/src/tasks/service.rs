@@ -70,18 +70,21 @@ const SCAN_AFTER_CHANGE_FOR: Duration = Duration::from_secs(30);
 const SCAN_MAX: usize = 100_000;
 /// How long a peer may take to answer a forwarded call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long a submission's sender waits for the hash's owner before it passes it over for the
-/// next choice (an owner killed or paused is not known dead for seconds; a client should not
-/// wait that long), and how old a forwarded submission may be when the owner reads it: an
-/// older one is refused, its sender has passed it on or is about to. The difference leaves the
-/// owner 700 ms to make an accepted one durable and answer; past that, the task may run on
-/// both. A forward to the next choice waits what is left of the budget, and tells its reader
-/// to refuse it past the same share of that wait.
+/// How long a submission's sender waits for the hash's owner at most before it passes it over
+/// for the next choice (an owner killed or paused is not known dead for seconds; a client
+/// should not wait that long), and how old a forwarded submission may be when the owner reads
+/// it at most: an older one is refused, its sender has passed it on or is about to. With the
+/// preset's 2 s response target the first forward waits 1.425 s (three quarters of the
+/// budget) and its reader refuses it after 760 ms, the next waits what is left (455 ms) and
+/// its reader refuses it after 242 ms: the same share, which leaves each reader about half
+/// the wait to make an accepted one durable and answer; past that, the task may run on both.
 const FORWARD_WAIT: Duration = Duration::from_millis(1500);
 const FORWARD_STALE: Duration = Duration::from_millis(800);
 /// A submission is answered this much before the gateway's response target, so the answer is
 /// the service's, not the gateway's timeout.
 const SUBMIT_MARGIN: Duration = Duration::from_millis(100);
+/// A forward to the next choice ends this much before the submission's budget.
+const ROUTE_MARGIN: Duration = Duration::from_millis(20);
 /// Events relayed to peers in one batch, and how often.
 const RELAY_BATCH: usize = 512;
 const RELAY_EVERY: Duration = Duration::from_millis(100);
@@ -353,20 +356,31 @@ impl TaskService {
                 _ = self.s.stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            lock(&self.s.stall).beat(std::time::Instant::now());
+            lock(&self.s.stall).beat(std::time::Instant::now(), now_ms());
         }
     }
 
     /// Whether this node holds off task ownership now (back from a stall).
     fn holding_off(&self) -> bool {
-        lock(&self.s.stall).holding(std::time::Instant::now())
+        let caught_up = |since_ms| {
+            let peers: Vec<String> = self
+                .s
+                .peers
+                .live()
+                .into_iter()
+                .map(|(n, _)| n)
+                .filter(|n| *n != self.s.node)
+                .collect();
+            self.s.peers.synced_since(&peers, since_ms)
+        };
+        lock(&self.s.stall).holding(std::time::Instant::now(), now_ms(), caught_up)
     }
 
     /// Act as if this node had just come back from a stall.
     #[cfg(test)]
     pub(super) fn stalled_now(&self) {
         let late = std::time::Instant::now() + super::stall::STALL_AFTER * 2;
-        lock(&self.s.stall).beat(late);
+        lock(&self.s.stall).beat(late, now_ms());
     }
 
     /// Stop the loop, the relay and every stage this node runs.
@@ -1410,43 +1424,44 @@ impl TaskService {
             return Ok(replayed);
         }
         let began = std::time::Instant::now();
-        let mut candidates: Vec<String> = self.s.peers.live().into_iter().map(|(n, _)| n).collect();
-        if self.holding_off() && candidates.iter().any(|n| *n != self.s.node) {
-            candidates.retain(|n| *n != self.s.node);
-        }
-        let mut passed_over = Vec::new();
+        let mut passed_over: Vec<String> = Vec::new();
         while passed_over.len() < 2 {
-            let Some(owner) = rendezvous(&rec.hash, candidates.iter().map(String::as_str)) else {
+            // Read again each time: the view may have changed while the owner was waited for.
+            let live: Vec<String> = self.s.peers.live().into_iter().map(|(n, _)| n).collect();
+            // Back from a stall, this node routes as if it were not a member (unless alone).
+            let away = self.holding_off() && live.iter().any(|n| *n != self.s.node);
+            let candidates = live
+                .iter()
+                .filter(|n| !passed_over.contains(n) && !(away && **n == self.s.node))
+                .map(String::as_str);
+            let Some(owner) = rendezvous(&rec.hash, candidates).map(str::to_string) else {
                 break;
             };
-            let owner = owner.to_string();
             if owner == self.s.node {
                 return self.submit_here(req).await;
             }
-            // The first choice waits [`FORWARD_WAIT`] at most, and leaves a quarter of the
-            // budget for the next; the next waits what is left.
-            let left = self
-                .s
-                .submit_budget
-                .saturating_sub(began.elapsed())
-                .saturating_sub(SUBMIT_MARGIN);
+            // The first choice waits [`FORWARD_WAIT`] at most and leaves a quarter of the
+            // budget for the next (or for this node, should it be the next); the next waits
+            // what is left, less a moment so that the refusal is this one, not the budget's.
+            let left = self.s.submit_budget.saturating_sub(began.elapsed());
             let wait = if passed_over.is_empty() {
                 FORWARD_WAIT.min(left.mul_f64(0.75))
             } else {
-                left
+                left.saturating_sub(ROUTE_MARGIN)
             };
             match self.forward(&owner, &req, wait).await {
                 Some(answer) => return answer,
-                None => {
-                    candidates.retain(|n| *n != owner);
-                    passed_over.push(owner);
-                }
+                None => passed_over.push(owner),
             }
         }
         match <[String; 2]>::try_from(passed_over) {
             Ok([first, next]) => Err(Error::OwnerUnreachable { first, next }),
-            // Alone (this node holding off, no other member): nobody else can own it.
-            Err(_) => self.submit_here(req).await,
+            // Back from a stall, and every other member passed over.
+            Err(others) => Err(Error::Unavailable(format!(
+                "this node is back from a stall and takes no ownership while its view \
+                 refreshes; {} did not answer",
+                others.join(", ")
+            ))),
         }
     }
 
@@ -1612,7 +1627,7 @@ impl TaskService {
 
     // ---- serving peers ----
 
-    async fn serve_stream(self, peer: String, pair: StreamPair) {
+    pub(super) async fn serve_stream(self, peer: String, pair: StreamPair) {
         let mut r = FrameReader::new(pair.recv, &peer);
         let mut w = FrameWriter::new(pair.send, &peer);
         let req = match r.next_json::<Req>().await {

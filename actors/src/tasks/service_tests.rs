@@ -801,6 +801,61 @@ async fn a_node_back_from_a_stall_routes_as_if_it_were_not_a_member() {
     assert_eq!(n.model.calls(), 0, "nothing ran here");
 }
 
+/// Send `req` to `n`'s task service as peer "n2" would, and read its reply.
+async fn ask_as_peer(n: &Node, req: &Req) -> Reply {
+    let (here, there) = tokio::io::duplex(1 << 16);
+    let (read, write) = tokio::io::split(there);
+    let pair = StreamPair {
+        send: Box::new(write),
+        recv: Box::new(read),
+    };
+    tokio::spawn(n.svc.clone().serve_stream("n2".into(), pair));
+    let (r, w) = tokio::io::split(here);
+    let mut w = FrameWriter::new(w, "n1");
+    let mut r = FrameReader::new(r, "n1");
+    w.send_json(req).await.expect("send");
+    r.next_json::<Reply>()
+        .await
+        .expect("reply")
+        .expect("a reply")
+}
+
+/// A forwarded submission is refused as read too late past the staleness its sender set, and
+/// by a node back from a stall; the sender then passes this node over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_submissions_are_refused_when_stale_or_back_from_a_stall() {
+    let n = start_with(
+        storage(),
+        FakeModel::new(Act::Hang),
+        tasks_config(),
+        Reaching::new(&["n1", "n2"], &[]),
+    )
+    .await;
+    let fwd = |objective: &str, age_ms: u64, stale_ms: u64| Req::Submit {
+        submit: submit(objective),
+        sent_ms: now_ms() - age_ms,
+        stale_ms: Some(stale_ms),
+    };
+    let code = |reply: Reply| match reply {
+        Reply::Submitted(Ok(s)) => format!("accepted {}", s.task.owner),
+        Reply::Submitted(Err(e)) => e.code,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        code(ask_as_peer(&n, &fwd("one", 0, 500)).await),
+        "accepted n1"
+    );
+    assert_eq!(
+        code(ask_as_peer(&n, &fwd("two", 300, 200)).await),
+        "timeout"
+    );
+    n.svc.stalled_now();
+    assert_eq!(
+        code(ask_as_peer(&n, &fwd("three", 0, 500)).await),
+        "timeout"
+    );
+}
+
 /// Task `id` of `objective`, running on `owner` at epoch 1 (a SPARC task of alice's).
 fn running_on(owner: &str, id: &str, objective: &str) -> TaskRecord {
     TaskRecord {

@@ -85,8 +85,8 @@ pub(crate) struct Twice {
     /// The tasks concerned.
     pub(crate) tasks: Vec<String>,
     pub(crate) at_us: u64,
-    /// Seen inside a partition (or its aftermath), or caused by the submission fallback:
-    /// fenced, not an error.
+    /// Excused (inside a partition or its aftermath, replication lag: see
+    /// `World::look_for_twice`): fenced, not an error.
     pub(crate) excused: bool,
 }
 
@@ -157,6 +157,11 @@ impl History {
     /// unfinished task of the same hash.
     pub(crate) fn accepted(&mut self, task: &str, at_us: u64, blind: bool) {
         self.accepted.insert(task.to_string(), (at_us, blind));
+    }
+
+    /// Whether task `task` was accepted (not refused, not deduplicated).
+    pub(crate) fn was_accepted(&self, task: &str) -> bool {
+        self.accepted.contains_key(task)
     }
 
     /// Task `task` was accepted by a node that is not its hash's owner by any view (the old

@@ -186,12 +186,13 @@ impl Proc {
             owner == me || (passed_over.is_some() && ctx.sabotage == Some(Sabotage::FallbackHere));
         let index = super::node::index(&owner).filter(|_| !here);
         let Some(o) = index else {
+            self.submit_here(ctx, rec, Reply::Client(i));
             if passed_over.is_some()
+                && ctx.history.was_accepted(&id)
                 && let Some(s) = ctx.history.submissions.get_mut(i)
             {
                 s.fallback = Some(id.clone());
             }
-            self.submit_here(ctx, rec, Reply::Client(i));
             if owner != me {
                 ctx.history.accepted_as_non_owner(&id);
             }

@@ -214,7 +214,11 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, AppError> {
           running task of the same hash (nothing new started); with `replayed`, the first task \
           of this `Idempotency-Key`", body = SubmittedView),
         (status = 422, description = "No agent has a capability the task needs \
-          (`no_capable_agent`, naming the field)", body = schemas::Error)
+          (`no_capable_agent`, naming the field)", body = schemas::Error),
+        (status = 503, description = "Not accepted in time: neither the owner of the task's \
+          hash nor the next choice answered (`owner_unreachable`, a node cut off), or the \
+          record could not be made durable on a peer (`replication_timeout`); a retry is \
+          deduplicated against whatever was accepted", body = schemas::Error)
     ),
     extensions(("x-permission" = json!("tasks.create")))
 )]
