@@ -1432,7 +1432,7 @@ impl TaskService {
             let away = self.holding_off() && live.iter().any(|n| *n != self.s.node);
             let candidates = live
                 .iter()
-                .filter(|n| !passed_over.contains(n) && !(away && **n == self.s.node))
+                .filter(|n| !(passed_over.contains(n) || (away && **n == self.s.node)))
                 .map(String::as_str);
             let Some(owner) = rendezvous(&rec.hash, candidates).map(str::to_string) else {
                 break;
