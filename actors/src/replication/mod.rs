@@ -37,6 +37,8 @@ use crate::stream::{StreamKind, decode, encode};
 use protocol::{Ae, Initiator, Limits, Local, Push, Responder, Side, Step};
 pub use transport::{Duplex, FrameRx, FrameTx, MemIncoming, MemNet, MemPeers, Peers};
 
+/// Rounds a catch-up runs after its first, at most, until one brings nothing.
+const CATCH_UP_ROUNDS_MORE: u32 = 3;
 /// Deltas applied per blocking batch on the receiving side.
 const APPLY_BATCH: usize = 256;
 /// Commands queued to the replicator's task.
@@ -235,8 +237,20 @@ impl Replicator {
         let start = tokio::time::Instant::now();
         loop {
             let peers = self.shared.peers.live_peers();
-            if let Some((p, n)) = self.round_with_any(&peers).await {
-                tracing::info!(peer = %p, entries = n, "caught up with a peer before serving");
+            if let Some((p, mut n)) = self.round_with_any(&peers).await {
+                // The peer's digest was taken when the round began, and it pushes to this node
+                // only once gossip calls it alive: a write it acknowledged during the round
+                // would be missed. Rounds again until one brings nothing (or a few more), so
+                // only what is acknowledged during the last, short one can be.
+                let mut more = 0;
+                while n > 0 && more < CATCH_UP_ROUNDS_MORE {
+                    more += 1;
+                    match self.sync_with(&p).await {
+                        Ok(m) => n = m,
+                        Err(_) => break,
+                    }
+                }
+                tracing::info!(peer = %p, rounds = 1 + more, "caught up with a peer before serving");
                 return true;
             }
             if *self.shared.first_sync.borrow() {

@@ -217,13 +217,18 @@ async fn a_restarted_highest_named_node_catches_up_before_it_serves() {
         let d = put(&a, "ns", &format!("k{i}"), "1");
         a.repl.push(&d, true).await.expect("w=2");
     }
-    // node-3 restarts with its old store and catches up by a round of its own.
+    // node-3 restarts with its old store and catches up by rounds of its own: the first brings
+    // what it missed, a second one what was acknowledged meanwhile (here, nothing).
     let c = start(&net, "node-3", c_store, Limits::default());
     assert!(
         c.repl
             .catch_up(Duration::from_secs(1), Duration::from_secs(5))
             .await,
         "seed {seed}"
+    );
+    assert!(
+        c.repl.stats().ae_rounds.load(Ordering::Relaxed) >= 2,
+        "seed {seed}: one round"
     );
     for i in 0..20 {
         assert!(

@@ -656,6 +656,22 @@ impl TaskPeers for Reaching {
     }
 }
 
+/// A node n1 on a hanging model that sees `members` through [`Reaching`].
+async fn start_reaching(
+    members: &[&'static str],
+    answering: &[&'static str],
+) -> (Node, Arc<Reaching>) {
+    let peers = Reaching::new(members, answering);
+    let n = start_with(
+        storage(),
+        FakeModel::new(Act::Hang),
+        tasks_config(),
+        peers.clone(),
+    )
+    .await;
+    (n, peers)
+}
+
 /// An objective whose hash `first` owns among `members`, and `then` among them less `first`.
 fn owned_then(first: &str, then: &str, members: &[&str], prefix: &str) -> String {
     (0..)
@@ -683,14 +699,7 @@ fn stale_ms(req: &Req) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_submission_whose_owner_does_not_answer_goes_to_the_next_choice() {
     let members = ["n1", "n2", "n3"];
-    let peers = Reaching::new(&members, &["n3"]);
-    let n = start_with(
-        storage(),
-        FakeModel::new(Act::Hang),
-        tasks_config(),
-        peers.clone(),
-    )
-    .await;
+    let (n, peers) = start_reaching(&members, &["n3"]).await;
     let started = Instant::now();
     let s = n
         .accepted(submit(&owned_then(
@@ -786,14 +795,7 @@ async fn with_one_peer_cut_off_a_submission_it_owns_is_taken_here() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_back_from_a_stall_routes_as_if_it_were_not_a_member() {
     let members = ["n1", "n2", "n3"];
-    let peers = Reaching::new(&members, &["n3"]);
-    let n = start_with(
-        storage(),
-        FakeModel::new(Act::Hang),
-        tasks_config(),
-        peers.clone(),
-    )
-    .await;
+    let (n, _) = start_reaching(&members, &["n3"]).await;
     let objective = owned_then("n1", "n3", &members, "rotate the keys");
     n.svc.stalled_now();
     let s = n.accepted(submit(&objective)).await;
@@ -824,13 +826,7 @@ async fn ask_as_peer(n: &Node, req: &Req) -> Reply {
 /// by a node back from a stall; the sender then passes this node over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_submissions_are_refused_when_stale_or_back_from_a_stall() {
-    let n = start_with(
-        storage(),
-        FakeModel::new(Act::Hang),
-        tasks_config(),
-        Reaching::new(&["n1", "n2"], &[]),
-    )
-    .await;
+    let (n, _) = start_reaching(&["n1", "n2"], &[]).await;
     let fwd = |objective: &str, age_ms: u64, stale_ms: u64| Req::Submit {
         submit: submit(objective),
         sent_ms: now_ms() - age_ms,

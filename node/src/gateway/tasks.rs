@@ -198,7 +198,10 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, AppError> {
 /// Submit a task: durable on its owner node (and one peer when one is alive) before the answer.
 ///
 /// A full task queue answers 429 `queue_full` with `Retry-After`; a bad value, 400
-/// `invalid_request` naming the field.
+/// `invalid_request` naming the field. 503 `owner_unreachable`: neither the owner of the task's
+/// hash nor the next choice answered in time (a node cut off); `replication_timeout`: the
+/// record was not durable on a peer in time. A retry is deduplicated against whatever was
+/// accepted.
 #[utoipa::path(
     post,
     path = "/v1/tasks",
@@ -214,11 +217,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, AppError> {
           running task of the same hash (nothing new started); with `replayed`, the first task \
           of this `Idempotency-Key`", body = SubmittedView),
         (status = 422, description = "No agent has a capability the task needs \
-          (`no_capable_agent`, naming the field)", body = schemas::Error),
-        (status = 503, description = "Not accepted in time: neither the owner of the task's \
-          hash nor the next choice answered (`owner_unreachable`, a node cut off), or the \
-          record could not be made durable on a peer (`replication_timeout`); a retry is \
-          deduplicated against whatever was accepted", body = schemas::Error)
+          (`no_capable_agent`, naming the field)", body = schemas::Error)
     ),
     extensions(("x-permission" = json!("tasks.create")))
 )]
