@@ -141,6 +141,10 @@ fn schemathesis_finds_no_server_error() -> Result<()> {
         }
         seen += entries.len();
         after = last["seq"].as_u64().context("seq")?;
+        // A short page is the last: reading on would chase the entries these reads audit.
+        if entries.len() < 1000 {
+            break;
+        }
     }
     assert!(
         seen > 100,
