@@ -98,35 +98,32 @@ fn a_cluster_outside_three_to_seven_nodes_is_refused() {
     assert!(matches!(run_seed(1, &opts), Err(Error::Scenario { .. })));
 }
 
-/// The task service's old ways (orphans looked for before catching up, deduplication only in
-/// the dispatcher) ran tasks twice outside any partition; a batch of seeds must show it.
-#[test]
-fn the_task_services_old_orphan_scan_is_caught() {
+/// Run the batch's seeds with `sabotage` until one fails: it must fail a check on work done
+/// twice.
+fn assert_caught_running_twice(sabotage: Sabotage, what: &str) {
     let opts = SimOptions {
-        sabotage: Some(Sabotage::EarlyOrphanScan),
+        sabotage: Some(sabotage),
         ..SimOptions::default()
     };
-    // It stops at the first seed that catches it (41 today).
     let caught = (0..4 * HALF).find_map(|seed| run_seed(seed, &opts).err());
     match caught {
         Some(e @ Error::Sim(_)) => assert!(e.to_string().contains("twice"), "{e}"),
         Some(e) => panic!("failed outside the checks: {e}"),
-        None => panic!("no seed of the batch caught the old task shell"),
+        None => panic!("no seed of the batch caught {what}"),
     }
+}
+
+/// The task service's old ways (orphans looked for before catching up, deduplication only in
+/// the dispatcher) ran tasks twice outside any partition; a batch of seeds must show it.
+#[test]
+fn the_task_services_old_orphan_scan_is_caught() {
+    // It stops at the first seed that catches it (41 today).
+    assert_caught_running_twice(Sabotage::EarlyOrphanScan, "the old task shell");
 }
 
 /// The old submission fallback (a node whose owner does not answer takes the task itself) ran
 /// one objective twice when two nodes could not reach its owner; a batch of seeds must show it.
 #[test]
 fn the_old_submission_fallback_is_caught() {
-    let opts = SimOptions {
-        sabotage: Some(Sabotage::FallbackHere),
-        ..SimOptions::default()
-    };
-    let caught = (0..4 * HALF).find_map(|seed| run_seed(seed, &opts).err());
-    match caught {
-        Some(e @ Error::Sim(_)) => assert!(e.to_string().contains("twice"), "{e}"),
-        Some(e) => panic!("failed outside the checks: {e}"),
-        None => panic!("no seed of the batch caught the old fallback"),
-    }
+    assert_caught_running_twice(Sabotage::FallbackHere, "the old fallback");
 }

@@ -76,7 +76,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// it at most: an older one is refused, its sender has passed it on or is about to. With the
 /// preset's 2 s response target the first forward waits 1.425 s (three quarters of the
 /// budget) and its reader refuses it after 760 ms, the next waits what is left (455 ms) and
-/// its reader refuses it after 242 ms: the same share, which leaves each reader about half
+/// its reader refuses it after 243 ms: the same share, which leaves each reader about half
 /// the wait to make an accepted one durable and answer; past that, the task may run on both.
 const FORWARD_WAIT: Duration = Duration::from_millis(1500);
 const FORWARD_STALE: Duration = Duration::from_millis(800);
@@ -1415,8 +1415,8 @@ impl TaskService {
     /// every node that cannot reach the owner picks the same one, which is also where the
     /// owner's tasks go should it be dead, so their submissions are deduplicated there. When
     /// that one does not answer either, the submission is refused (`owner_unreachable`, 503:
-    /// a node cut off from both); a retry is deduplicated against whatever either accepted. A node back from a stall routes as if
-    /// it were not a member ([`Stall`]).
+    /// a node cut off from both); a retry is deduplicated against whatever either accepted. A
+    /// node back from a stall routes as if it were not a member ([`Stall`]).
     async fn submit_routed(&self, req: Submit) -> Result<Submitted, Error> {
         // Shape first, here, so a bad request costs no forwarding.
         let rec = self.validate(&req)?;
