@@ -25,7 +25,7 @@ pub use cluster::{ActorCluster, ROUTER_GROUP, RouterMsg, spawn_sessions};
 pub use dispatch::{Services, StreamService};
 pub use error::Error;
 pub use inference::{ClusterInference, Inference};
-pub use memory::{Caller, Memory, RefusalCodes};
+pub use memory::{Caller, Memory, Put, RefusalCodes};
 pub use replication::protocol::Limits as RoundLimits;
 pub use replication::{
     Duplex, FrameRx, FrameTx, MemIncoming, MemNet, MemPeers, Peers, RefusalHook, ReplStats,

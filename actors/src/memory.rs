@@ -119,6 +119,63 @@ impl Inner {
     }
 }
 
+/// One write of [`Memory::put_many`].
+#[derive(Debug, Clone)]
+pub struct Put {
+    pub caller: Caller,
+    pub namespace: String,
+    pub key: String,
+    pub req: PutRequest,
+}
+
+/// The store's part of [`Memory::put_many`]: each put in order until one is refused, then the
+/// `ok` entries of those written, committed together (each refusal audited as such). Returns
+/// what was written and the refusal that stopped it.
+#[allow(clippy::type_complexity)]
+fn write_in_order(
+    inner: &Inner,
+    puts: Vec<Put>,
+) -> Result<(Vec<(MemoryItem, Delta)>, Option<Error>), Error> {
+    let mut written = Vec::with_capacity(puts.len());
+    let mut callers = Vec::with_capacity(puts.len());
+    let mut refused = None;
+    for p in puts {
+        match inner
+            .storage
+            .memory
+            .put_with_delta(&p.namespace, &p.key, p.req, now_ms())
+        {
+            Ok(out) => {
+                written.push(out);
+                callers.push(p.caller);
+            }
+            Err(e) => {
+                refused = Some((p.caller, Error::from(e)));
+                break;
+            }
+        }
+    }
+    if !callers.is_empty() {
+        let events = callers
+            .iter()
+            .map(|c| inner.event(c, "ok", OK_STATUS, None))
+            .collect();
+        if let Err(e) = inner.audit.commit_many(events) {
+            let e = Error::from(e);
+            for c in &callers {
+                inner.refused(c, &e);
+            }
+            return Err(e);
+        }
+    }
+    // Audited after the writes before it, in the order they were asked for.
+    let refused = refused.map(|(caller, e)| {
+        inner.refused(&caller, &e);
+        e
+    });
+    Ok((written, refused))
+}
+
 /// The memory service of one node. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Memory {
@@ -199,6 +256,44 @@ impl Memory {
                 None => {}
             }
             Ok(item)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Write `puts` in order as one change: one step on the store, their audit entries
+    /// committed with one sync, their deltas pushed together and, with `w2`, each confirmed by
+    /// one peer. Returns the items once all are durable. A put the store refuses stops the rest
+    /// and its error is returned; those before it stay written, audited and pushed.
+    /// [`Error::NotReplicated`] as [`Memory::put`].
+    pub async fn put_many(&self, puts: Vec<Put>, w2: bool) -> Result<Vec<MemoryItem>, Error> {
+        let span = tracing::debug_span!("memory.put_many", writes = puts.len(), w2);
+        async move {
+            let inner = self.inner.clone();
+            let span = tracing::Span::current();
+            let joined =
+                tokio::task::spawn_blocking(move || span.in_scope(|| write_in_order(&inner, puts)))
+                    .await;
+            let (written, refused) = joined.map_err(|e| {
+                Error::Storage(StorageError::Engine(format!("blocking task failed: {e}")))
+            })??;
+            let (items, deltas): (Vec<MemoryItem>, Vec<Delta>) = written.into_iter().unzip();
+            if !deltas.is_empty() {
+                match &self.inner.replicator {
+                    Some(r) => r
+                        .push_many(&deltas, w2)
+                        .await
+                        .map_err(|e| Error::NotReplicated(Box::new(e)))?,
+                    None if w2 => {
+                        return Err(Error::NotReplicated(Box::new(Error::NoReplicator)));
+                    }
+                    None => {}
+                }
+            }
+            match refused {
+                Some(e) => Err(e),
+                None => Ok(items),
+            }
         }
         .instrument(span)
         .await
@@ -528,6 +623,67 @@ mod tests {
         );
     }
 
+    fn put_of(key: &str, req: PutRequest) -> Put {
+        Put {
+            caller: alice(&format!("memory/ns/{key}")),
+            namespace: "ns".into(),
+            key: key.into(),
+            req,
+        }
+    }
+
+    #[tokio::test]
+    async fn put_many_writes_in_order_audits_each_and_stops_at_a_refusal() {
+        let (m, s, rec) = service(None);
+        let items = m
+            .put_many(
+                vec![put_of("a", value("1")), put_of("b", value("2"))],
+                false,
+            )
+            .await
+            .expect("put_many");
+        let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(keys, ["a", "b"]);
+        assert!(items[0].version < items[1].version, "written in order");
+        let seen = rec.events();
+        let audited: Vec<(&str, bool)> = seen
+            .iter()
+            .map(|e| (e.event.resource.as_str(), e.committed))
+            .collect();
+        assert_eq!(audited, [("memory/ns/a", true), ("memory/ns/b", true)]);
+        // A refused put stops the rest; those before it stay written and audited.
+        let e = m
+            .put_many(
+                vec![
+                    put_of("c", value("3")),
+                    put_of("", value("4")),
+                    put_of("d", value("5")),
+                ],
+                false,
+            )
+            .await
+            .expect_err("refused");
+        assert_eq!(e.kind(), "invalid_input", "{e}");
+        let got = |k: &str| s.memory.get("ns", k, now_ms()).expect("get");
+        assert_eq!(got("c").map(|i| i.value_json), Some("3".into()));
+        assert!(got("d").is_none(), "nothing after the refusal is written");
+        assert_eq!(records(&s), 3);
+        let outcomes: Vec<(String, String)> = rec
+            .events()
+            .iter()
+            .skip(2)
+            .map(|e| (e.event.resource.clone(), e.event.outcome.clone()))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("memory/ns/c".to_string(), "ok".to_string()),
+                ("memory/ns/".to_string(), "error".to_string()),
+            ],
+            "audited in the order asked for"
+        );
+    }
+
     #[tokio::test]
     async fn delete_is_audited_and_deleting_nothing_is_a_refusal() {
         let (m, s, rec) = service(None);
@@ -709,6 +865,14 @@ mod tests {
         assert!(ok, "no peer ever confirmed the write");
         let got = s2.memory.get("ns", "b", now_ms()).expect("get");
         assert_eq!(got.map(|i| i.value_json), Some("2".to_string()));
+        // Several writes together: acknowledged once the peer has every one.
+        m.put_many(vec![put_of("c", value("3")), put_of("d", value("4"))], true)
+            .await
+            .expect("put_many with a peer");
+        for (k, v) in [("c", "3"), ("d", "4")] {
+            let got = s2.memory.get("ns", k, now_ms()).expect("get");
+            assert_eq!(got.map(|i| i.value_json), Some(v.to_string()), "{k}");
+        }
         assert!(rec.events().iter().all(|e| e.event.outcome == "ok"));
     }
 }

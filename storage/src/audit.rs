@@ -68,6 +68,12 @@ pub trait AuditSink: Send + Sync + std::fmt::Debug {
     /// sync): call off the async workers.
     fn commit(&self, event: AuditEvent) -> Result<()>;
 
+    /// [`AuditSink::commit`] for the entries of several changes made together: all appended,
+    /// then one sync. Stops at the first failure.
+    fn commit_many(&self, events: Vec<AuditEvent>) -> Result<()> {
+        events.into_iter().try_for_each(|e| self.commit(e))
+    }
+
     /// Wait until every event submitted so far is appended (before the final sync at shutdown).
     fn flush(&self) {}
 }

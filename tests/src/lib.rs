@@ -256,7 +256,13 @@ impl Client {
         token: Option<&str>,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Self {
-        let mut agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30));
+        // A connection kept per thread that shares this client, as an HTTP client's pool does
+        // (ureq keeps one per host by default: the other threads paid a TLS handshake on every
+        // request, which a benchmark then counted as the node's cost).
+        let mut agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(30))
+            .max_idle_connections(256)
+            .max_idle_connections_per_host(64);
         if let Some(tls) = tls {
             agent = agent.tls_config(tls);
         }

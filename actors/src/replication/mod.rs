@@ -83,8 +83,11 @@ pub type RefusalHook = Arc<dyn Fn(&str, &str, &str) + Send + Sync>;
 type Waiters = Mutex<HashMap<u64, oneshot::Sender<Result<String, String>>>>;
 
 enum Cmd {
-    /// Queue a frame to these peers.
-    Send { peers: Vec<String>, frame: Bytes },
+    /// Queue frames to these peers, in order.
+    Send {
+        peers: Vec<String>,
+        frames: Vec<Bytes>,
+    },
     /// Serve a stream a peer opened.
     Serve {
         peer: String,
@@ -337,6 +340,13 @@ impl Replicator {
 
     /// Queue `delta` to every live peer. With `w2`, wait until one of them has it durable.
     pub async fn push(&self, delta: &Delta, w2: bool) -> Result<(), Error> {
+        self.push_many(std::slice::from_ref(delta), w2).await
+    }
+
+    /// [`Replicator::push`] for the deltas of changes made together: queued to each peer in
+    /// order as one command, and with `w2` each confirmed by one peer (the first refusal or
+    /// timeout is returned).
+    pub async fn push_many(&self, deltas: &[Delta], w2: bool) -> Result<(), Error> {
         if self.shared.stop.is_cancelled() {
             return Err(Error::Stopped);
         }
@@ -345,35 +355,61 @@ impl Replicator {
         if peers.is_empty() {
             return if w2 { Err(Error::NoReplica) } else { Ok(()) };
         }
-        let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
-        let frame = encode(&Push::Delta {
-            seq,
-            ack: w2,
-            delta: delta.clone(),
-        })?;
-        let waiter = w2.then(|| {
-            let (tx, rx) = oneshot::channel();
-            lock(&self.shared.waiters).insert(seq, tx);
-            rx
-        });
-        if self.cmd.send(Cmd::Send { peers, frame }).await.is_err() {
-            lock(&self.shared.waiters).remove(&seq);
+        let mut frames = Vec::with_capacity(deltas.len());
+        let mut seqs = Vec::with_capacity(deltas.len());
+        for delta in deltas {
+            let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
+            frames.push(encode(&Push::Delta {
+                seq,
+                ack: w2,
+                delta: delta.clone(),
+            })?);
+            seqs.push(seq);
+        }
+        let waiters: Vec<_> = if w2 {
+            let mut waiters = lock(&self.shared.waiters);
+            seqs.iter()
+                .map(|seq| {
+                    let (tx, rx) = oneshot::channel();
+                    waiters.insert(*seq, tx);
+                    rx
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let forget = || {
+            let mut waiters = lock(&self.shared.waiters);
+            for seq in &seqs {
+                waiters.remove(seq);
+            }
+        };
+        if self.cmd.send(Cmd::Send { peers, frames }).await.is_err() {
+            forget();
             return Err(Error::Stopped);
         }
-        let Some(rx) = waiter else {
+        if !w2 {
             return Ok(());
-        };
-        let t = self.shared.cfg.w2_timeout.0;
-        let r = tokio::time::timeout(t, rx).await;
-        lock(&self.shared.waiters).remove(&seq);
-        match r {
-            Ok(Ok(Ok(_peer))) => Ok(()),
-            Ok(Ok(Err(code))) => Err(Error::Refused {
-                peer: "peer".into(),
-                code,
-            }),
-            Ok(Err(_)) | Err(_) => Err(Error::Timeout(t)),
         }
+        let t = self.shared.cfg.w2_timeout.0;
+        let r = tokio::time::timeout(t, futures_util::future::join_all(waiters)).await;
+        forget();
+        let Ok(answers) = r else {
+            return Err(Error::Timeout(t));
+        };
+        for a in answers {
+            match a {
+                Ok(Ok(_peer)) => {}
+                Ok(Err(code)) => {
+                    return Err(Error::Refused {
+                        peer: "peer".into(),
+                        code,
+                    });
+                }
+                Err(_) => return Err(Error::Timeout(t)),
+            }
+        }
+        Ok(())
     }
 
     /// Tell every live peer that these subjects were erased (best effort: anti-entropy
@@ -383,7 +419,8 @@ impl Replicator {
             return;
         };
         let peers = self.shared.peers.live_peers();
-        if self.cmd.try_send(Cmd::Send { peers, frame }).is_err() {
+        let frames = vec![frame];
+        if self.cmd.try_send(Cmd::Send { peers, frames }).is_err() {
             tracing::debug!("replicator busy or stopped; erasure left to anti-entropy");
         }
     }
@@ -426,14 +463,16 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Cmd>) {
             _ = shared.stop.cancelled() => break,
             cmd = rx.recv() => match cmd {
                 None => break,
-                Some(Cmd::Send { peers, frame }) => {
+                Some(Cmd::Send { peers, frames }) => {
                     for p in peers {
                         let tx = link(&shared, &mut links, &p);
-                        if tx.try_send(frame.clone()).is_ok() {
-                            shared.queued.fetch_add(1, Ordering::Relaxed);
-                            shared.stats().deltas_sent.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            shared.stats().deltas_dropped.fetch_add(1, Ordering::Relaxed);
+                        for frame in &frames {
+                            if tx.try_send(frame.clone()).is_ok() {
+                                shared.queued.fetch_add(1, Ordering::Relaxed);
+                                shared.stats().deltas_sent.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                shared.stats().deltas_dropped.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
                 }

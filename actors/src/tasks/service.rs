@@ -51,7 +51,7 @@ use crate::agents::{AgentRecord, AgentRuntime, Host, place};
 use crate::inference::{BoxFuture, StreamPair};
 use crate::replication::Replicator;
 use crate::stream::{FrameReader, FrameWriter, StreamKind};
-use crate::{Caller, Error, Inference, Memory, StreamService};
+use crate::{Caller, Error, Inference, Memory, Put, StreamService};
 
 /// Commands the dispatcher loop takes; bounded.
 const CMD_QUEUE: usize = 4096;
@@ -897,16 +897,7 @@ impl TaskService {
             if let Some(p) = prev {
                 p.await;
             }
-            let mut last: Result<Option<TaskRecord>, Error> = Ok(None);
-            for w in ws {
-                last = match w {
-                    Write::Record(rec) => svc.write_record(&rec).await.map(|()| Some(*rec)),
-                    Write::Stage(st) => svc.write_stage(&st).await.map(|()| None),
-                };
-                if last.is_err() {
-                    break;
-                }
-            }
+            let last = svc.write_all(ws).await;
             // Published even when a write was not confirmed by a peer: it is durable here.
             for e in events {
                 svc.s.events.publish(e);
@@ -928,60 +919,32 @@ impl TaskService {
         writes.insert(task, (seq, done));
     }
 
-    async fn write_record(&self, rec: &TaskRecord) -> Result<(), Error> {
-        let value_json = serde_json::to_string(rec).map_err(|e| Error::Encode(e.to_string()))?;
-        let key = TaskRecord::key(&rec.id);
-        let caller = Caller::new(
-            if rec.status == TaskStatus::Pending && rec.epoch <= 1 {
-                rec.submitter.clone()
-            } else {
-                "system".to_string()
-            },
-            "tasks.record",
-            format!("tasks/{}", rec.id),
-        )
-        .with_request_id(rec.id.clone());
-        self.put(caller, key, value_json).await
-    }
-
-    async fn write_stage(&self, st: &StageRecord) -> Result<(), Error> {
-        let key = StageRecord::key(&st.task, &st.stage);
-        // Written once per stage: a result already recorded (by an earlier epoch whose record
-        // reached this node late) is not written again.
-        if self.read_stage(&st.task, &st.stage).is_some() {
-            self.s
-                .stale_writes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.stale(&st.task, st.index, st.epoch, st.epoch);
-            return Ok(());
+    /// Write `ws` in order as one change (one store step, one sync, one push of their deltas);
+    /// the record when the last is one.
+    async fn write_all(&self, ws: Vec<Write>) -> Result<Option<TaskRecord>, Error> {
+        let mut puts = Vec::with_capacity(ws.len());
+        let mut tail = None;
+        for w in ws {
+            tail = match w {
+                Write::Record(rec) => {
+                    puts.push(Self::record_put(&rec)?);
+                    Some(*rec)
+                }
+                Write::Stage(st) => {
+                    puts.extend(self.stage_put(&st)?);
+                    None
+                }
+            };
         }
-        let value_json = serde_json::to_string(st).map_err(|e| Error::Encode(e.to_string()))?;
-        // The request id names the task and the epoch that recorded it: a stage recorded by two
-        // epochs (an owner cut off, then adopted) shows in the audit logs as such.
-        let caller = Caller::new(
-            st.agent.clone(),
-            "tasks.record",
-            format!("tasks/{}/stage/{}", st.task, st.stage),
-        )
-        .with_request_id(format!("{}@{}", st.task, st.epoch));
-        self.put(caller, key, value_json).await
+        if !puts.is_empty() {
+            self.put_all(puts).await?;
+        }
+        Ok(tail)
     }
 
     /// Durable here and on one peer when one is alive.
-    async fn put(&self, caller: Caller, key: String, value_json: String) -> Result<(), Error> {
-        let req = PutRequest {
-            value_json,
-            memory_type: MemoryType::Semantic,
-            ttl_ms: None,
-            subject: None,
-            tags: Vec::new(),
-        };
-        match self
-            .s
-            .memory
-            .put(caller, TASKS_NAMESPACE.into(), key, req, true)
-            .await
-        {
+    async fn put_all(&self, puts: Vec<Put>) -> Result<(), Error> {
+        match self.s.memory.put_many(puts, true).await {
             Ok(_) => Ok(()),
             Err(Error::NotReplicated(inner))
                 if matches!(*inner, Error::NoReplica | Error::NoReplicator) =>
@@ -992,6 +955,60 @@ impl TaskService {
                 tracing::warn!(error = %e, "task write not confirmed");
                 Err(e)
             }
+        }
+    }
+
+    fn record_put(rec: &TaskRecord) -> Result<Put, Error> {
+        let value_json = serde_json::to_string(rec).map_err(|e| Error::Encode(e.to_string()))?;
+        let caller = Caller::new(
+            if rec.status == TaskStatus::Pending && rec.epoch <= 1 {
+                rec.submitter.clone()
+            } else {
+                "system".to_string()
+            },
+            "tasks.record",
+            format!("tasks/{}", rec.id),
+        )
+        .with_request_id(rec.id.clone());
+        Ok(Self::task_put(caller, TaskRecord::key(&rec.id), value_json))
+    }
+
+    /// `None` when the stage's result is already recorded here.
+    fn stage_put(&self, st: &StageRecord) -> Result<Option<Put>, Error> {
+        // Written once per stage: a result already recorded (by an earlier epoch whose record
+        // reached this node late) is not written again.
+        if self.read_stage(&st.task, &st.stage).is_some() {
+            self.s
+                .stale_writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stale(&st.task, st.index, st.epoch, st.epoch);
+            return Ok(None);
+        }
+        let value_json = serde_json::to_string(st).map_err(|e| Error::Encode(e.to_string()))?;
+        // The request id names the task and the epoch that recorded it: a stage recorded by two
+        // epochs (an owner cut off, then adopted) shows in the audit logs as such.
+        let caller = Caller::new(
+            st.agent.clone(),
+            "tasks.record",
+            format!("tasks/{}/stage/{}", st.task, st.stage),
+        )
+        .with_request_id(format!("{}@{}", st.task, st.epoch));
+        let key = StageRecord::key(&st.task, &st.stage);
+        Ok(Some(Self::task_put(caller, key, value_json)))
+    }
+
+    fn task_put(caller: Caller, key: String, value_json: String) -> Put {
+        Put {
+            caller,
+            namespace: TASKS_NAMESPACE.into(),
+            key,
+            req: PutRequest {
+                value_json,
+                memory_type: MemoryType::Semantic,
+                ttl_ms: None,
+                subject: None,
+                tags: Vec::new(),
+            },
         }
     }
 
@@ -1171,9 +1188,9 @@ impl TaskService {
         };
         let (dtx, mut drx) = mpsc::channel::<String>(crate::agents::DELTA_BUFFER);
         let meta = (job.task.clone(), job.stage.clone(), job.agent.clone());
+        let submitter = Some(job.submitter.clone());
         let svc = self.clone();
         let forward = tokio::spawn(async move {
-            let submitter = svc.read_task(&meta.0).map(|r| r.submitter);
             while let Some(text) = drx.recv().await {
                 svc.s.events.publish(NewEvent {
                     kind: "stage.delta".into(),
@@ -1290,10 +1307,8 @@ impl TaskService {
     async fn remember_idempotency(&self, submitter: &str, key: &str, id: &str) {
         let caller = Caller::new(submitter, "tasks.create", format!("tasks/{id}"));
         let value = serde_json::Value::String(id.to_string()).to_string();
-        if let Err(e) = self
-            .put(caller, Self::idempotency_key(submitter, key), value)
-            .await
-        {
+        let put = Self::task_put(caller, Self::idempotency_key(submitter, key), value);
+        if let Err(e) = self.put_all(vec![put]).await {
             tracing::debug!(error = %e, "idempotency key not confirmed by a peer");
         }
     }

@@ -32,7 +32,8 @@ type Ack = SyncSender<Result<(), String>>;
 
 enum Msg {
     Queued(AuditEvent),
-    Durable(AuditEvent, Ack),
+    /// The entries of one or more changes, acknowledged together.
+    Durable(Vec<AuditEvent>, Ack),
     /// Reply once everything sent before has been appended.
     Flush(SyncSender<()>),
 }
@@ -96,12 +97,12 @@ impl AuditWriter {
         }
     }
 
-    fn commit_durable(&self, event: AuditEvent) -> Result<(), StorageError> {
+    fn commit_durable(&self, events: Vec<AuditEvent>) -> Result<(), StorageError> {
         let (ack, done) = sync_channel(1);
-        if let Err(e) = self.tx.send(Msg::Durable(event, ack)) {
+        if let Err(e) = self.tx.send(Msg::Durable(events, ack)) {
             // The writer is gone: do it here.
-            if let Msg::Durable(event, _) = e.0 {
-                self.log.append(&event)?;
+            if let Msg::Durable(events, _) = e.0 {
+                self.log.append_many(&events)?;
             }
             return self.engine.sync();
         }
@@ -134,8 +135,14 @@ impl AuditSink for AuditWriter {
     /// (waits for room in the queue, then for the batch's fsync): call off the async workers.
     /// A failure goes back to the caller, whose change is then not acknowledged.
     fn commit(&self, event: AuditEvent) -> Result<(), StorageError> {
-        self.commit_durable(event)?;
-        self.entries.fetch_add(1, Ordering::Relaxed);
+        self.commit_many(vec![event])
+    }
+
+    /// [`AuditSink::commit`] for several entries: one message to the writer, one sync.
+    fn commit_many(&self, events: Vec<AuditEvent>) -> Result<(), StorageError> {
+        let n = events.len() as u64;
+        self.commit_durable(events)?;
+        self.entries.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
 
@@ -162,6 +169,10 @@ impl AuditSink for Unaudited {
     fn commit(&self, _event: AuditEvent) -> Result<(), StorageError> {
         self.0.sync()
     }
+
+    fn commit_many(&self, _events: Vec<AuditEvent>) -> Result<(), StorageError> {
+        self.0.sync()
+    }
 }
 
 fn run(rx: Receiver<Msg>, log: &AuditLog, engine: &dyn Engine, failures: &AtomicU64) {
@@ -173,8 +184,8 @@ fn run(rx: Receiver<Msg>, log: &AuditLog, engine: &dyn Engine, failures: &Atomic
         while let Some(msg) = next.take() {
             match msg {
                 Msg::Queued(e) => batch.push(e),
-                Msg::Durable(e, ack) => {
-                    batch.push(e);
+                Msg::Durable(es, ack) => {
+                    batch.extend(es);
                     acks.push(ack);
                 }
                 Msg::Flush(w) => flushes.push(w),
@@ -235,6 +246,25 @@ mod tests {
         let log = Arc::new(AuditLog::open(engine.clone(), &SecretKey::generate()).expect("log"));
         let w = AuditWriter::spawn(log.clone(), engine).expect("spawn");
         (log, w.failures(), w)
+    }
+
+    #[test]
+    fn entries_committed_together_are_all_appended_and_counted() {
+        let (log, failures, w) = writer();
+        w.commit(event(0)).expect("commit");
+        w.commit_many((1..4).map(event).collect())
+            .expect("commit_many");
+        let r = log.verify().expect("verify");
+        assert!(r.ok && r.entries == 4, "{r:?}");
+        let seen: Vec<u64> = log
+            .list(0, 10)
+            .expect("list")
+            .iter()
+            .map(|e| e.event.ts_ms)
+            .collect();
+        assert_eq!(seen, [0, 1, 2, 3], "in the order committed");
+        assert_eq!(w.entries().load(Ordering::Relaxed), 4);
+        assert_eq!(failures.load(Ordering::Relaxed), 0);
     }
 
     #[test]
