@@ -37,8 +37,12 @@ use crate::stream::{StreamKind, decode, encode};
 use protocol::{Ae, Initiator, Limits, Local, Push, Responder, Side, Step};
 pub use transport::{Duplex, FrameRx, FrameTx, MemIncoming, MemNet, MemPeers, Peers};
 
-/// Rounds a catch-up runs after its first, at most, until one brings nothing.
+/// Rounds a catch-up runs after its first with a peer, at most, until one brings nothing.
 const CATCH_UP_ROUNDS_MORE: u32 = 3;
+/// How long a node pushes its changes to a peer that opened a round while gossip did not call
+/// it alive (a node catching up after a restart or a rejoin), unless gossip calls it alive or a
+/// push to it fails first.
+const CATCHING_UP_PUSH_FOR: Duration = Duration::from_secs(30);
 /// Deltas applied per blocking batch on the receiving side.
 const APPLY_BATCH: usize = 256;
 /// Commands queued to the replicator's task.
@@ -112,6 +116,10 @@ struct Shared {
     /// round exchanges entries both ways, so what the peer held then is here.
     exchanged: Mutex<HashMap<String, u64>>,
     syncing: Mutex<HashSet<String>>,
+    /// Peers that opened a round while not alive to gossip, and until when this node pushes to
+    /// them as well: a write acknowledged here after the round took its digest reaches the
+    /// peer before it serves.
+    catching_up: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Set once [`Replicator::catch_up`] has returned.
     caught_up: AtomicBool,
     /// Becomes true after the first completed anti-entropy round.
@@ -133,6 +141,29 @@ impl Shared {
                 _ = fut => {}
             }
         });
+    }
+
+    /// The live peers, and those catching up (see [`Shared::catching_up`]).
+    fn push_targets(&self) -> Vec<String> {
+        let mut peers = self.peers.live_peers();
+        let mut catching = lock(&self.catching_up);
+        if catching.is_empty() {
+            return peers;
+        }
+        let now = tokio::time::Instant::now();
+        catching.retain(|p, until| *until > now && !peers.contains(p));
+        peers.extend(catching.keys().cloned());
+        peers
+    }
+
+    /// `peer` opened a round: when gossip does not call it alive here, it is catching up.
+    fn round_opened_by(&self, peer: &str) {
+        if peer != self.me && !self.peers.live_peers().iter().any(|p| p == peer) {
+            lock(&self.catching_up).insert(
+                peer.to_string(),
+                tokio::time::Instant::now() + CATCHING_UP_PUSH_FOR,
+            );
+        }
     }
 
     /// A round with `peer` that began at `started` completed.
@@ -201,6 +232,7 @@ impl Replicator {
             last_sync: Mutex::default(),
             exchanged: Mutex::default(),
             syncing: Mutex::default(),
+            catching_up: Mutex::default(),
             caught_up: AtomicBool::new(false),
             first_sync: watch::channel(false).0,
             stop: CancellationToken::new(),
@@ -240,20 +272,20 @@ impl Replicator {
         let start = tokio::time::Instant::now();
         loop {
             let peers = self.shared.peers.live_peers();
-            if let Some((p, mut n)) = self.round_with_any(&peers).await {
-                // The peer's digest was taken when the round began, and it pushes to this node
-                // only once gossip calls it alive: a write it acknowledged during the round
-                // would be missed. Rounds again until one brings nothing (or a few more), so
-                // only what is acknowledged during the last, short one can be.
-                let mut more = 0;
-                while n > 0 && more < CATCH_UP_ROUNDS_MORE {
-                    more += 1;
-                    match self.sync_with(&p).await {
-                        Ok(m) => n = m,
-                        Err(_) => break,
+            if let Some((p, n)) = self.round_with_any(&peers).await {
+                // A peer's digest is taken when its round begins; from then on it pushes its
+                // writes here (a round opened while gossip does not call this node alive marks
+                // it as catching up). So every live peer gets a round, and each peer's rounds
+                // repeat until one brings nothing (or a few more).
+                let mut rounds = self.rounds_until_quiet(&p, n).await;
+                for q in self.shared.peers.live_peers() {
+                    if q != p
+                        && let Ok(n) = self.sync_with(&q).await
+                    {
+                        rounds += self.rounds_until_quiet(&q, n).await;
                     }
                 }
-                tracing::info!(peer = %p, rounds = 1 + more, "caught up with a peer before serving");
+                tracing::info!(peer = %p, rounds, "caught up with the peers before serving");
                 return true;
             }
             if *self.shared.first_sync.borrow() {
@@ -265,6 +297,20 @@ impl Replicator {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Rounds with `peer` after one that brought `n` entries, until one brings nothing (at
+    /// most [`CATCH_UP_ROUNDS_MORE`]); returns the rounds run, the first included.
+    async fn rounds_until_quiet(&self, peer: &str, mut n: u64) -> u32 {
+        let mut more = 0;
+        while n > 0 && more < CATCH_UP_ROUNDS_MORE {
+            more += 1;
+            match self.sync_with(peer).await {
+                Ok(m) => n = m,
+                Err(_) => break,
+            }
+        }
+        1 + more
     }
 
     /// Before a graceful leave: run rounds with live peers until one completes, so that what
@@ -351,7 +397,7 @@ impl Replicator {
             return Err(Error::Stopped);
         }
         // Alone: nothing to encode or queue (anti-entropy brings peers up to date when they come).
-        let peers = self.shared.peers.live_peers();
+        let peers = self.shared.push_targets();
         if peers.is_empty() {
             return if w2 { Err(Error::NoReplica) } else { Ok(()) };
         }
@@ -546,6 +592,7 @@ async fn sender(shared: Arc<Shared>, peer: String, mut rx: mpsc::Receiver<Bytes>
         Ok(d) => d,
         Err(e) => {
             tracing::debug!(error = %e, "no delta stream");
+            lock(&shared.catching_up).remove(&peer);
             drop_queue(&shared, rx);
             return;
         }
@@ -825,6 +872,8 @@ async fn drive<S: Side>(io: &mut RoundIo<'_>, mut round: S) -> Result<S, Error> 
 }
 
 async fn round_as_responder(shared: &Arc<Shared>, peer: &str, duplex: Duplex) -> Result<(), Error> {
+    // Before the round takes its digest: what is written here from now on is pushed to the peer.
+    shared.round_opened_by(peer);
     let mut io = RoundIo {
         shared,
         peer,

@@ -187,6 +187,37 @@ async fn shutdown_stops_the_task_and_later_pushes_fail() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_before_gossip_says_so_gets_the_writes_after_its_round_by_push() {
+    let seed = 11;
+    let net = MemNet::new(seed);
+    let a = start(&net, "node-1", storage("node-1"), Limits::default());
+    let b = start(&net, "node-2", storage("node-2"), Limits::default());
+    // node-2 has just come back: node-1's gossip does not call it alive yet.
+    net.set_seen("node-1", "node-2", false);
+    let d = put(&a, "ns", "before", "1");
+    assert!(
+        matches!(a.repl.push(&d, true).await, Err(Error::NoReplica)),
+        "seed {seed}: node-1 pushes to no one before node-2's round"
+    );
+    // node-2 catches up with a round of its own: the digest brings what was written before...
+    b.repl.sync_with("node-1").await.expect("round");
+    let get = |k: &str| b.storage.memory.get("ns", k, now_ms()).expect("get");
+    assert!(get("before").is_some(), "seed {seed}");
+    // ...and what node-1 writes from then on is pushed to it, which confirms it, although gossip
+    // still does not call it alive.
+    let d = put(&a, "ns", "after", "2");
+    a.repl
+        .push(&d, true)
+        .await
+        .expect("node-2 confirms a write made after its round");
+    assert_eq!(
+        get("after").map(|i| i.value_json),
+        Some("2".into()),
+        "seed {seed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_highest_named_node_catches_up_before_it_serves() {
     let seed = 9;
     let net = MemNet::new(seed);

@@ -175,6 +175,9 @@ struct NetState {
     nodes: HashMap<String, MemNode>,
     /// Unordered pairs that cannot reach each other.
     cut: HashSet<(String, String)>,
+    /// (viewer, node): the viewer's gossip does not call the node alive, though it is reachable
+    /// (a node that restarted and is not yet known to be back).
+    unseen: HashSet<(String, String)>,
     loss: f64,
     delay: (Duration, Duration),
     rng: StdRng,
@@ -187,6 +190,14 @@ impl NetState {
     fn reachable(&self, a: &str, b: &str) -> bool {
         let alive = |n: &str| self.nodes.get(n).is_some_and(|m| m.alive);
         alive(a) && alive(b) && !self.cut.contains(&pair(a, b))
+    }
+
+    /// Whether `viewer`'s gossip calls `node` alive.
+    fn seen_alive(&self, viewer: &str, node: &str) -> bool {
+        self.reachable(viewer, node)
+            && !self
+                .unseen
+                .contains(&(viewer.to_string(), node.to_string()))
     }
 
     fn id(&self, name: &str) -> NodeId {
@@ -234,6 +245,7 @@ impl MemNet {
             state: Arc::new(Mutex::new(NetState {
                 nodes: HashMap::new(),
                 cut: HashSet::new(),
+                unseen: HashSet::new(),
                 loss: 0.0,
                 delay: (Duration::ZERO, Duration::ZERO),
                 rng: StdRng::seed_from_u64(seed),
@@ -317,6 +329,18 @@ impl MemNet {
                 s.tell(&x, MemberEvent::Up(s.id(&y)));
                 s.tell(&y, MemberEvent::Up(s.id(&x)));
             }
+        }
+    }
+
+    /// Whether `viewer`'s gossip calls `node` alive while it is reachable (streams open either
+    /// way regardless).
+    pub fn set_seen(&self, viewer: &str, node: &str, seen: bool) {
+        let mut s = self.lock();
+        let key = (viewer.to_string(), node.to_string());
+        if seen {
+            s.unseen.remove(&key);
+        } else {
+            s.unseen.insert(key);
         }
     }
 
@@ -475,7 +499,7 @@ impl Peers for MemPeers {
         let mut out: Vec<String> = s
             .nodes
             .keys()
-            .filter(|n| **n != self.me && s.reachable(&self.me, n))
+            .filter(|n| **n != self.me && s.seen_alive(&self.me, n))
             .cloned()
             .collect();
         out.sort();
@@ -488,7 +512,7 @@ impl Peers for MemPeers {
             .nodes
             .keys()
             .filter(|n| **n != self.me)
-            .map(|n| (n.clone(), s.reachable(&self.me, n)))
+            .map(|n| (n.clone(), s.seen_alive(&self.me, n)))
             .collect();
         out.sort();
         out
