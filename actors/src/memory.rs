@@ -165,6 +165,9 @@ fn write_in_order(
             for c in &callers {
                 inner.refused(c, &e);
             }
+            if let Some((caller, refusal)) = &refused {
+                inner.refused(caller, refusal);
+            }
             return Err(e);
         }
     }
@@ -278,22 +281,24 @@ impl Memory {
                 Error::Storage(StorageError::Engine(format!("blocking task failed: {e}")))
             })??;
             let (items, deltas): (Vec<MemoryItem>, Vec<Delta>) = written.into_iter().unzip();
-            if !deltas.is_empty() {
-                match &self.inner.replicator {
-                    Some(r) => r
-                        .push_many(&deltas, w2)
-                        .await
-                        .map_err(|e| Error::NotReplicated(Box::new(e)))?,
-                    None if w2 => {
-                        return Err(Error::NotReplicated(Box::new(Error::NoReplicator)));
-                    }
-                    None => {}
+            let pushed = match &self.inner.replicator {
+                _ if deltas.is_empty() => Ok(()),
+                Some(r) => r
+                    .push_many(&deltas, w2)
+                    .await
+                    .map_err(|e| Error::NotReplicated(Box::new(e))),
+                None if w2 => Err(Error::NotReplicated(Box::new(Error::NoReplicator))),
+                None => Ok(()),
+            };
+            // A refusal is the answer even when the push of the writes before it failed too:
+            // the caller must not take the refused write for one that only lacks a replica.
+            if let Some(e) = refused {
+                if let Err(p) = pushed {
+                    tracing::debug!(error = %p, "writes before a refused one not replicated");
                 }
+                return Err(e);
             }
-            match refused {
-                Some(e) => Err(e),
-                None => Ok(items),
-            }
+            pushed.map(|()| items)
         }
         .instrument(span)
         .await
@@ -664,14 +669,22 @@ mod tests {
             .await
             .expect_err("refused");
         assert_eq!(e.kind(), "invalid_input", "{e}");
+        // The same with w=2 and no replica: the refusal is the answer, not the missing replica
+        // (which a caller may accept as durable here).
+        let e = m
+            .put_many(vec![put_of("e", value("6")), put_of("", value("7"))], true)
+            .await
+            .expect_err("refused");
+        assert_eq!(e.kind(), "invalid_input", "{e}");
         let got = |k: &str| s.memory.get("ns", k, now_ms()).expect("get");
         assert_eq!(got("c").map(|i| i.value_json), Some("3".into()));
         assert!(got("d").is_none(), "nothing after the refusal is written");
-        assert_eq!(records(&s), 3);
+        assert_eq!(records(&s), 4);
         let outcomes: Vec<(String, String)> = rec
             .events()
             .iter()
             .skip(2)
+            .take(2)
             .map(|e| (e.event.resource.clone(), e.event.outcome.clone()))
             .collect();
         assert_eq!(

@@ -69,7 +69,8 @@ pub trait AuditSink: Send + Sync + std::fmt::Debug {
     fn commit(&self, event: AuditEvent) -> Result<()>;
 
     /// [`AuditSink::commit`] for the entries of several changes made together: all appended,
-    /// then one sync. Stops at the first failure.
+    /// then one sync. On an error the caller takes none of them as committed (this default
+    /// stops at the first failure, after committing those before it).
     fn commit_many(&self, events: Vec<AuditEvent>) -> Result<()> {
         events.into_iter().try_for_each(|e| self.commit(e))
     }

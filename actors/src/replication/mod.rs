@@ -143,17 +143,17 @@ impl Shared {
         });
     }
 
-    /// The live peers, and those catching up (see [`Shared::catching_up`]).
-    fn push_targets(&self) -> Vec<String> {
+    /// The live peers and those catching up (see [`Shared::catching_up`]); whether any is live.
+    fn push_targets(&self) -> (Vec<String>, bool) {
         let mut peers = self.peers.live_peers();
+        let any_live = !peers.is_empty();
         let mut catching = lock(&self.catching_up);
-        if catching.is_empty() {
-            return peers;
+        if !catching.is_empty() {
+            let now = tokio::time::Instant::now();
+            catching.retain(|p, until| *until > now && !peers.contains(p));
+            peers.extend(catching.keys().cloned());
         }
-        let now = tokio::time::Instant::now();
-        catching.retain(|p, until| *until > now && !peers.contains(p));
-        peers.extend(catching.keys().cloned());
-        peers
+        (peers, any_live)
     }
 
     /// `peer` opened a round: when gossip does not call it alive here, it is catching up.
@@ -279,6 +279,9 @@ impl Replicator {
                 // repeat until one brings nothing (or a few more).
                 let mut rounds = self.rounds_until_quiet(&p, n).await;
                 for q in self.shared.peers.live_peers() {
+                    if start.elapsed() >= limit {
+                        break;
+                    }
                     if q != p
                         && let Ok(n) = self.sync_with(&q).await
                     {
@@ -397,7 +400,7 @@ impl Replicator {
             return Err(Error::Stopped);
         }
         // Alone: nothing to encode or queue (anti-entropy brings peers up to date when they come).
-        let peers = self.shared.push_targets();
+        let (peers, any_live) = self.shared.push_targets();
         if peers.is_empty() {
             return if w2 { Err(Error::NoReplica) } else { Ok(()) };
         }
@@ -412,37 +415,44 @@ impl Replicator {
             })?);
             seqs.push(seq);
         }
-        let waiters: Vec<_> = if w2 {
+        // The waiters leave the map however this ends (an answer, a timeout, the caller gone).
+        let waiting = Waiting {
+            shared: &self.shared,
+            seqs: if w2 { seqs } else { Vec::new() },
+        };
+        let waiters: Vec<_> = {
             let mut waiters = lock(&self.shared.waiters);
-            seqs.iter()
+            waiting
+                .seqs
+                .iter()
                 .map(|seq| {
                     let (tx, rx) = oneshot::channel();
                     waiters.insert(*seq, tx);
                     rx
                 })
                 .collect()
-        } else {
-            Vec::new()
-        };
-        let forget = || {
-            let mut waiters = lock(&self.shared.waiters);
-            for seq in &seqs {
-                waiters.remove(seq);
-            }
         };
         if self.cmd.send(Cmd::Send { peers, frames }).await.is_err() {
-            forget();
             return Err(Error::Stopped);
         }
         if !w2 {
             return Ok(());
         }
         let t = self.shared.cfg.w2_timeout.0;
-        let r = tokio::time::timeout(t, futures_util::future::join_all(waiters)).await;
-        forget();
-        let Ok(answers) = r else {
-            return Err(Error::Timeout(t));
+        // Sent only to peers catching up (no live one): one that does not answer is as no
+        // replica at all, as it would have been without them.
+        let unanswered = || {
+            if any_live {
+                Error::Timeout(t)
+            } else {
+                Error::NoReplica
+            }
         };
+        let Ok(answers) = tokio::time::timeout(t, futures_util::future::join_all(waiters)).await
+        else {
+            return Err(unanswered());
+        };
+        drop(waiting);
         for a in answers {
             match a {
                 Ok(Ok(_peer)) => {}
@@ -452,7 +462,7 @@ impl Replicator {
                         code,
                     });
                 }
-                Err(_) => return Err(Error::Timeout(t)),
+                Err(_) => return Err(unanswered()),
             }
         }
         Ok(())
@@ -464,7 +474,7 @@ impl Replicator {
         let Ok(frame) = encode(&Push::Erase { subjects }) else {
             return;
         };
-        let peers = self.shared.peers.live_peers();
+        let (peers, _) = self.shared.push_targets();
         let frames = vec![frame];
         if self.cmd.try_send(Cmd::Send { peers, frames }).is_err() {
             tracing::debug!("replicator busy or stopped; erasure left to anti-entropy");
@@ -498,6 +508,24 @@ impl Replicator {
     }
 }
 
+/// A push's acknowledgement waiters; they leave the map when this drops.
+struct Waiting<'a> {
+    shared: &'a Shared,
+    seqs: Vec<u64>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.seqs.is_empty() {
+            return;
+        }
+        let mut waiters = lock(&self.shared.waiters);
+        for seq in &self.seqs {
+            waiters.remove(seq);
+        }
+    }
+}
+
 /// The replicator's task: commands, membership events, the anti-entropy tick.
 async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Cmd>) {
     let mut events = shared.peers.subscribe();
@@ -512,14 +540,18 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Cmd>) {
                 Some(Cmd::Send { peers, frames }) => {
                     for p in peers {
                         let tx = link(&shared, &mut links, &p);
-                        for frame in &frames {
-                            if tx.try_send(frame.clone()).is_ok() {
-                                shared.queued.fetch_add(1, Ordering::Relaxed);
-                                shared.stats().deltas_sent.fetch_add(1, Ordering::Relaxed);
-                            } else {
-                                shared.stats().deltas_dropped.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
+                        // In order, and none after one dropped: a peer never gets a change of a
+                        // batch without those before it (anti-entropy brings it the rest).
+                        let sent = frames
+                            .iter()
+                            .take_while(|frame| tx.try_send((*frame).clone()).is_ok())
+                            .count() as u64;
+                        shared.queued.fetch_add(sent, Ordering::Relaxed);
+                        let stats = shared.stats();
+                        stats.deltas_sent.fetch_add(sent, Ordering::Relaxed);
+                        stats
+                            .deltas_dropped
+                            .fetch_add(frames.len() as u64 - sent, Ordering::Relaxed);
                     }
                 }
                 Some(Cmd::Serve { peer, kind, duplex }) => serve(&shared, peer, kind, *duplex),

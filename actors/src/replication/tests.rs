@@ -215,6 +215,15 @@ async fn a_node_back_before_gossip_says_so_gets_the_writes_after_its_round_by_pu
         Some("2".into()),
         "seed {seed}"
     );
+    // Gone again before gossip ever called it alive: with no live peer, a write that only it
+    // could confirm has no replica, as it would have had without it.
+    b.repl.shutdown().await;
+    net.kill("node-2");
+    let d = put(&a, "ns", "later", "3");
+    assert!(
+        matches!(a.repl.push(&d, true).await, Err(Error::NoReplica)),
+        "seed {seed}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
