@@ -220,7 +220,7 @@ fn a_restarted_highest_named_node_serves_what_it_missed_at_once() -> Result<()> 
     );
     let log = std::fs::read_to_string(configs[2].with_extension("log"))?;
     assert!(
-        log.contains("caught up with a peer before serving"),
+        log.contains("caught up with the peers before serving"),
         "node-3 did not catch up before serving"
     );
     Ok(())
