@@ -250,14 +250,7 @@ impl Memory {
                     Ok(s.memory.put_with_delta(&namespace, &key, req, now_ms())?)
                 })
                 .await?;
-            match &self.inner.replicator {
-                Some(r) => r
-                    .push(&delta, w2)
-                    .await
-                    .map_err(|e| Error::NotReplicated(Box::new(e)))?,
-                None if w2 => return Err(Error::NotReplicated(Box::new(Error::NoReplicator))),
-                None => {}
-            }
+            self.replicate(std::slice::from_ref(&delta), w2).await?;
             Ok(item)
         }
         .instrument(span)
@@ -281,14 +274,10 @@ impl Memory {
                 Error::Storage(StorageError::Engine(format!("blocking task failed: {e}")))
             })??;
             let (items, deltas): (Vec<MemoryItem>, Vec<Delta>) = written.into_iter().unzip();
-            let pushed = match &self.inner.replicator {
-                _ if deltas.is_empty() => Ok(()),
-                Some(r) => r
-                    .push_many(&deltas, w2)
-                    .await
-                    .map_err(|e| Error::NotReplicated(Box::new(e))),
-                None if w2 => Err(Error::NotReplicated(Box::new(Error::NoReplicator))),
-                None => Ok(()),
+            let pushed = if deltas.is_empty() {
+                Ok(())
+            } else {
+                self.replicate(&deltas, w2).await
             };
             // A refusal is the answer even when the push of the writes before it failed too:
             // the caller must not take the refused write for one that only lacks a replica.
@@ -302,6 +291,19 @@ impl Memory {
         }
         .instrument(span)
         .await
+    }
+
+    /// Push the deltas of a change to the peers; with `w2`, wait for one to confirm each.
+    /// [`Error::NotReplicated`] when that fails, or with `w2` when this node does not replicate.
+    async fn replicate(&self, deltas: &[Delta], w2: bool) -> Result<(), Error> {
+        match &self.inner.replicator {
+            Some(r) => r
+                .push_many(deltas, w2)
+                .await
+                .map_err(|e| Error::NotReplicated(Box::new(e))),
+            None if w2 => Err(Error::NotReplicated(Box::new(Error::NoReplicator))),
+            None => Ok(()),
+        }
     }
 
     /// Write a record of the node's own (the replicated authentication state in its reserved
