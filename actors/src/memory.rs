@@ -6,7 +6,9 @@
 //!    workers);
 //! 2. in the same blocking task its audit entry is committed through the node's [`AuditSink`]:
 //!    the entry and the write become durable with one sync shared with every other commit of the
-//!    writer's batch (group commit), and only then does the operation go on;
+//!    writer's batch (group commit), and only then does the operation go on (a
+//!    [`Memory::put_many`] hands its entries over and awaits the sync's outcome on the async
+//!    side, so no thread sleeps on it);
 //! 3. its delta is pushed to the peers; with `w2` the operation waits until one of them has it
 //!    durable too;
 //! 4. the caller gets the outcome.
@@ -22,7 +24,10 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use swarm_storage::{AuditEvent, AuditSink, Delta, MemoryItem, PutRequest, Storage, StorageError};
+use swarm_storage::{
+    AuditEvent, AuditSink, Committed, Delta, MemoryItem, PutRequest, Storage, StorageError,
+};
+use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use crate::{Error, Replicator};
@@ -93,12 +98,18 @@ struct Inner {
 impl Inner {
     /// Audit a refusal (queued: the caller is not held up by it).
     fn refused(&self, caller: &Caller, e: &Error) {
+        self.submit(self.refusal(caller, e));
+    }
+
+    /// The entry of a refusal.
+    fn refusal(&self, caller: &Caller, e: &Error) -> AuditEvent {
         let (status, code) = (self.refusal_codes)(e);
         tracing::debug!(error = %e, code, "memory operation refused");
-        if let Err(lost) = self
-            .audit
-            .submit(self.event(caller, "error", status, Some(code)))
-        {
+        self.event(caller, "error", status, Some(code))
+    }
+
+    fn submit(&self, event: AuditEvent) {
+        if let Err(lost) = self.audit.submit(event) {
             // The sink counts and reports its own losses.
             tracing::debug!(error = %lost, "refusal not audited");
         }
@@ -129,13 +140,11 @@ pub struct Put {
 }
 
 /// The store's part of [`Memory::put_many`]: each put in order until one is refused, then the
-/// `ok` entries of those written, committed together (each refusal audited as such). Returns
-/// what was written and the refusal that stopped it.
-#[allow(clippy::type_complexity)]
-fn write_in_order(
-    inner: &Inner,
-    puts: Vec<Put>,
-) -> Result<(Vec<(MemoryItem, Delta)>, Option<Error>), Error> {
+/// `ok` entries of those written handed to the audit sink as one commit, whose outcome
+/// [`Written::committed`] brings. The refusal that stopped it is audited after them; when the
+/// commit fails, each write is audited as refused with its error. The audit happens whether or
+/// not anyone waits for the outcome.
+fn write_in_order(inner: &Arc<Inner>, puts: Vec<Put>) -> Written {
     let mut written = Vec::with_capacity(puts.len());
     let mut callers = Vec::with_capacity(puts.len());
     let mut refused = None;
@@ -155,28 +164,52 @@ fn write_in_order(
             }
         }
     }
-    if !callers.is_empty() {
-        let events = callers
-            .iter()
-            .map(|c| inner.event(c, "ok", OK_STATUS, None))
-            .collect();
-        if let Err(e) = inner.audit.commit_many(events) {
-            let e = Error::from(e);
-            for c in &callers {
-                inner.refused(c, &e);
-            }
-            if let Some((caller, refusal)) = &refused {
-                inner.refused(caller, refusal);
-            }
-            return Err(e);
+    let last = refused.as_ref().map(|(c, e)| inner.refusal(c, e));
+    let refused = refused.map(|(_, e)| e);
+    if callers.is_empty() {
+        if let Some(event) = last {
+            inner.submit(event);
         }
+        return Written {
+            written,
+            refused,
+            committed: None,
+        };
     }
-    // Audited after the writes before it, in the order they were asked for.
-    let refused = refused.map(|(caller, e)| {
-        inner.refused(&caller, &e);
-        e
+    let events = callers
+        .iter()
+        .map(|c| inner.event(c, "ok", OK_STATUS, None))
+        .collect();
+    let (tx, rx) = oneshot::channel();
+    let i = inner.clone();
+    // Runs on the audit writer's thread once the batch is synced: only queues entries.
+    let done: Committed = Box::new(move |r| {
+        let r = r.map_err(Error::from);
+        if let Err(e) = &r {
+            for c in &callers {
+                i.refused(c, e);
+            }
+        }
+        // Audited after the writes before it, in the order they were asked for.
+        if let Some(event) = last {
+            i.submit(event);
+        }
+        let _ = tx.send(r);
     });
-    Ok((written, refused))
+    inner.audit.commit_many_then(events, done);
+    Written {
+        written,
+        refused,
+        committed: Some(rx),
+    }
+}
+
+/// What [`write_in_order`] wrote, the refusal that stopped it, and the outcome of its commit to
+/// come (`None` when nothing was written).
+struct Written {
+    written: Vec<(MemoryItem, Delta)>,
+    refused: Option<Error>,
+    committed: Option<oneshot::Receiver<Result<(), Error>>>,
 }
 
 /// The memory service of one node. Cheap to clone.
@@ -267,12 +300,23 @@ impl Memory {
         async move {
             let inner = self.inner.clone();
             let span = tracing::Span::current();
+            // The writes off the async workers; the sync they wait for is awaited here, so no
+            // thread sleeps on it.
             let joined =
                 tokio::task::spawn_blocking(move || span.in_scope(|| write_in_order(&inner, puts)))
                     .await;
-            let (written, refused) = joined.map_err(|e| {
+            let Written {
+                written,
+                refused,
+                committed,
+            } = joined.map_err(|e| {
                 Error::Storage(StorageError::Engine(format!("blocking task failed: {e}")))
-            })??;
+            })?;
+            if let Some(c) = committed {
+                c.await.map_err(|_| {
+                    Error::Storage(StorageError::Engine("the audit commit was dropped".into()))
+                })??;
+            }
             let (items, deltas): (Vec<MemoryItem>, Vec<Delta>) = written.into_iter().unzip();
             let pushed = if deltas.is_empty() {
                 Ok(())
@@ -696,6 +740,71 @@ mod tests {
                 ("memory/ns/".to_string(), "error".to_string()),
             ],
             "audited in the order asked for"
+        );
+    }
+
+    /// A sink like the node's writer: a commit is answered later, from its own thread; it
+    /// fails while `fail` is set.
+    #[derive(Debug, Default)]
+    struct Later {
+        inner: Recorder,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl AuditSink for Later {
+        fn submit(&self, event: AuditEvent) -> Result<(), StorageError> {
+            self.inner.submit(event)
+        }
+
+        fn commit(&self, event: AuditEvent) -> Result<(), StorageError> {
+            self.inner.commit(event)
+        }
+
+        fn commit_many_then(&self, events: Vec<AuditEvent>, done: Committed) {
+            let r = if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
+                Err(StorageError::Engine("disk full".into()))
+            } else {
+                self.commit_many(events)
+            };
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                done(r);
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn put_many_answers_after_a_later_commit_and_a_failed_one_is_audited_as_refused() {
+        let s = storage("n1");
+        let sink = Arc::new(Later::default());
+        let m = Memory::new("n1", s.clone(), None, sink.clone());
+        let items = m
+            .put_many(vec![put_of("a", value("1"))], false)
+            .await
+            .expect("put_many");
+        assert_eq!(items.len(), 1);
+        let committed: Vec<bool> = sink.inner.events().iter().map(|e| e.committed).collect();
+        assert_eq!(committed, [true], "answered once its entry is committed");
+        sink.fail.store(true, std::sync::atomic::Ordering::Relaxed);
+        let e = m
+            .put_many(vec![put_of("b", value("2")), put_of("", value("3"))], false)
+            .await
+            .expect_err("the commit failed");
+        assert_eq!(e.kind(), "storage_engine", "{e}");
+        let outcomes: Vec<(String, String)> = sink
+            .inner
+            .events()
+            .iter()
+            .skip(1)
+            .map(|e| (e.event.resource.clone(), e.event.outcome.clone()))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("memory/ns/b".to_string(), "error".to_string()),
+                ("memory/ns/".to_string(), "error".to_string()),
+            ],
+            "the write whose commit failed, then the refusal that stopped the rest"
         );
     }
 

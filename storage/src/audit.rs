@@ -75,9 +75,21 @@ pub trait AuditSink: Send + Sync + std::fmt::Debug {
         events.into_iter().try_for_each(|e| self.commit(e))
     }
 
+    /// [`AuditSink::commit_many`] without waiting for the sync: `done` is called with the
+    /// outcome once the entries, and every write made before this call, are durable (or could
+    /// not be made so). It may block while the writer's queue is full, and `done` may run on
+    /// the writer's thread, so it must be quick. This default commits here and calls `done`
+    /// before it returns.
+    fn commit_many_then(&self, events: Vec<AuditEvent>, done: Committed) {
+        done(self.commit_many(events));
+    }
+
     /// Wait until every event submitted so far is appended (before the final sync at shutdown).
     fn flush(&self) {}
 }
+
+/// What [`AuditSink::commit_many_then`] calls with the outcome of a commit.
+pub type Committed = Box<dyn FnOnce(Result<()>) + Send>;
 
 /// The stored form of one entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,9 +4,10 @@
 //! - *queued* events (reads, refusals): the request hands them over and goes on. When the channel
 //!   is full the request appends in place instead: back-pressure, never a dropped entry, never an
 //!   unbounded queue.
-//! - *durable* events (state changes): the request has already written its data; it waits until
-//!   the writer has appended its entry and synced the store, then acknowledges. Every durable
-//!   event of a batch shares that one append and one fsync (group commit).
+//! - *durable* events (state changes): the request has already written its data; it is told
+//!   once the writer has appended its entry and synced the store (it waits for that, or the
+//!   writer calls it back), and only then acknowledges. Every durable event of a batch shares
+//!   that one append and one fsync (group commit).
 //!
 //! The node starts one writer before anything that audits and hands it out as an
 //! [`AuditSink`]: the gateway, the replication and membership refusal duties and the memory
@@ -22,13 +23,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::Thread;
 
-use swarm_storage::{AuditEvent, AuditLog, AuditSink, Engine, StorageError};
+use swarm_storage::{AuditEvent, AuditLog, AuditSink, Committed, Engine, StorageError};
 
 const CAPACITY: usize = 8192;
 const BATCH: usize = 512;
 const PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
 
-type Ack = SyncSender<Result<(), String>>;
+/// Called with the outcome of a batch's sync, on the writer's thread.
+type Ack = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 enum Msg {
     Queued(AuditEvent),
@@ -97,20 +99,21 @@ impl AuditWriter {
         }
     }
 
-    fn commit_durable(&self, events: Vec<AuditEvent>) -> Result<(), StorageError> {
-        let (ack, done) = sync_channel(1);
+    /// Hand `events` to the writer (blocking while its queue is full); `ack` gets the outcome
+    /// of the sync that covers them.
+    fn commit_durable(&self, events: Vec<AuditEvent>, ack: Ack) {
         if let Err(e) = self.tx.send(Msg::Durable(events, ack)) {
             // The writer is gone: do it here.
-            if let Msg::Durable(events, _) = e.0 {
-                self.log.append_many(&events)?;
+            if let Msg::Durable(events, ack) = e.0 {
+                let r = self
+                    .log
+                    .append_many(&events)
+                    .and_then(|_| self.engine.sync());
+                ack(r.map_err(|e| e.to_string()));
             }
-            return self.engine.sync();
+            return;
         }
         self.thread.unpark();
-        match done.recv() {
-            Ok(r) => r.map_err(StorageError::Engine),
-            Err(_) => Err(StorageError::Engine("audit writer stopped".into())),
-        }
     }
 }
 
@@ -140,10 +143,31 @@ impl AuditSink for AuditWriter {
 
     /// [`AuditSink::commit`] for several entries: one message to the writer, one sync.
     fn commit_many(&self, events: Vec<AuditEvent>) -> Result<(), StorageError> {
+        let (tx, rx) = sync_channel(1);
+        self.commit_many_then(
+            events,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv()
+            .unwrap_or_else(|_| Err(StorageError::Engine("audit writer stopped".into())))
+    }
+
+    /// [`AuditSink::commit_many`] whose caller does not wait: `done` runs on the writer's
+    /// thread after the batch's sync.
+    fn commit_many_then(&self, events: Vec<AuditEvent>, done: Committed) {
         let n = events.len() as u64;
-        self.commit_durable(events)?;
-        self.entries.fetch_add(n, Ordering::Relaxed);
-        Ok(())
+        let entries = self.entries.clone();
+        self.commit_durable(
+            events,
+            Box::new(move |r| {
+                if r.is_ok() {
+                    entries.fetch_add(n, Ordering::Relaxed);
+                }
+                done(r.map_err(StorageError::Engine));
+            }),
+        );
     }
 
     /// Wait until every event submitted so far is appended.
@@ -210,7 +234,7 @@ fn run(rx: Receiver<Msg>, log: &AuditLog, engine: &dyn Engine, failures: &Atomic
                 .and_then(|()| engine.sync())
                 .map_err(|e| e.to_string());
             for ack in acks.drain(..) {
-                let _ = ack.send(result.clone());
+                ack(result.clone());
             }
         }
         for w in flushes.drain(..) {
@@ -264,6 +288,28 @@ mod tests {
             .collect();
         assert_eq!(seen, [0, 1, 2, 3], "in the order committed");
         assert_eq!(w.entries().load(Ordering::Relaxed), 4);
+        assert_eq!(failures.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_commit_not_waited_for_calls_back_once_its_entries_are_appended() {
+        let (log, failures, w) = writer();
+        let (tx, rx) = sync_channel(1);
+        let l = log.clone();
+        w.commit_many_then(
+            (0..3).map(event).collect(),
+            Box::new(move |r| {
+                // Called after the batch's append and sync: the entries are there.
+                let _ = tx.send(r.map(|()| l.verify().map(|v| v.entries)));
+            }),
+        );
+        let entries = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("called back")
+            .expect("committed")
+            .expect("verify");
+        assert_eq!(entries, 3);
+        assert_eq!(w.entries().load(Ordering::Relaxed), 3);
         assert_eq!(failures.load(Ordering::Relaxed), 0);
     }
 
