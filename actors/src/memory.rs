@@ -535,6 +535,13 @@ mod tests {
             });
             Ok(())
         }
+
+        fn sync_then(&self, done: Committed) {
+            done(match &*self.storage.lock().expect("lock") {
+                Some(s) => s.sync(),
+                None => Ok(()),
+            });
+        }
     }
 
     fn records(s: &Storage) -> usize {
@@ -760,6 +767,10 @@ mod tests {
             self.inner.commit(event)
         }
 
+        fn sync_then(&self, done: Committed) {
+            self.inner.sync_then(done);
+        }
+
         fn commit_many_then(&self, events: Vec<AuditEvent>, done: Committed) {
             let r = if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
                 Err(StorageError::Engine("disk full".into()))
@@ -927,7 +938,7 @@ mod tests {
             w2_timeout: HumanDuration(Duration::from_secs(2)),
             ..ReplicationConfig::default()
         };
-        let r = Replicator::start(storage, peers, cfg, hook);
+        let r = Replicator::start(storage, peers, cfg, hook, None);
         let serve = r.clone();
         tokio::spawn(async move {
             while let Some(s) = incoming.recv().await {

@@ -66,7 +66,7 @@ async fn node(pki: &Pki, name: &str, seeds: Vec<std::net::SocketAddr>) -> Node {
         anti_entropy_every: swarm_config::HumanDuration(Duration::from_millis(500)),
         ..ReplicationConfig::default()
     };
-    let repl = Replicator::start(storage.clone(), membership.clone(), cfg, hook);
+    let repl = Replicator::start(storage.clone(), membership.clone(), cfg, hook, None);
     let serve = repl.clone();
     tokio::spawn(async move {
         while let Some(s) = rx.recv().await {

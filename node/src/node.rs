@@ -370,6 +370,7 @@ impl Node {
             membership.clone(),
             cfg.replication.clone(),
             hook,
+            Some(audit.clone()),
         );
         let inference = Inference::start(&cfg, Some(membership.clone())).await;
         let policy = Policy::new(&cfg.roles);

@@ -84,6 +84,11 @@ pub trait AuditSink: Send + Sync + std::fmt::Debug {
         done(self.commit_many(events));
     }
 
+    /// Make every write made before this call durable, then call `done` with the outcome (the
+    /// node's writer shares the sync with the commits of its batch). Like
+    /// [`AuditSink::commit_many_then`], it may block while the writer's queue is full.
+    fn sync_then(&self, done: Committed);
+
     /// Wait until every event submitted so far is appended (before the final sync at shutdown).
     fn flush(&self) {}
 }

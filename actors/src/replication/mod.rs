@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use swarm_config::ReplicationConfig;
 use swarm_membership::MemberEvent;
-use swarm_storage::{Delta, Storage, StorageError};
+use swarm_storage::{AuditSink, Delta, Storage, StorageError};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -125,11 +125,30 @@ struct Shared {
     /// Becomes true after the first completed anti-entropy round.
     first_sync: watch::Sender<bool>,
     stop: CancellationToken,
+    /// What makes applied deltas durable before they are acknowledged (the node's audit
+    /// writer); `None`: a sync of the store here.
+    durable: Option<Arc<dyn AuditSink>>,
 }
 
 impl Shared {
     fn stats(&self) -> &ReplStats {
         &self.local.stats
+    }
+
+    /// Called right after applying (in the blocking task): the outcome, to come, of a sync that
+    /// covers what was applied. Through the node's audit writer when there is one (its sync
+    /// shared with the writer's batch, no thread sleeping on it), else a sync here.
+    fn sync_after_apply(&self) -> oneshot::Receiver<Result<(), String>> {
+        let (tx, rx) = oneshot::channel();
+        match &self.durable {
+            Some(sink) => sink.sync_then(Box::new(move |r| {
+                let _ = tx.send(r.map_err(|e| e.to_string()));
+            })),
+            None => {
+                let _ = tx.send(self.local.storage.sync().map_err(|e| e.to_string()));
+            }
+        }
+        rx
     }
 
     /// Run `fut` until it ends or the replicator stops.
@@ -199,13 +218,23 @@ impl std::fmt::Debug for Replicator {
 impl Replicator {
     /// Start the replicator's task (anti-entropy, tombstone GC, the queues to peers); streams
     /// peers open arrive through [`Replicator::serve`].
+    /// Applied deltas are made durable through `durable` (the node's audit writer, whose syncs
+    /// they share) or, with `None`, by a sync of `storage`.
     pub fn start(
         storage: Storage,
         peers: impl Peers,
         cfg: ReplicationConfig,
         on_refused: RefusalHook,
+        durable: Option<Arc<dyn AuditSink>>,
     ) -> Self {
-        Self::with_limits(storage, Arc::new(peers), cfg, on_refused, Limits::default())
+        Self::with_limits(
+            storage,
+            Arc::new(peers),
+            cfg,
+            on_refused,
+            durable,
+            Limits::default(),
+        )
     }
 
     /// [`Replicator::start`] with the round's chunk sizes given (tests use small ones).
@@ -214,6 +243,7 @@ impl Replicator {
         peers: Arc<dyn Peers>,
         cfg: ReplicationConfig,
         on_refused: RefusalHook,
+        durable: Option<Arc<dyn AuditSink>>,
         limits: Limits,
     ) -> Self {
         let shared = Arc::new(Shared {
@@ -236,6 +266,7 @@ impl Replicator {
             caught_up: AtomicBool::new(false),
             first_sync: watch::channel(false).0,
             stop: CancellationToken::new(),
+            durable,
         });
         let (cmd, rx) = mpsc::channel(COMMANDS);
         let task = tokio::spawn(
@@ -737,14 +768,26 @@ async fn receive_deltas(shared: Arc<Shared>, peer: String, duplex: Duplex) {
                     Err(_) => break,
                 }
             }
-            let local = shared.local.clone();
+            let s = shared.clone();
             let p2 = peer.clone();
-            let Ok(replies) = tokio::task::spawn_blocking(move || {
-                protocol::receive_pushes(&local, &p2, batch, now_ms())
+            let Ok((replies, sync)) = tokio::task::spawn_blocking(move || {
+                let replies = protocol::apply_pushes(&s.local, &p2, batch, now_ms());
+                // Only what is acknowledged needs the sync before its reply.
+                let sync = (!replies.is_empty()).then(|| s.sync_after_apply());
+                (replies, sync)
             })
             .await
             else {
                 return;
+            };
+            let replies = match sync {
+                Some(rx) => {
+                    let r = rx
+                        .await
+                        .unwrap_or_else(|_| Err("the sync was dropped".into()));
+                    protocol::synced(replies, r)
+                }
+                None => replies,
             };
             for r in replies {
                 let Ok(bytes) = encode(&r) else { continue };

@@ -4,7 +4,8 @@
 //! the messages, over QUIC or over the in-memory transport ([`super::transport`]).
 //!
 //! - **Deltas.** [`receive_pushes`] applies a batch of pushed deltas and erasures and returns the
-//!   acknowledgements (after one sync, so an `Ack` means durable).
+//!   acknowledgements (after one sync, so an `Ack` means durable). [`apply_pushes`] and
+//!   [`synced`] are its two halves, for a shell whose sync is shared with other writers.
 //! - **Anti-entropy.** One round between an [`Initiator`] and a [`Responder`]: destroyed subjects
 //!   first (so nothing erased is revived), then namespace roots, the bucket digests of the
 //!   namespaces that differ, and per group of differing buckets the (key, version) summaries,
@@ -172,6 +173,16 @@ impl Local {
 /// Apply a batch of pushes from `peer`; returns the replies to send (after one sync, so every
 /// `Ack` is durable; if the sync fails they become refusals).
 pub fn receive_pushes(local: &Local, peer: &str, batch: Vec<Push>, now: u64) -> Vec<Push> {
+    let replies = apply_pushes(local, peer, batch, now);
+    if replies.is_empty() {
+        return replies;
+    }
+    synced(replies, local.storage.sync().map_err(|e| e.to_string()))
+}
+
+/// The store's part of [`receive_pushes`]: apply the batch and return the replies it owes,
+/// which may go out only once a sync after this call succeeded ([`synced`]).
+pub fn apply_pushes(local: &Local, peer: &str, batch: Vec<Push>, now: u64) -> Vec<Push> {
     let mut replies = Vec::new();
     for p in batch {
         match p {
@@ -188,22 +199,26 @@ pub fn receive_pushes(local: &Local, peer: &str, batch: Vec<Push>, now: u64) -> 
             Push::Ack { .. } | Push::Refused { .. } => {}
         }
     }
-    if !replies.is_empty()
-        && let Err(e) = local.storage.sync()
-    {
-        tracing::error!(error = %e, "sync after replicated writes failed");
-        return replies
-            .into_iter()
-            .map(|r| match r {
-                Push::Ack { seq } => Push::Refused {
-                    seq,
-                    code: "storage".into(),
-                },
-                other => other,
-            })
-            .collect();
-    }
     replies
+}
+
+/// The replies of [`apply_pushes`] after the sync that followed it: unchanged when it
+/// succeeded, every `Ack` a refusal (`storage`) when it failed.
+pub fn synced(replies: Vec<Push>, sync: Result<(), String>) -> Vec<Push> {
+    let Err(e) = sync else {
+        return replies;
+    };
+    tracing::error!(error = %e, "sync after replicated writes failed");
+    replies
+        .into_iter()
+        .map(|r| match r {
+            Push::Ack { seq } => Push::Refused {
+                seq,
+                code: "storage".into(),
+            },
+            other => other,
+        })
+        .collect()
 }
 
 /// What a step of a round produced.

@@ -45,7 +45,7 @@ fn start_with(
 ) -> Node {
     let (peers, mut incoming) = net.join(name);
     let hook: RefusalHook = Arc::new(|_: &str, _: &str, _: &str| {});
-    let repl = Replicator::with_limits(store.clone(), Arc::new(peers), cfg, hook, limits);
+    let repl = Replicator::with_limits(store.clone(), Arc::new(peers), cfg, hook, None, limits);
     let serve = repl.clone();
     tokio::spawn(async move {
         while let Some(s) = incoming.recv().await {
