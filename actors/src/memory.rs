@@ -3,7 +3,7 @@
 //!
 //! A change runs in this order, and no caller holds the sequence itself:
 //! 1. the store validates it and applies it to the local replica (a blocking task, off the async
-//!    workers);
+//!    workers; a [`Memory::put_many`] of a few small records runs on the async worker);
 //! 2. in the same blocking task its audit entry is committed through the node's [`AuditSink`]:
 //!    the entry and the write become durable with one sync shared with every other commit of the
 //!    writer's batch (group commit), and only then does the operation go on (a
@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use swarm_storage::{
-    AuditEvent, AuditSink, Committed, Delta, MemoryItem, PutRequest, Storage, StorageError,
+    AuditEvent, AuditSink, Commit, Committed, Delta, MemoryItem, PutRequest, Storage, StorageError,
 };
 use tokio::sync::oneshot;
 use tracing::Instrument;
@@ -35,6 +35,13 @@ use crate::{Error, Replicator};
 /// Audit status of a change that went through: the log's statuses are the gateway's, and a
 /// change is the same change whoever asked for it.
 const OK_STATUS: u16 = 200;
+
+/// A [`Memory::put_many`] of at most this many records, of at most [`INLINE_BYTES`] of values
+/// together, is written on the async worker that asks: tens of microseconds of encryption and
+/// in-memory tree work (sled writes its log on its own threads), less than handing it to a
+/// blocking thread and back. Larger changes go to a blocking thread.
+const INLINE_WRITES: usize = 4;
+const INLINE_BYTES: usize = 16 * 1024;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -139,12 +146,13 @@ pub struct Put {
     pub req: PutRequest,
 }
 
-/// The store's part of [`Memory::put_many`]: each put in order until one is refused, then the
-/// `ok` entries of those written handed to the audit sink as one commit, whose outcome
-/// [`Written::committed`] brings. The refusal that stopped it is audited after them; when the
-/// commit fails, each write is audited as refused with its error. The audit happens whether or
-/// not anyone waits for the outcome.
-fn write_in_order(inner: &Arc<Inner>, puts: Vec<Put>) -> Written {
+/// The store's part of [`Memory::put_many`]: each put in order until one is refused. Returns
+/// what was written, the refusal that stopped it, and the commit of the `ok` entries of those
+/// written (`None` when nothing was) for the caller to hand to the audit sink;
+/// [`Written::committed`] brings its outcome. The refusal is audited after those entries, and
+/// when the commit fails each write is audited as refused with its error: by the commit's
+/// callback, so whether or not anyone waits for the outcome.
+fn write_in_order(inner: &Arc<Inner>, puts: Vec<Put>) -> (Written, Option<Commit>) {
     let mut written = Vec::with_capacity(puts.len());
     let mut callers = Vec::with_capacity(puts.len());
     let mut refused = None;
@@ -170,11 +178,12 @@ fn write_in_order(inner: &Arc<Inner>, puts: Vec<Put>) -> Written {
         if let Some(event) = last {
             inner.submit(event);
         }
-        return Written {
+        let written = Written {
             written,
             refused,
             committed: None,
         };
+        return (written, None);
     }
     let events = callers
         .iter()
@@ -196,12 +205,12 @@ fn write_in_order(inner: &Arc<Inner>, puts: Vec<Put>) -> Written {
         }
         let _ = tx.send(r);
     });
-    inner.audit.commit_many_then(events, done);
-    Written {
+    let written = Written {
         written,
         refused,
         committed: Some(rx),
-    }
+    };
+    (written, Some(Commit { events, done }))
 }
 
 /// What [`write_in_order`] wrote, the refusal that stopped it, and the outcome of its commit to
@@ -299,19 +308,43 @@ impl Memory {
         let span = tracing::debug_span!("memory.put_many", writes = puts.len(), w2);
         async move {
             let inner = self.inner.clone();
-            let span = tracing::Span::current();
-            // The writes off the async workers; the sync they wait for is awaited here, so no
-            // thread sleeps on it.
-            let joined =
-                tokio::task::spawn_blocking(move || span.in_scope(|| write_in_order(&inner, puts)))
-                    .await;
+            let small = puts.len() <= INLINE_WRITES
+                && puts.iter().map(|p| p.req.value_json.len()).sum::<usize>() <= INLINE_BYTES;
             let Written {
                 written,
                 refused,
                 committed,
-            } = joined.map_err(|e| {
-                Error::Storage(StorageError::Engine(format!("blocking task failed: {e}")))
-            })?;
+            } = if small {
+                // A few small records (a task's step): written here, which costs less than a
+                // blocking thread's wake-up and back. The commit is handed over without
+                // blocking, or off the async workers when the writer's queue is full.
+                let (written, commit) = write_in_order(&inner, puts);
+                if let Some(c) = commit
+                    && let Err(c) = inner.audit.try_commit_many_then(c.events, c.done)
+                {
+                    let i = inner.clone();
+                    drop(tokio::task::spawn_blocking(move || {
+                        i.audit.commit_many_then(c.events, c.done);
+                    }));
+                }
+                written
+            } else {
+                let span = tracing::Span::current();
+                tokio::task::spawn_blocking(move || {
+                    span.in_scope(|| {
+                        let (written, commit) = write_in_order(&inner, puts);
+                        if let Some(c) = commit {
+                            inner.audit.commit_many_then(c.events, c.done);
+                        }
+                        written
+                    })
+                })
+                .await
+                .map_err(|e| {
+                    Error::Storage(StorageError::Engine(format!("blocking task failed: {e}")))
+                })?
+            };
+            // The sync the writes wait for is awaited here, so no thread sleeps on it.
             if let Some(c) = committed {
                 c.await.map_err(|_| {
                     Error::Storage(StorageError::Engine("the audit commit was dropped".into()))
@@ -771,6 +804,15 @@ mod tests {
             self.inner.sync_then(done);
         }
 
+        fn try_commit_many_then(
+            &self,
+            events: Vec<AuditEvent>,
+            done: Committed,
+        ) -> swarm_storage::Handed {
+            self.commit_many_then(events, done);
+            Ok(())
+        }
+
         fn commit_many_then(&self, events: Vec<AuditEvent>, done: Committed) {
             let r = if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
                 Err(StorageError::Engine("disk full".into()))
@@ -796,6 +838,13 @@ mod tests {
         assert_eq!(items.len(), 1);
         let committed: Vec<bool> = sink.inner.events().iter().map(|e| e.committed).collect();
         assert_eq!(committed, [true], "answered once its entry is committed");
+        // More records than run on the async worker: the same, from a blocking thread.
+        let many: Vec<Put> = (0..=INLINE_WRITES)
+            .map(|i| put_of(&format!("m{i}"), value("1")))
+            .collect();
+        let items = m.put_many(many, false).await.expect("put_many");
+        assert_eq!(items.len(), INLINE_WRITES + 1);
+        assert_eq!(sink.inner.events().len(), INLINE_WRITES + 2);
         sink.fail.store(true, std::sync::atomic::Ordering::Relaxed);
         let e = m
             .put_many(vec![put_of("b", value("2")), put_of("", value("3"))], false)
@@ -806,7 +855,7 @@ mod tests {
             .inner
             .events()
             .iter()
-            .skip(1)
+            .skip(INLINE_WRITES + 2)
             .map(|e| (e.event.resource.clone(), e.event.outcome.clone()))
             .collect();
         assert_eq!(

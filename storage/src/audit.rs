@@ -84,10 +84,27 @@ pub trait AuditSink: Send + Sync + std::fmt::Debug {
         done(self.commit_many(events));
     }
 
+    /// [`AuditSink::commit_many_then`] for a caller on the async workers: it never blocks.
+    /// When the commit cannot be handed over at once (the writer's queue is full, or the sink
+    /// commits in place) it comes back, for the caller to commit off the async workers. This
+    /// default always gives it back.
+    fn try_commit_many_then(&self, events: Vec<AuditEvent>, done: Committed) -> Handed {
+        Err(Commit { events, done })
+    }
+
     /// Make every write made before this call durable, then call `done` with the outcome (the
     /// node's writer shares the sync with the commits of its batch). Like
     /// [`AuditSink::commit_many_then`], it may block while the writer's queue is full.
     fn sync_then(&self, done: Committed);
+
+    /// [`AuditSink::sync_then`] that never blocks, as [`AuditSink::try_commit_many_then`]
+    /// (`events` of what comes back is empty). This default always gives it back.
+    fn try_sync_then(&self, done: Committed) -> Handed {
+        Err(Commit {
+            events: Vec::new(),
+            done,
+        })
+    }
 
     /// Wait until every event submitted so far is appended (before the final sync at shutdown).
     fn flush(&self) {}
@@ -95,6 +112,23 @@ pub trait AuditSink: Send + Sync + std::fmt::Debug {
 
 /// What [`AuditSink::commit_many_then`] calls with the outcome of a commit.
 pub type Committed = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// Whether a sink took a commit without blocking; the [`Commit`] comes back when it did not.
+pub type Handed = std::result::Result<(), Commit>;
+
+/// A commit to hand to a sink: its entries and what to call with the outcome.
+pub struct Commit {
+    pub events: Vec<AuditEvent>,
+    pub done: Committed,
+}
+
+impl std::fmt::Debug for Commit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Commit")
+            .field("events", &self.events.len())
+            .finish_non_exhaustive()
+    }
+}
 
 /// The stored form of one entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

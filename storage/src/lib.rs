@@ -31,8 +31,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use audit::{
-    AuditBlock, AuditEntry, AuditEvent, AuditLog, AuditRecord, AuditSink, Committed, MAX_BLOCK,
-    VerifyReport, decode_audit_block,
+    AuditBlock, AuditEntry, AuditEvent, AuditLog, AuditRecord, AuditSink, Commit, Committed,
+    Handed, MAX_BLOCK, VerifyReport, decode_audit_block,
 };
 pub use crdt::{LwwMap, Version, Versioned};
 pub use crypto::{KeyId, KeyRef, Keyring, Sealed, SecretKey, SubjectId, open, seal};

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use swarm_config::ReplicationConfig;
 use swarm_membership::MemberEvent;
-use swarm_storage::{AuditSink, Delta, Storage, StorageError};
+use swarm_storage::{AuditSink, Committed, Delta, Storage, StorageError};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -45,6 +45,11 @@ const CATCH_UP_ROUNDS_MORE: u32 = 3;
 const CATCHING_UP_PUSH_FOR: Duration = Duration::from_secs(30);
 /// Deltas applied per blocking batch on the receiving side.
 const APPLY_BATCH: usize = 256;
+/// A batch of at most this many deltas, of at most [`INLINE_APPLY_BYTES`] of values together,
+/// is applied on the async worker (each is a read, a decryption and a write of one small
+/// record: tens of microseconds together).
+const INLINE_APPLY: usize = 4;
+const INLINE_APPLY_BYTES: usize = 16 * 1024;
 /// Commands queued to the replicator's task.
 const COMMANDS: usize = 1024;
 /// Longest wait for the peer's next message in a round.
@@ -135,17 +140,27 @@ impl Shared {
         &self.local.stats
     }
 
-    /// Called right after applying (in the blocking task): the outcome, to come, of a sync that
-    /// covers what was applied. Through the node's audit writer when there is one (its sync
-    /// shared with the writer's batch, no thread sleeping on it), else a sync here.
-    fn sync_after_apply(&self) -> oneshot::Receiver<Result<(), String>> {
+    /// Called right after applying: the outcome, to come, of a sync that covers what was
+    /// applied. Through the node's audit writer when there is one (its sync shared with the
+    /// writer's batch, no thread sleeping on it), else a sync of the store. On the async
+    /// workers (`blocking` false) nothing here blocks: what would is moved to a blocking thread.
+    fn sync_after_apply(&self, blocking: bool) -> oneshot::Receiver<Result<(), String>> {
         let (tx, rx) = oneshot::channel();
-        match &self.durable {
-            Some(sink) => sink.sync_then(Box::new(move |r| {
-                let _ = tx.send(r.map_err(|e| e.to_string()));
-            })),
-            None => {
-                let _ = tx.send(self.local.storage.sync().map_err(|e| e.to_string()));
+        let done: Committed = Box::new(move |r| {
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        });
+        match (&self.durable, blocking) {
+            (Some(sink), true) => sink.sync_then(done),
+            (Some(sink), false) => {
+                if let Err(c) = sink.try_sync_then(done) {
+                    let sink = sink.clone();
+                    drop(tokio::task::spawn_blocking(move || sink.sync_then(c.done)));
+                }
+            }
+            (None, true) => done(self.local.storage.sync()),
+            (None, false) => {
+                let storage = self.local.storage.clone();
+                drop(tokio::task::spawn_blocking(move || done(storage.sync())));
             }
         }
         rx
@@ -768,17 +783,26 @@ async fn receive_deltas(shared: Arc<Shared>, peer: String, duplex: Duplex) {
                     Err(_) => break,
                 }
             }
-            let s = shared.clone();
-            let p2 = peer.clone();
-            let Ok((replies, sync)) = tokio::task::spawn_blocking(move || {
-                let replies = protocol::apply_pushes(&s.local, &p2, batch, now_ms());
-                // Only what is acknowledged needs the sync before its reply.
-                let sync = (!replies.is_empty()).then(|| s.sync_after_apply());
+            // Only what is acknowledged needs the sync before its reply.
+            let (replies, sync) = if small_batch(&batch) {
+                // A few deltas (a task's step): applied here, less than a blocking thread's
+                // wake-up and back.
+                let replies = protocol::apply_pushes(&shared.local, &peer, batch, now_ms());
+                let sync = (!replies.is_empty()).then(|| shared.sync_after_apply(false));
                 (replies, sync)
-            })
-            .await
-            else {
-                return;
+            } else {
+                let s = shared.clone();
+                let p2 = peer.clone();
+                let Ok(applied) = tokio::task::spawn_blocking(move || {
+                    let replies = protocol::apply_pushes(&s.local, &p2, batch, now_ms());
+                    let sync = (!replies.is_empty()).then(|| s.sync_after_apply(true));
+                    (replies, sync)
+                })
+                .await
+                else {
+                    return;
+                };
+                applied
             };
             let replies = match sync {
                 Some(rx) => {
@@ -799,6 +823,19 @@ async fn receive_deltas(shared: Arc<Shared>, peer: String, duplex: Duplex) {
     };
     // The reader ends at the end of the stream; the applier then finishes what was queued.
     tokio::join!(reader, applier);
+}
+
+/// Whether `batch` is small enough to apply on the async worker.
+fn small_batch(batch: &[Push]) -> bool {
+    let bytes: usize = batch
+        .iter()
+        .map(|p| match p {
+            Push::Delta { delta, .. } => delta.value.as_ref().map_or(0, |v| v.value_json.len()),
+            Push::Erase { subjects } => subjects.iter().map(String::len).sum(),
+            Push::Ack { .. } | Push::Refused { .. } => 0,
+        })
+        .sum();
+    batch.len() <= INLINE_APPLY && bytes <= INLINE_APPLY_BYTES
 }
 
 async fn round_logged(shared: &Arc<Shared>, peer: String) {

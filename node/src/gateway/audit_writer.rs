@@ -23,19 +23,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::Thread;
 
-use swarm_storage::{AuditEvent, AuditLog, AuditSink, Committed, Engine, StorageError};
+use swarm_storage::{
+    AuditEvent, AuditLog, AuditSink, Commit, Committed, Engine, Handed, StorageError,
+};
 
 const CAPACITY: usize = 8192;
 const BATCH: usize = 512;
 const PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
 
-/// Called with the outcome of a batch's sync, on the writer's thread.
-type Ack = Box<dyn FnOnce(Result<(), String>) + Send>;
-
 enum Msg {
     Queued(AuditEvent),
-    /// The entries of one or more changes, acknowledged together.
-    Durable(Vec<AuditEvent>, Ack),
+    /// The entries of one or more changes, acknowledged together (on the writer's thread,
+    /// after the batch's sync).
+    Durable(Vec<AuditEvent>, Committed),
     /// Reply once everything sent before has been appended.
     Flush(SyncSender<()>),
 }
@@ -64,16 +64,17 @@ impl AuditWriter {
         let (tx, rx) = sync_channel(CAPACITY);
         let (l, e) = (log.clone(), engine.clone());
         let failures = Arc::new(AtomicU64::new(0));
-        let f = failures.clone();
+        let entries = Arc::new(AtomicU64::new(0));
+        let (n, f) = (entries.clone(), failures.clone());
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run(rx, &l, e.as_ref(), &f))?;
+            .spawn(move || run(rx, &l, e.as_ref(), &n, &f))?;
         Ok(Self {
             log,
             engine,
             tx,
             thread: handle.thread().clone(),
-            entries: Arc::new(AtomicU64::new(0)),
+            entries,
             failures,
         })
     }
@@ -99,17 +100,38 @@ impl AuditWriter {
         }
     }
 
+    /// [`AuditWriter::commit_durable`] without blocking: gives the commit back when the queue
+    /// is full or the writer is gone.
+    fn try_commit_durable(&self, events: Vec<AuditEvent>, ack: Committed) -> Handed {
+        let back = match self.tx.try_send(Msg::Durable(events, ack)) {
+            Ok(()) => {
+                self.thread.unpark();
+                return Ok(());
+            }
+            Err(TrySendError::Full(m) | TrySendError::Disconnected(m)) => m,
+        };
+        match back {
+            Msg::Durable(events, done) => Err(Commit { events, done }),
+            // Only the durable message was sent.
+            Msg::Queued(_) | Msg::Flush(_) => Ok(()),
+        }
+    }
+
     /// Hand `events` to the writer (blocking while its queue is full); `ack` gets the outcome
     /// of the sync that covers them.
-    fn commit_durable(&self, events: Vec<AuditEvent>, ack: Ack) {
+    fn commit_durable(&self, events: Vec<AuditEvent>, ack: Committed) {
         if let Err(e) = self.tx.send(Msg::Durable(events, ack)) {
             // The writer is gone: do it here.
             if let Msg::Durable(events, ack) = e.0 {
+                let n = events.len() as u64;
                 let r = self
                     .log
                     .append_many(&events)
                     .and_then(|_| self.engine.sync());
-                ack(r.map_err(|e| e.to_string()));
+                if r.is_ok() {
+                    self.entries.fetch_add(n, Ordering::Relaxed);
+                }
+                ack(r);
             }
             return;
         }
@@ -157,25 +179,22 @@ impl AuditSink for AuditWriter {
     /// [`AuditSink::commit_many`] whose caller does not wait: `done` runs on the writer's
     /// thread after the batch's sync.
     fn commit_many_then(&self, events: Vec<AuditEvent>, done: Committed) {
-        let n = events.len() as u64;
-        let entries = self.entries.clone();
-        self.commit_durable(
-            events,
-            Box::new(move |r| {
-                if r.is_ok() {
-                    entries.fetch_add(n, Ordering::Relaxed);
-                }
-                done(r.map_err(StorageError::Engine));
-            }),
-        );
+        self.commit_durable(events, done);
+    }
+
+    /// [`AuditSink::commit_many_then`] that gives the commit back when the queue is full.
+    fn try_commit_many_then(&self, events: Vec<AuditEvent>, done: Committed) -> Handed {
+        self.try_commit_durable(events, done)
     }
 
     /// A commit of no entries: the writer's next sync covers the writes made before it.
     fn sync_then(&self, done: Committed) {
-        self.commit_durable(
-            Vec::new(),
-            Box::new(move |r| done(r.map_err(StorageError::Engine))),
-        );
+        self.commit_durable(Vec::new(), done);
+    }
+
+    /// [`AuditSink::sync_then`] that gives it back when the queue is full.
+    fn try_sync_then(&self, done: Committed) -> Handed {
+        self.try_commit_durable(Vec::new(), done)
     }
 
     /// Wait until every event submitted so far is appended.
@@ -211,9 +230,18 @@ impl AuditSink for Unaudited {
     }
 }
 
-fn run(rx: Receiver<Msg>, log: &AuditLog, engine: &dyn Engine, failures: &AtomicU64) {
+/// The writer's loop. `entries` counts the durable entries it commits (queued ones are counted
+/// when submitted), `failures` those it loses.
+fn run(
+    rx: Receiver<Msg>,
+    log: &AuditLog,
+    engine: &dyn Engine,
+    entries: &AtomicU64,
+    failures: &AtomicU64,
+) {
     let mut batch = Vec::with_capacity(BATCH);
-    let mut acks: Vec<Ack> = Vec::new();
+    let mut acks: Vec<Committed> = Vec::new();
+    let mut durable_entries = 0u64;
     let mut flushes = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
@@ -221,6 +249,7 @@ fn run(rx: Receiver<Msg>, log: &AuditLog, engine: &dyn Engine, failures: &Atomic
             match msg {
                 Msg::Queued(e) => batch.push(e),
                 Msg::Durable(es, ack) => {
+                    durable_entries += es.len() as u64;
                     batch.extend(es);
                     acks.push(ack);
                 }
@@ -245,10 +274,14 @@ fn run(rx: Receiver<Msg>, log: &AuditLog, engine: &dyn Engine, failures: &Atomic
             let result = appended
                 .and_then(|()| engine.sync())
                 .map_err(|e| e.to_string());
+            if result.is_ok() {
+                entries.fetch_add(durable_entries, Ordering::Relaxed);
+            }
             for ack in acks.drain(..) {
-                ack(result.clone());
+                ack(result.clone().map_err(StorageError::Engine));
             }
         }
+        durable_entries = 0;
         for w in flushes.drain(..) {
             let _ = w.send(());
         }
@@ -322,6 +355,20 @@ mod tests {
             .expect("verify");
         assert_eq!(entries, 3);
         assert_eq!(w.entries().load(Ordering::Relaxed), 3);
+        // From the async workers: taken at once while the queue has room.
+        let (tx, rx) = sync_channel(1);
+        let taken = w.try_commit_many_then(
+            vec![event(3)],
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        assert!(taken.is_ok(), "the queue has room");
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("called back")
+            .expect("committed");
+        assert_eq!(log.verify().expect("verify").entries, 4);
+        assert_eq!(w.entries().load(Ordering::Relaxed), 4);
         assert_eq!(failures.load(Ordering::Relaxed), 0);
     }
 
